@@ -1,0 +1,538 @@
+"""Recording hooks that follow nvalchemi's hook protocol and run from a plain PyTorch loop too.
+
+Protocol (../shared/design/seed-api.md): ``frequency``, ``stage``, ``__call__(ctx, stage)``; the
+engine calls a hook when the stage matches and ``step_count % frequency == 0``. We re-check both in
+``__call__`` so that a plain loop can call every hook at every step. Engines that never enter or close
+their hooks are covered by lazy start on the first call, explicit ``flush()``/``close()`` and an
+``atexit`` close.
+
+The per-step call issues device work only (see ``engine.py``): no loop over systems, no host sync,
+no text formatting. Encoding and disk I/O happen in the process's writer thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import packing
+from .batch import BatchView
+from .engine import Channel, HostBufferPool, Streams, register_for_exit
+from .stages import Stage, as_stage, stage_matches
+
+log = logging.getLogger("dist_hooks")
+
+KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
+DEFAULT_SCALARS = ("energy", "fmax", "temperature")
+
+
+class FieldChangedError(ValueError):
+    """A recorded field changed dtype or per-row shape between firings, or disappeared."""
+
+
+def resolve_rank(explicit: int | None) -> int:
+    """The global rank of this process: explicit, else torch.distributed's, else the launcher's."""
+    if explicit is not None:
+        return int(explicit)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    try:
+        from .launch import detect_launch
+    except ImportError:  # pragma: no cover - launch module always ships
+        return int(os.environ.get("RANK", 0))
+    return detect_launch().rank
+
+
+class _RecordingHook:
+    """What the three hooks share: protocol attributes, lazy start, the channel, flush/close."""
+
+    name: str
+
+    def __init__(self, *, frequency: int, stage: Any, name: str, rank: int | None):
+        if int(frequency) < 1:
+            raise ValueError(f"frequency must be >= 1, got {frequency}")
+        if as_stage(stage) is None:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {[s.name for s in Stage]}")
+        self.frequency = int(frequency)
+        self.stage = stage
+        self.name = name
+        self._rank_arg = rank
+        self.rank: int | None = None
+        self._channel: Channel | None = None
+        self._streams: Streams | None = None
+        self._closed = False
+        self._warned: set[str] = set()
+
+    # -- protocol -------------------------------------------------------------------------------
+    def _should_fire(self, ctx: Any, stage: Any) -> bool:
+        if stage is not None and not stage_matches(self.stage, stage):
+            return False
+        return int(getattr(ctx, "step_count", 0)) % self.frequency == 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def on_register(self, engine: Any) -> None:  # nvalchemi calls this; nothing to prepare eagerly
+        pass
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _start(self, view: BatchView) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: hook was closed; create a new one to record again")
+        self.rank = resolve_rank(self._rank_arg)
+        self._channel = Channel(f"{type(self).__name__}({self.name!r}, rank {self.rank})")
+        self._streams = Streams(view.device)
+        register_for_exit(self)
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s: %s", self.name, msg)
+
+    def flush(self) -> None:
+        """Push everything recorded so far to the writer and wait until it is written."""
+        if self._channel is None:
+            return
+        self._flush_device()
+        self._channel.drain()
+        self._channel.submit(self._flush_files)
+        self._channel.drain()
+
+    def sync(self) -> dict:
+        """Flush, make the files durable (fsync), and return this hook's committed lengths."""
+        if self._channel is None:
+            return {}
+        self.flush()
+        out: dict = {}
+        self._channel.submit(lambda: out.update(self._sync_files()))
+        self._channel.drain()
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.submit(self._close_files)
+                self._channel.drain()
+
+    # implemented by subclasses
+    def _flush_device(self) -> None: ...
+    def _flush_files(self) -> None: ...
+    def _sync_files(self) -> dict: return {}
+    def _close_files(self) -> None: ...
+
+
+class LoggingHook(_RecordingHook):
+    """Per-system scalars (step, rank, sample_id, graph_idx, status, energy, fmax, temperature and
+    custom scalars), one row per system per firing.
+
+    Values are reduced on the device into a ring of ``ring_size`` firings; one device-to-host copy per
+    full ring (or flush) moves the block, and the writer encodes it in bulk. Values match
+    nvalchemi's LoggingHook: fmax = max over atoms of ||F_i||, temperature = sum(m v^2) / (3 N k_B).
+
+    Backends: ``"csv"`` (one file per rank, see ``log_path``), ``"tensorboard"`` (one run per rank,
+    tag ``name/graph_i``), ``"custom"`` (``writer_fn(step, rows)`` with rows a list of dicts, one per
+    system; pass ``columnar=True`` to get one dict of numpy columns instead).
+
+    ``log_path``: a ``.csv`` path gets the rank inserted (``log.csv`` -> ``log.rank-00003.csv``); any
+    other path is a directory holding ``rank-00003.csv``; ``{rank}`` in the path is formatted instead.
+    Directories are created; an unwritable location fails at construction.
+    """
+
+    def __init__(self, backend: str = "csv", frequency: int = 1, log_path: str | os.PathLike | None = None,
+                 custom_scalars: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+                 writer_fn: Callable[[int, Any], None] | None = None, stage: Any = Stage.AFTER_STEP, *,
+                 name: str = "log", rank: int | None = None, ring_size: int = 64, buffers: int = 4,
+                 columnar: bool = False):
+        super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
+        if backend not in ("csv", "tensorboard", "custom"):
+            raise ValueError(f"backend must be 'csv', 'tensorboard' or 'custom', got {backend!r}")
+        if backend == "custom" and writer_fn is None:
+            raise ValueError("backend='custom' needs writer_fn(step, rows)")
+        if ring_size < 1:
+            raise ValueError(f"ring_size must be >= 1, got {ring_size}")
+        self.backend = backend
+        self.writer_fn = writer_fn
+        self.columnar = columnar
+        self.custom_scalars = dict(custom_scalars or {})
+        self.ring_size = int(ring_size)
+        self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
+        if backend in ("csv", "tensorboard"):
+            _check_writable_dir(self.log_path if not self._is_file_path() else self.log_path.parent)
+        self._pool = HostBufferPool(buffers, pinned=True)
+        self._names: list[str] | None = None
+        self._ring: torch.Tensor | None = None
+        self._steps: list[int] = []
+        self._sink: Any = None
+        self.path: Path | None = None
+
+    def _is_file_path(self) -> bool:
+        return self.log_path.suffix.lower() == ".csv"
+
+    def rank_path(self, rank: int) -> Path:
+        s = str(self.log_path)
+        if "{rank" in s:
+            return Path(s.format(rank=rank))
+        if self._is_file_path():
+            return self.log_path.with_name(f"{self.log_path.stem}.rank-{rank:05d}{self.log_path.suffix}")
+        return self.log_path / f"rank-{rank:05d}.csv"
+
+    # columns of the ring: sample_id, status, then the float scalars
+    def _scalar_names(self) -> list[str]:
+        return list(DEFAULT_SCALARS) + [k for k in self.custom_scalars if k not in DEFAULT_SCALARS]
+
+    def _start(self, view: BatchView) -> None:
+        super()._start(view)
+        self._names = self._scalar_names()
+        self._custom_keys = tuple(self.custom_scalars)
+        present = {"energy": "energy" in view.system_fields, "fmax": "forces" in view.atom_fields,
+                   "temperature": "velocities" in view.atom_fields and "atomic_masses" in view.atom_fields}
+        self._missing = {k for k, ok in present.items() if not ok and k not in self.custom_scalars}
+        for k in sorted(self._missing):
+            need = {"energy": "energy", "fmax": "forces", "temperature": "velocities and atomic_masses"}[k]
+            self._warn_once(k, f"batch has no {need}: column {k!r} is left empty")
+        self._counts_inv: torch.Tensor | None = None
+        if self.backend == "csv":
+            from .store.csv_log import CsvLog
+            self.path = self.rank_path(self.rank)
+            self._sink = CsvLog(self.path)
+        elif self.backend == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError("backend='tensorboard' needs the tensorboard package: "
+                                  "pip install 'dist_hooks[tensorboard]'") from exc
+            self.path = self.log_path / f"rank-{self.rank:05d}"
+            self._sink = SummaryWriter(log_dir=str(self.path))
+
+    def __call__(self, ctx: Any, stage: Any = None) -> None:
+        if not self._should_fire(ctx, stage):
+            return
+        if self._channel is not None:
+            self._channel.check()
+        view = BatchView.of(ctx.batch)
+        if self._names is None:
+            self._start(view)
+        elif tuple(self.custom_scalars) != self._custom_keys:
+            raise ValueError(f"{self.name}: custom scalars changed from {list(self._custom_keys)} to "
+                             f"{list(self.custom_scalars)} after the first row was logged; a CSV keeps the "
+                             "columns it started with — declare every custom scalar before the run")
+        B = view.num_systems
+        if self._ring is not None and self._ring.shape[2] != B:
+            self._flush_device()  # batch size changed: ship what we have, then resize the ring
+            self._ring = None
+        if self._ring is None:
+            self._ring = torch.empty(self.ring_size, 2 + len(self._names), B, dtype=torch.float64,
+                                     device=view.device)
+        slot = self._ring[len(self._steps)]
+        with self._streams.reading():
+            self._reduce(view, ctx, slot)
+        self._steps.append(int(getattr(ctx, "step_count", 0)))
+        if len(self._steps) == self.ring_size:
+            self._flush_device()
+
+    def _reduce(self, view: BatchView, ctx: Any, out: torch.Tensor) -> None:
+        """Write one firing's per-system values into ``out`` (C, B) on the current stream."""
+        B = view.num_systems
+        seg = None
+        out[0].copy_(view.sample_ids())
+        out[1].copy_(view.status())
+        row = 2
+        for name in self._names:
+            dst = out[row]
+            row += 1
+            fn = self.custom_scalars.get(name)
+            if fn is not None:
+                _fill(dst, fn(ctx.batch, getattr(ctx, "workflow", None)), name, B)
+            elif name in self._missing:
+                dst.fill_(float("nan"))
+            elif name == "energy":
+                dst.copy_(view.system_scalar("energy"))
+            elif name == "fmax":
+                fnorm = torch.linalg.vector_norm(view.atom_fields["forces"].to(torch.float64), dim=-1)
+                seg = view.atom_to_system() if seg is None else seg
+                dst.zero_().scatter_reduce_(0, seg, fnorm, "amax", include_self=False)
+            elif name == "temperature":
+                v = view.atom_fields["velocities"].to(torch.float64)
+                m = view.atom_fields["atomic_masses"].reshape(-1).to(torch.float64)
+                mv2 = (v * v).sum(-1) * m
+                seg = view.atom_to_system() if seg is None else seg
+                dst.zero_().index_add_(0, seg, mv2)
+                counts = (view.atoms_ptr[1:] - view.atoms_ptr[:-1]).to(torch.float64)
+                dst.div_(counts.mul_(3.0 * KB_EV_PER_K))
+
+    def _flush_device(self) -> None:
+        n = len(self._steps)
+        if n == 0 or self._ring is None:
+            return
+        ring, steps = self._ring[:n], self._steps
+        self._steps = []
+        nbytes = ring.numel() * 8
+        buf = self._pool.acquire(nbytes, self._channel.check)
+        host = buf[:nbytes].view(torch.float64).view(ring.shape)
+        with self._streams.copying():
+            host.copy_(ring, non_blocking=True)
+            event = self._streams.event()
+        self._channel.submit(lambda: self._write_block(buf, host, steps), event)
+
+    def _write_block(self, buf: torch.Tensor, host: torch.Tensor, steps: list[int]) -> None:
+        try:
+            a = host.numpy()  # (n, C, B)
+            n, _, B = a.shape
+            cols: dict[str, Any] = {
+                "step": np.repeat(np.asarray(steps, dtype=np.int64), B),
+                "rank": np.full(n * B, self.rank, dtype=np.int64),
+                "sample_id": a[:, 0, :].reshape(-1).astype(np.int64),
+                "graph_idx": np.tile(np.arange(B, dtype=np.int64), n),
+                "status": a[:, 1, :].reshape(-1).astype(np.int64),
+            }
+            for j, name in enumerate(self._names):
+                cols[name] = None if name in self._missing else a[:, 2 + j, :].reshape(-1).copy()
+            self._emit(cols, steps, n * B)
+        finally:
+            self._pool.release(buf)
+
+    def _emit(self, cols: dict[str, Any], steps: list[int], nrows: int) -> None:
+        if self.backend == "csv":
+            import pyarrow as pa
+            self._sink.append({k: (pa.nulls(nrows, pa.float64()) if v is None else v) for k, v in cols.items()})
+            return
+        B = nrows // len(steps)
+        if self.backend == "tensorboard":
+            for name in self._names:
+                if cols[name] is None:
+                    continue
+                vals = cols[name].reshape(len(steps), B)
+                for i, step in enumerate(steps):
+                    for g in range(B):
+                        self._sink.add_scalar(f"{name}/graph_{g}", float(vals[i, g]), step)
+            return
+        for i, step in enumerate(steps):
+            block = {k: (None if v is None else v[i * B:(i + 1) * B]) for k, v in cols.items()}
+            if self.columnar:
+                self.writer_fn(step, block)
+            else:
+                keys = [k for k in block if block[k] is not None]
+                rows = [dict(zip(keys, vals)) for vals in zip(*(block[k].tolist() for k in keys))]
+                self.writer_fn(step, rows)
+
+    def _flush_files(self) -> None:
+        if self._sink is not None:
+            self._sink.flush()
+
+    def _sync_files(self) -> dict:
+        if self.backend == "csv" and self._sink is not None:
+            self._sink.sync()
+            return {"path": str(self.path), "bytes": self._sink.size, "rows": self._sink.rows}
+        return {}
+
+    def _close_files(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+
+
+def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and B != 1:
+            dst.fill_(value.reshape(()))
+            return
+        if value.numel() != B:
+            raise ValueError(f"custom scalar {name!r} returned shape {tuple(value.shape)}; expected ({B},) "
+                             "(one value per system) or a single value")
+        dst.copy_(value.reshape(-1))
+    else:
+        dst.fill_(float(value))
+
+
+def _check_writable_dir(path: Path) -> None:
+    """Create ``path`` and fail now, with the path named, if we cannot write there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"cannot create log directory {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"log directory {path} is not writable")
+
+
+class SnapshotHook(_RecordingHook):
+    """The full per-system state — every atom-level and system-level tensor, status and system id
+    included, neighbour data excluded — appended to this rank's group of a ``ZarrSink``.
+
+    One firing: the batch's tensors are staged device-to-device on the side stream (the compute
+    stream waits only for that), then copied into one reused pinned buffer; the writer appends the
+    records in CSR layout. Record columns: step, sample_id, graph_idx, status and the system fields
+    (a trailing singleton axis, as in energy (B,1), is dropped); atom columns: the atom fields.
+    """
+
+    converged_only = False
+
+    def __init__(self, sink: Any, frequency: int = 1, stage: Any = Stage.AFTER_STEP, *,
+                 name: str = "snapshots", rank: int | None = None, buffers: int = 4,
+                 exclude: tuple[str, ...] = ()):
+        super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
+        self.sink = sink
+        self.exclude = set(exclude)
+        self._pool = HostBufferPool(buffers, pinned=True)
+        self._schema: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] | None = None
+        self._writer: Any = None
+
+    def _start(self, view: BatchView) -> None:
+        super()._start(view)
+        self._writer = self.sink.writer(self.rank, self.name)
+        self._schema = {name: (lvl, t.dtype, tuple(t.shape[1:])) for lvl, name, t in self._fields(view)}
+
+    def _fields(self, view: BatchView):
+        for name, t in view.atom_fields.items():
+            if name not in self.exclude:
+                yield "atom", name, t
+        for name, t in view.system_fields.items():
+            if name not in self.exclude and name not in ("status", "system_id"):
+                yield "record", name, t
+
+    def _check_schema(self, view: BatchView) -> dict[str, torch.Tensor]:
+        got = {name: (lvl, t) for lvl, name, t in self._fields(view)}
+        for name, (lvl, dtype, shape) in self._schema.items():
+            if name not in got:
+                raise FieldChangedError(f"{self.name}: field {name!r} ({lvl} level, {dtype}, per-row shape "
+                                        f"{shape}) was recorded before but is missing from this batch")
+            t = got[name][1]
+            if t.dtype != dtype or tuple(t.shape[1:]) != shape:
+                raise FieldChangedError(
+                    f"{self.name}: field {name!r} changed from {dtype} per-row shape {shape} to {t.dtype} "
+                    f"per-row shape {tuple(t.shape[1:])}")
+        for name in got.keys() - self._schema.keys():
+            self._warn_once("new:" + name, f"field {name!r} appeared after the first snapshot; not recorded")
+        return {name: got[name][1] for name in self._schema}
+
+    def __call__(self, ctx: Any, stage: Any = None) -> None:
+        if not self._should_fire(ctx, stage):
+            return
+        if self._channel is not None:
+            self._channel.check()
+        mask = None
+        if self.converged_only:
+            mask = getattr(ctx, "converged_mask", None)
+            if mask is None:
+                return
+        view = BatchView.of(ctx.batch)
+        if self._schema is None:
+            self._start(view)
+        fields = self._check_schema(view)
+        step = int(getattr(ctx, "step_count", 0))
+        tensors = {"_atoms_ptr": view.atoms_ptr, "_sample_id": view.sample_ids(), "_status": view.status()}
+        if mask is not None:
+            tensors["_mask"] = mask.reshape(-1).to(torch.bool)
+        tensors.update(fields)
+        slots, nbytes = packing.plan(tensors)
+        buf = self._pool.acquire(nbytes, self._channel.check)
+        if self._streams.cuda:
+            with self._streams.reading():  # stage on the device; the compute stream waits only for this
+                tensors = {k: t.detach().clone() for k, t in tensors.items()}
+            with self._streams.copying():
+                packing.copy_into(buf, slots, tensors)
+                event = self._streams.event()
+        else:
+            packing.copy_into(buf, slots, tensors)
+            tensors, event = None, None
+        # ``tensors`` (the staged clones) stay referenced by the job until the copy's event completed
+        self._channel.submit(lambda: self._write(buf, slots, step, tensors), event)
+
+    def _select(self, cols: dict[str, np.ndarray]) -> np.ndarray | None:
+        return None  # all systems
+
+    def _write(self, buf: torch.Tensor, slots: list, step: int, _keep: Any) -> None:
+        try:
+            cols = packing.unpack(buf, slots)
+            ptr = cols.pop("_atoms_ptr")
+            n_atoms = np.diff(ptr)
+            records = {"step": np.full(n_atoms.shape[0], step, dtype=np.int64),
+                       "sample_id": cols.pop("_sample_id"),
+                       "graph_idx": np.arange(n_atoms.shape[0], dtype=np.int64),
+                       "status": cols.pop("_status")}
+            sel = self._select(cols)
+            cols.pop("_mask", None)
+            atoms = {}
+            for name, a in cols.items():
+                if self._schema[name][0] == "atom":
+                    atoms[name] = a
+                else:
+                    records[name] = a.reshape(a.shape[0], *a.shape[2:]) if a.shape[1:2] == (1,) and a.ndim == 2 else a
+            if sel is not None:
+                atom_sel = np.repeat(sel, n_atoms)
+                records = {k: v[sel] for k, v in records.items()}
+                atoms = {k: v[atom_sel] for k, v in atoms.items()}
+                n_atoms = n_atoms[sel]
+                if n_atoms.shape[0] == 0:
+                    return
+            # copies: the pinned buffer is reused as soon as we return
+            self._writer.append({k: np.array(v) for k, v in records.items()},
+                                {k: np.array(v) for k, v in atoms.items()}, n_atoms.astype(np.int64))
+        finally:
+            self._pool.release(buf)
+
+    def _flush_files(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _sync_files(self) -> dict:
+        if self._writer is None:
+            return {}
+        self._writer.flush()
+        return {"group": self._writer_group(), **self._writer.committed_lengths()}
+
+    def _writer_group(self) -> str:
+        return getattr(self._writer, "group_path", self.name)
+
+    def _close_files(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class ConvergedSnapshotHook(SnapshotHook):
+    """Like ``SnapshotHook``, but only the systems that converged, each written once — when it first
+    converges — even if the engine keeps stepping converged systems and fires ON_CONVERGE again.
+
+    The device side copies the batch with the fresh ``converged_mask``; the writer thread keeps the set
+    of sample ids already written (restored from the store when a run resumes) and drops repeats, so
+    the step path needs no host sync to find out which systems are new.
+    """
+
+    converged_only = True
+
+    def __init__(self, sink: Any, frequency: int = 1, stage: Any = Stage.ON_CONVERGE, *,
+                 name: str = "converged", rank: int | None = None, buffers: int = 4,
+                 exclude: tuple[str, ...] = ()):
+        super().__init__(sink, frequency, stage, name=name, rank=rank, buffers=buffers, exclude=exclude)
+        self._written: np.ndarray | None = None
+
+    def _select(self, cols: dict[str, np.ndarray]) -> np.ndarray:
+        if self._written is None:
+            self._written = _existing_sample_ids(self._writer)
+        sid = cols["_sample_id"]
+        sel = cols["_mask"] & ~np.isin(sid, self._written)
+        # a system converged twice within one batch slot list counts once (first position)
+        new_ids, first = np.unique(sid[sel], return_index=True)
+        keep = np.zeros_like(sel)
+        keep[np.flatnonzero(sel)[first]] = True
+        self._written = np.union1d(self._written, new_ids)
+        return keep
+
+
+def _existing_sample_ids(writer: Any) -> np.ndarray:
+    """Sample ids already in this rank's converged group (a resumed run must not write them again)."""
+    read = getattr(writer, "read_column", None)
+    if read is None or not writer.lengths.get("records"):
+        return np.empty(0, dtype=np.int64)
+    return np.unique(read("sample_id"))

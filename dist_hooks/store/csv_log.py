@@ -1,0 +1,85 @@
+"""Per-rank CSV log, written in column blocks with pyarrow's CSV writer.
+
+Why pyarrow: it encodes a whole block of rows in C++ with the GIL released, so the writer thread
+does not steal the interpreter from the simulation thread (per-row Python formatting measured
+11-15x the step time, design/performance.md). Integers stay integers; floats use pyarrow's
+shortest round-trip formatting; missing values are empty fields.
+
+The file is opened for append, never truncated on open: a restart continues it. ``truncate(bytes)``
+cuts it back to a committed length (resume after a crash). ``size``/``rows`` are what was written,
+``sync()`` makes it durable (fsync) — the coordinator records both at a checkpoint boundary.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+
+class CsvSchemaError(ValueError):
+    """A block whose columns differ from the file's header."""
+
+
+class CsvLog:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab")
+        self.size = self._fh.tell()
+        self.columns: list[str] | None = _read_header(self.path) if self.size else None
+        self.rows = _count_rows(self.path) if self.size else 0
+
+    def append(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Append one block of rows given as equally long columns (None entries: empty fields)."""
+        names = list(columns)
+        if self.columns is None:
+            self.columns = names
+            header = True
+        else:
+            if names != self.columns:
+                raise CsvSchemaError(
+                    f"{self.path}: columns {names} differ from the header {self.columns}; a CSV cannot change "
+                    "its columns mid-run")
+            header = False
+        table = pa.table({k: pa.array(v) for k, v in columns.items()})
+        pacsv.write_csv(table, self._fh, write_options=pacsv.WriteOptions(include_header=header,
+                                                                          quoting_style="needed"))
+        self.rows += table.num_rows
+        self.size = self._fh.tell()
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def truncate(self, size: int, rows: int) -> None:
+        """Cut the file back to ``size`` bytes holding ``rows`` data rows (resume after a crash)."""
+        self._fh.flush()
+        self._fh.truncate(size)
+        self._fh.seek(size)
+        self.size, self.rows = size, rows
+        if size == 0:
+            self.columns = None
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            self._fh.close()
+
+
+def _read_header(path: Path) -> list[str]:
+    with open(path, "rb") as fh:
+        line = fh.readline().decode().rstrip("\r\n")
+    return [c.strip('"') for c in line.split(",")] if line else []
+
+
+def _count_rows(path: Path) -> int:
+    with open(path, "rb") as fh:
+        n = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    return max(n - 1, 0)
