@@ -1,0 +1,314 @@
+"""``python -m dist_hooks.demo``: relax and/or run MD on LJ clusters on every rank, with hooks.
+
+Why: an end-to-end workload for the recording layer that runs the same way on one CPU process, under
+``torchrun``, ``srun`` or ``mpiexec``. Each rank draws its own systems from (seed, rank), steps them
+on its device, and the recording hooks from ``build_hooks`` observe every step. At the end each rank
+prints a one-line summary, rank 0 prints the gathered table and, as the very last line,
+``Run output: <absolute run directory>`` (scripts parse it).
+
+Phases: ``relax`` (FIRE), ``md`` (velocity Verlet NVE, or Langevin with ``--thermostat``) or ``both``
+(FIRE, then MD on the relaxed structures with fresh Maxwell-Boltzmann velocities). Both phases share
+one hook lifetime and one continuous ``step_count``, so recorded steps are unique and increasing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .engine import FIRE, BaseDynamics, Langevin, VelocityVerlet, hook_lifetime
+from .workload import (
+    LennardJones,
+    DemoBatch,
+    make_batch,
+    maxwell_boltzmann_velocities,
+    system_rng,
+    temperature,
+)
+
+__all__ = ["DemoResult", "build_hooks", "build_parser", "main", "resolve_steps", "run_demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line (every option has a default, so a bare run works)."""
+    p = argparse.ArgumentParser(
+        prog="python -m dist_hooks.demo",
+        description="Relax (FIRE) and/or run MD on argon-like LJ clusters on every rank, "
+        "with the dist_hooks recording hooks attached.",
+    )
+    p.add_argument("--out", default="runs/demo", help="run output directory (default: runs/demo)")
+    p.add_argument("--phase", choices=("relax", "md", "both"), default="both",
+                   help="what to run (default: both = FIRE then MD)")
+    p.add_argument("--steps", type=int, default=300,
+                   help="total steps; split evenly for --phase both unless "
+                   "--relax-steps/--md-steps say otherwise (default: 300)")
+    p.add_argument("--relax-steps", type=int, default=None, help="FIRE steps (overrides the split)")
+    p.add_argument("--md-steps", type=int, default=None, help="MD steps (overrides the split)")
+    p.add_argument("--systems-per-rank", type=int, default=64, help="systems per rank (default: 64)")
+    p.add_argument("--min-atoms", type=int, default=8, help="smallest cluster (default: 8)")
+    p.add_argument("--max-atoms", type=int, default=64, help="largest cluster (default: 64)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r draws from (seed, r)")
+    p.add_argument("--fmax", type=float, default=1e-3, help="FIRE convergence, eV/Å (default 1e-3)")
+    p.add_argument("--dt", type=float, default=5.0, help="MD time step in fs (default: 5)")
+    p.add_argument("--fire-dt", type=float, default=10.0, help="FIRE start time step in fs")
+    p.add_argument("--fire-dt-max", type=float, default=50.0, help="FIRE max time step in fs")
+    p.add_argument("--temperature", type=float, default=30.0,
+                   help="Maxwell-Boltzmann / Langevin temperature in K (default: 30)")
+    p.add_argument("--thermostat", action="store_true", help="Langevin NVT instead of NVE for MD")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--on-converge", choices=("new", "all"), default="new",
+                   help="ON_CONVERGE mask: newly converged systems (new) or every converged "
+                   "system each step, as nvalchemi without inflight replacement (all)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def resolve_steps(args: argparse.Namespace) -> tuple[int, int]:
+    """(relax_steps, md_steps) from --phase, --steps and the optional explicit counts."""
+    total = max(int(args.steps), 0)
+    r, m = args.relax_steps, args.md_steps
+    if args.phase == "relax":
+        return (total if r is None else r), 0
+    if args.phase == "md":
+        return 0, (total if m is None else m)
+    if r is None and m is None:
+        r = total // 2
+        return r, total - r
+    if r is None:
+        r = max(total - m, 0)
+    if m is None:
+        m = max(total - r, 0)
+    return int(r), int(m)
+
+
+def build_hooks(args: argparse.Namespace, launch: Any) -> list[Any]:
+    """Recording hooks to attach to the demo's dynamics (registered on every phase, in order).
+
+    Why a separate function: the recording layer (logging/trajectory/converged hooks writing into
+    ``args.out``) is wired here without touching the workload. Empty for now.
+    """
+    return []
+
+
+def _pick_device(spec: str, launch: Any) -> torch.device:
+    """``auto``: this rank's GPU (LOCAL_RANK modulo visible GPUs) when CUDA is up, else the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            spec = f"cuda:{int(getattr(launch, 'local_rank', 0)) % torch.cuda.device_count()}"
+        else:
+            spec = "cpu"
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", int(getattr(launch, "local_rank", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def _fallback_launch() -> SimpleNamespace:
+    """Launch info read straight from the usual rank variables (used only without dist_hooks.launch)."""
+    rank = _env_int(("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), 0)
+    world = _env_int(("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"), 1)
+    local = _env_int(("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"), 0)
+    return SimpleNamespace(launcher="env" if world > 1 else "single", rank=rank, world_size=world,
+                           local_rank=local, local_world_size=1, node_rank=0, job_id=None,
+                           restart_count=0)
+
+
+class _LocalComm:
+    """Stand-in used only when ``dist_hooks.comm`` is not importable: no cross-rank traffic, so
+    ``gather`` returns just this rank's object on the root (the table then has one row)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return [obj] if self.rank == root else None
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _launch_and_comm() -> tuple[Any, Any]:
+    """This process's launch info and communicator (env-based fallbacks if not installed)."""
+    try:
+        from dist_hooks.launch import detect_launch
+    except ModuleNotFoundError as exc:
+        if exc.name != "dist_hooks.launch":
+            raise
+        launch: Any = _fallback_launch()
+    else:
+        launch = detect_launch()
+    try:
+        from dist_hooks.comm import get_communicator
+    except ModuleNotFoundError as exc:
+        if exc.name != "dist_hooks.comm":
+            raise
+        comm: Any = _LocalComm(int(launch.rank), int(launch.world_size))
+    else:
+        comm = get_communicator("auto", launch=launch)
+    return launch, comm
+
+
+#: The result of the latest ``main()`` in this process (tests and embedding drivers read it).
+last_result: "DemoResult | None" = None
+
+
+@dataclass
+class DemoResult:
+    """What a demo run leaves behind (for tests and for drivers that embed the demo)."""
+
+    out_dir: Path
+    batch: DemoBatch
+    model: LennardJones
+    dynamics: list[BaseDynamics] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    table: list[dict[str, Any]] | None = None
+
+
+def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
+    """Build the batch, model, dynamics and hooks for this rank, run the phases, summarise."""
+    rank, world = int(comm.rank), int(comm.world_size)
+    device = _pick_device(args.device, launch)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_relax, n_md = resolve_steps(args)
+    total = n_relax + n_md
+
+    batch = make_batch(args.systems_per_rank, min_atoms=args.min_atoms, max_atoms=args.max_atoms,
+                       seed=args.seed, rank=rank, world_size=world, device=device, dtype=dtype,
+                       temperature_k=args.temperature)
+    model = LennardJones()
+    hooks = build_hooks(args, launch)
+    result = DemoResult(out_dir=out_dir, batch=batch, model=model, hooks=hooks)
+    common = {"global_rank": rank, "on_converge": args.on_converge}
+
+    def new_md(step_count: int) -> BaseDynamics:
+        if args.thermostat:
+            return Langevin(model, batch, dt_fs=args.dt, temperature_k=args.temperature,
+                            friction_per_fs=args.friction, seed=args.seed * 1000003 + rank,
+                            step_count=step_count, **common)
+        return VelocityVerlet(model, batch, dt_fs=args.dt, step_count=step_count, **common)
+
+    every = max(total // 10, 1)
+    done = 0
+    t0 = time.perf_counter()
+
+    def progress(phase: str, dyn: BaseDynamics) -> None:
+        if rank != 0 or args.quiet:
+            return
+        conv = int(dyn.converged_mask.sum().item())  # one sync per ~10% of the run
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(f"[demo] {phase:5s} step {done}/{total} ({100 * done // max(total, 1)}%) "
+              f"converged {conv}/{batch.num_systems} on rank 0, {rate:.1f} steps/s", flush=True)
+
+    with hook_lifetime(hooks):
+        step_count = 0
+        for phase, n in (("relax", n_relax), ("md", n_md)):
+            if n <= 0:
+                continue
+            if phase == "relax":
+                dyn: BaseDynamics = FIRE(model, batch, fmax=args.fmax, dt_start_fs=args.fire_dt,
+                                         dt_max_fs=args.fire_dt_max, step_count=step_count, **common)
+            else:
+                if n_relax > 0:  # FIRE left the clusters at rest: thermalise the relaxed structures
+                    batch.velocities.copy_(maxwell_boltzmann_velocities(
+                        batch.atomic_masses, batch.batch_idx, batch.num_systems,
+                        args.temperature, system_rng(args.seed, rank, 2)))
+                dyn = new_md(step_count)
+            for hook in hooks:
+                dyn.register_hook(hook)
+            result.dynamics.append(dyn)
+            left = n
+            while left > 0:
+                k = min(left, every - done % every)
+                dyn.run(k, manage_hooks=False)
+                done += k
+                left -= k
+                if done % every == 0 or done == total:
+                    progress(phase, dyn)
+            step_count = dyn.step_count
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+
+    converged = int((batch.status[:, 0] >= 1).sum().item())
+    summary = {
+        "rank": rank,
+        "device": str(device),
+        "systems": batch.num_systems,
+        "atoms": batch.num_atoms,
+        "converged": converged,
+        "mean_energy_ev": float(batch.energy.mean().item()) if batch.num_systems else float("nan"),
+        "mean_temperature_k": float(temperature(batch).mean().item()) if batch.num_systems else 0.0,
+        "steps": total,
+        "seconds": elapsed,
+        "steps_per_s": total / elapsed if elapsed > 0 else float("nan"),
+    }
+    result.summary = summary
+    print(f"[demo] rank {rank}/{world} {device}: systems {summary['systems']}, atoms "
+          f"{summary['atoms']}, converged {converged}, mean final energy "
+          f"{summary['mean_energy_ev']:.5f} eV, {summary['steps_per_s']:.1f} steps/s", flush=True)
+    table = comm.gather(summary, root=0)
+    if rank == 0 and table is not None:
+        result.table = list(table)
+        print(f"{'rank':>5} {'device':>8} {'systems':>8} {'atoms':>7} {'converged':>9} "
+              f"{'mean E (eV)':>12} {'T (K)':>7} {'steps/s':>9}")
+        for row in result.table:
+            print(f"{row['rank']:>5} {row['device']:>8} {row['systems']:>8} {row['atoms']:>7} "
+                  f"{row['converged']:>9} {row['mean_energy_ev']:>12.5f} "
+                  f"{row['mean_temperature_k']:>7.2f} {row['steps_per_s']:>9.1f}")
+        n_sys = sum(r["systems"] for r in result.table)
+        n_conv = sum(r["converged"] for r in result.table)
+        print(f"total: {len(result.table)} ranks, {n_sys} systems, {n_conv} converged", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: detect the launcher, run this rank's demo, print ``Run output:`` last on rank 0."""
+    global last_result
+    args = build_parser().parse_args(argv)
+    launch, comm = _launch_and_comm()
+    rank = int(comm.rank)
+    try:
+        result = run_demo(args, launch, comm)
+        last_result = result
+        comm.barrier()
+    finally:
+        comm.close()
+    if rank == 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        print(f"Run output: {result.out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
