@@ -204,15 +204,23 @@ class Channel:
 
 
 _open_hooks: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_exit_registered = False
 
 
 def register_for_exit(hook: Any) -> None:
     """Close ``hook`` at interpreter exit if nobody did: the last resort for engines (like
-    nvalchemi's distributed pipeline) that never enter or close their hooks."""
+    nvalchemi's distributed pipeline) that never enter or close their hooks.
+
+    Registered lazily, at the first hook's start: atexit runs handlers last-in first-out, so ours then
+    runs before the exit handlers of libraries imported earlier (zarr's I/O thread pool among them).
+    """
+    global _exit_registered
     _open_hooks.add(hook)
+    if not _exit_registered:
+        _exit_registered = True
+        atexit.register(_close_open_hooks)
 
 
-@atexit.register
 def _close_open_hooks() -> None:
     for hook in list(_open_hooks):
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -32,6 +33,10 @@ DEFAULT_SCALARS = ("energy", "fmax", "temperature")
 
 class FieldChangedError(ValueError):
     """A recorded field changed dtype or per-row shape between firings, or disappeared."""
+
+
+class CommittedDataError(RuntimeError):
+    """Data a checkpoint boundary committed no longer matches its recorded length or checksum."""
 
 
 def resolve_rank(explicit: int | None) -> int:
@@ -66,6 +71,8 @@ class _RecordingHook:
         self._streams: Streams | None = None
         self._closed = False
         self._warned: set[str] = set()
+        # set by a resumed Run before the first call: the lengths the last boundary committed
+        self._resume_point: dict | None = None
 
     # -- protocol -------------------------------------------------------------------------------
     def _should_fire(self, ctx: Any, stage: Any) -> bool:
@@ -208,6 +215,12 @@ class LoggingHook(_RecordingHook):
             from .store.csv_log import CsvLog
             self.path = self.rank_path(self.rank)
             self._sink = CsvLog(self.path)
+            rp = self._resume_point
+            if rp is not None:  # a resumed run: cut back to what the last boundary committed
+                self._sink.truncate(int(rp.get("bytes", 0)), int(rp.get("rows", 0)))
+                if "crc32" in rp and self._sink.crc32 != rp["crc32"]:
+                    raise CommittedDataError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
+                                             "their checksum in run.json; the file was changed after the checkpoint")
         elif self.backend == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -335,7 +348,8 @@ class LoggingHook(_RecordingHook):
     def _sync_files(self) -> dict:
         if self.backend == "csv" and self._sink is not None:
             self._sink.sync()
-            return {"path": str(self.path), "bytes": self._sink.size, "rows": self._sink.rows}
+            return {"path": str(self.path), "bytes": self._sink.size, "rows": self._sink.rows,
+                    "crc32": self._sink.crc32}
         return {}
 
     def _close_files(self) -> None:
@@ -392,6 +406,11 @@ class SnapshotHook(_RecordingHook):
         super()._start(view)
         self._writer = self.sink.writer(self.rank, self.name)
         self._schema = {name: (lvl, t.dtype, tuple(t.shape[1:])) for lvl, name, t in self._fields(view)}
+        self._crc: dict[str, int] = {}
+        rp = self._resume_point
+        if rp is not None:  # a resumed run: cut back to what the last boundary committed
+            self._writer.truncate(int(rp.get("records", 0)), int(rp.get("atoms", 0)))
+            self._crc = dict(rp.get("crc32", {}))
 
     def _fields(self, view: BatchView):
         for name, t in view.atom_fields.items():
@@ -449,7 +468,7 @@ class SnapshotHook(_RecordingHook):
         # ``tensors`` (the staged clones) stay referenced by the job until the copy's event completed
         self._channel.submit(lambda: self._write(buf, slots, step, tensors), event)
 
-    def _select(self, cols: dict[str, np.ndarray]) -> np.ndarray | None:
+    def _select(self, sample_id: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
         return None  # all systems
 
     def _write(self, buf: torch.Tensor, slots: list, step: int, _keep: Any) -> None:
@@ -461,8 +480,7 @@ class SnapshotHook(_RecordingHook):
                        "sample_id": cols.pop("_sample_id"),
                        "graph_idx": np.arange(n_atoms.shape[0], dtype=np.int64),
                        "status": cols.pop("_status")}
-            sel = self._select(cols)
-            cols.pop("_mask", None)
+            sel = self._select(records["sample_id"], cols.pop("_mask", None))
             atoms = {}
             for name, a in cols.items():
                 if self._schema[name][0] == "atom":
@@ -477,8 +495,11 @@ class SnapshotHook(_RecordingHook):
                 if n_atoms.shape[0] == 0:
                     return
             # copies: the pinned buffer is reused as soon as we return
-            self._writer.append({k: np.array(v) for k, v in records.items()},
-                                {k: np.array(v) for k, v in atoms.items()}, n_atoms.astype(np.int64))
+            records = {k: np.ascontiguousarray(v).copy() for k, v in records.items()}
+            atoms = {k: np.ascontiguousarray(v).copy() for k, v in atoms.items()}
+            for k, v in (*records.items(), *atoms.items()):  # running checksum of each column, in order
+                self._crc[k] = zlib.crc32(v.reshape(-1).view(np.uint8), self._crc.get(k, 0))
+            self._writer.append(records, atoms, n_atoms.astype(np.int64))
         finally:
             self._pool.release(buf)
 
@@ -489,11 +510,8 @@ class SnapshotHook(_RecordingHook):
     def _sync_files(self) -> dict:
         if self._writer is None:
             return {}
-        self._writer.flush()
-        return {"group": self._writer_group(), **self._writer.committed_lengths()}
-
-    def _writer_group(self) -> str:
-        return getattr(self._writer, "group_path", self.name)
+        self._writer.sync()
+        return {"group": self._writer.group_path, **self._writer.committed_lengths(), "crc32": dict(self._crc)}
 
     def _close_files(self) -> None:
         if self._writer is not None:
@@ -517,11 +535,10 @@ class ConvergedSnapshotHook(SnapshotHook):
         super().__init__(sink, frequency, stage, name=name, rank=rank, buffers=buffers, exclude=exclude)
         self._written: np.ndarray | None = None
 
-    def _select(self, cols: dict[str, np.ndarray]) -> np.ndarray:
+    def _select(self, sid: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         if self._written is None:
             self._written = _existing_sample_ids(self._writer)
-        sid = cols["_sample_id"]
-        sel = cols["_mask"] & ~np.isin(sid, self._written)
+        sel = mask & ~np.isin(sid, self._written)
         # a system converged twice within one batch slot list counts once (first position)
         new_ids, first = np.unique(sid[sel], return_index=True)
         keep = np.zeros_like(sel)
@@ -532,7 +549,8 @@ class ConvergedSnapshotHook(SnapshotHook):
 
 def _existing_sample_ids(writer: Any) -> np.ndarray:
     """Sample ids already in this rank's converged group (a resumed run must not write them again)."""
-    read = getattr(writer, "read_column", None)
-    if read is None or not writer.lengths.get("records"):
+    if not writer.lengths.get("records"):
         return np.empty(0, dtype=np.int64)
-    return np.unique(read("sample_id"))
+    from .store import ShardReader
+    writer.flush()
+    return np.unique(ShardReader(writer.store.root, writer.group_path).column("sample_id"))

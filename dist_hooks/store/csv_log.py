@@ -7,11 +7,14 @@ shortest round-trip formatting; missing values are empty fields.
 
 The file is opened for append, never truncated on open: a restart continues it. ``truncate(bytes)``
 cuts it back to a committed length (resume after a crash). ``size``/``rows`` are what was written,
-``sync()`` makes it durable (fsync) — the coordinator records both at a checkpoint boundary.
+``sync()`` makes it durable (fsync) and brings ``crc32`` (of the whole file so far) up to date by
+reading back only the bytes written since the previous sync — the coordinator records all three at a
+checkpoint boundary, and ``dist-hooks verify`` recomputes the checksum from disk.
 """
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -32,6 +35,7 @@ class CsvLog:
         self.size = self._fh.tell()
         self.columns: list[str] | None = _read_header(self.path) if self.size else None
         self.rows = _count_rows(self.path) if self.size else 0
+        self.crc32, self._crc_pos = file_crc32(self.path, self.size), self.size
 
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
         """Append one block of rows given as equally long columns (None entries: empty fields)."""
@@ -57,20 +61,41 @@ class CsvLog:
     def sync(self) -> None:
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        with open(self.path, "rb") as fh:
+            fh.seek(self._crc_pos)
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                self.crc32 = zlib.crc32(chunk, self.crc32)
+        self._crc_pos = self.size
 
     def truncate(self, size: int, rows: int) -> None:
         """Cut the file back to ``size`` bytes holding ``rows`` data rows (resume after a crash)."""
         self._fh.flush()
+        if size > self._fh.seek(0, os.SEEK_END):
+            raise ValueError(f"{self.path}: cannot truncate to {size} bytes, the file holds fewer; "
+                             "it was damaged or replaced after the checkpoint")
         self._fh.truncate(size)
         self._fh.seek(size)
         self.size, self.rows = size, rows
-        if size == 0:
-            self.columns = None
+        self.columns = _read_header(self.path) if size else None
+        self.crc32, self._crc_pos = file_crc32(self.path, size), size
 
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.flush()
             self._fh.close()
+
+
+def file_crc32(path: str | os.PathLike, size: int) -> int:
+    """CRC-32 of the first ``size`` bytes of a file (0 for none)."""
+    crc, left = 0, size
+    if size:
+        with open(path, "rb") as fh:
+            while left:
+                chunk = fh.read(min(left, 1 << 22))
+                if not chunk:
+                    raise ValueError(f"{path}: shorter than {size} bytes")
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    return crc
 
 
 def _read_header(path: Path) -> list[str]:
