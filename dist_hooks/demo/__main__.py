@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..stages import Stage
 from .engine import FIRE, BaseDynamics, Langevin, VelocityVerlet, hook_lifetime
 from .workload import (
     LennardJones,
@@ -70,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ON_CONVERGE mask: newly converged systems (new) or every converged "
                    "system each step, as nvalchemi without inflight replacement (all)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    rec = p.add_argument_group("recording")
+    rec.add_argument("--no-record", action="store_true", help="run the workload without any hook")
+    rec.add_argument("--log-every", type=int, default=1, help="LoggingHook frequency (default: 1)")
+    rec.add_argument("--snapshot-every", type=int, default=10,
+                     help="SnapshotHook frequency; 0 disables snapshots (default: 10)")
+    rec.add_argument("--checkpoint-every", type=int, default=50,
+                     help="checkpoint boundary every N steps; 0: only the final one (default: 50)")
+    rec.add_argument("--storage", choices=("shared", "local"), default="shared",
+                     help="shared run directory, or node-local rank data (see --local-dir)")
+    rec.add_argument("--local-dir", default=None, help="node-local data directory for --storage local")
+    rec.add_argument("--resume", choices=("auto", "never", "always"), default="auto",
+                     help="continue a run found in --out (auto), refuse one (never), or require one")
+    # fault injection for the crash-and-resume tests: this rank SIGKILLs itself before step N
+    rec.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    rec.add_argument("--fail-rank", type=int, default=0, help=argparse.SUPPRESS)
+    rec.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds a rank waits for the others at a boundary before failing")
     return p
 
 
@@ -91,13 +110,54 @@ def resolve_steps(args: argparse.Namespace) -> tuple[int, int]:
     return int(r), int(m)
 
 
-def build_hooks(args: argparse.Namespace, launch: Any) -> list[Any]:
+def build_hooks(args: argparse.Namespace, run: Any) -> list[Any]:
     """Recording hooks to attach to the demo's dynamics (registered on every phase, in order).
 
-    Why a separate function: the recording layer (logging/trajectory/converged hooks writing into
-    ``args.out``) is wired here without touching the workload. Empty for now.
+    Logging every ``--log-every`` steps, snapshots every ``--snapshot-every`` steps, converged
+    structures once each, and the run itself last (its checkpoint boundaries act before a step, after
+    every hook of the previous step has recorded).
     """
-    return []
+    if run is None:
+        return []
+    hooks = [run.logging_hook(frequency=args.log_every)]
+    if args.snapshot_every > 0:
+        hooks.append(run.snapshot_hook(frequency=args.snapshot_every))
+    hooks.append(run.converged_hook())
+    hooks.append(run)
+    return hooks
+
+
+class _KillAt:
+    """Test fault injection: SIGKILL this process at BEFORE_STEP of ``step`` (no cleanup, as a crash)."""
+
+    frequency = 1
+    stage = Stage.BEFORE_STEP
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, ctx: Any, stage: Any = None) -> None:
+        if ctx.step_count == self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _demo_state(batch: DemoBatch, dyn: "BaseDynamics | None") -> dict[str, Any]:
+    """What a resumed demo needs to continue bit for bit: the batch tensors and the integrator's."""
+    state: dict[str, Any] = {"batch": {k: getattr(batch, k).clone() for k in batch.keys()}}
+    if isinstance(dyn, FIRE):
+        state["fire"] = {"dt": dyn.dt.clone(), "alpha": dyn.alpha.clone(), "n_pos": dyn.n_pos.clone()}
+    elif dyn is not None:
+        state["md"] = True
+        gen = getattr(dyn, "generator", None)
+        if gen is not None:
+            state["generator"] = gen.get_state()
+    return state
+
+
+def _restore_batch(batch: DemoBatch, state: dict[str, Any]) -> None:
+    for k, v in state["batch"].items():
+        getattr(batch, k).copy_(v)
 
 
 def _pick_device(spec: str, launch: Any) -> torch.device:
@@ -207,7 +267,23 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
                        seed=args.seed, rank=rank, world_size=world, device=device, dtype=dtype,
                        temperature_k=args.temperature)
     model = LennardJones()
-    hooks = build_hooks(args, launch)
+    current: dict[str, Any] = {"dyn": None}
+    run = None
+    if not args.no_record:
+        from dist_hooks.coordinator import Run
+        run = Run(out_dir, checkpoint_every=args.checkpoint_every or None, comm=comm, launch=launch,
+                  storage=args.storage, local_dir=args.local_dir, resume=args.resume, timeout=args.timeout,
+                  state_fn=lambda: _demo_state(batch, current["dyn"]),
+                  settings={k: v for k, v in vars(args).items() if k not in ("out",)})
+    hooks = build_hooks(args, run)
+    if args.fail_at_step is not None and rank == args.fail_rank:
+        hooks.insert(0, _KillAt(args.fail_at_step))
+    resume = run.resume_state if run is not None else None
+    start = run.start_step if run is not None and resume is not None else 0
+    if resume is not None:
+        _restore_batch(batch, resume)
+        if rank == 0 and not args.quiet:
+            print(f"[demo] resuming {out_dir} at step {start}", flush=True)
     result = DemoResult(out_dir=out_dir, batch=batch, model=model, hooks=hooks)
     common = {"global_rank": rank, "on_converge": args.on_converge}
 
@@ -219,43 +295,59 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
         return VelocityVerlet(model, batch, dt_fs=args.dt, step_count=step_count, **common)
 
     every = max(total // 10, 1)
-    done = 0
+    done = start
     t0 = time.perf_counter()
 
     def progress(phase: str, dyn: BaseDynamics) -> None:
         if rank != 0 or args.quiet:
             return
         conv = int(dyn.converged_mask.sum().item())  # one sync per ~10% of the run
-        rate = done / max(time.perf_counter() - t0, 1e-9)
+        rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
         print(f"[demo] {phase:5s} step {done}/{total} ({100 * done // max(total, 1)}%) "
               f"converged {conv}/{batch.num_systems} on rank 0, {rate:.1f} steps/s", flush=True)
 
-    with hook_lifetime(hooks):
-        step_count = 0
-        for phase, n in (("relax", n_relax), ("md", n_md)):
-            if n <= 0:
-                continue
-            if phase == "relax":
-                dyn: BaseDynamics = FIRE(model, batch, fmax=args.fmax, dt_start_fs=args.fire_dt,
-                                         dt_max_fs=args.fire_dt_max, step_count=step_count, **common)
-            else:
-                if n_relax > 0:  # FIRE left the clusters at rest: thermalise the relaxed structures
-                    batch.velocities.copy_(maxwell_boltzmann_velocities(
-                        batch.atomic_masses, batch.batch_idx, batch.num_systems,
-                        args.temperature, system_rng(args.seed, rank, 2)))
-                dyn = new_md(step_count)
-            for hook in hooks:
-                dyn.register_hook(hook)
-            result.dynamics.append(dyn)
-            left = n
-            while left > 0:
-                k = min(left, every - done % every)
-                dyn.run(k, manage_hooks=False)
-                done += k
-                left -= k
-                if done % every == 0 or done == total:
-                    progress(phase, dyn)
-            step_count = dyn.step_count
+    try:
+        with hook_lifetime([h for h in hooks if h is not run]):
+            step_count = start
+            for phase, first, last in (("relax", 0, n_relax), ("md", n_relax, total)):
+                n = last - max(first, step_count)
+                if n <= 0:
+                    continue
+                if phase == "relax":
+                    dyn: BaseDynamics = FIRE(model, batch, fmax=args.fmax, dt_start_fs=args.fire_dt,
+                                             dt_max_fs=args.fire_dt_max, step_count=step_count, **common)
+                    if resume is not None and "fire" in resume:
+                        _restore_batch(batch, resume)  # FIRE starts from rest; the saved state does not
+                        for k, v in resume["fire"].items():
+                            getattr(dyn, k).copy_(v)
+                else:
+                    dyn = new_md(step_count)
+                    if resume is not None and resume.get("md"):
+                        if "generator" in resume:
+                            dyn.generator.set_state(resume["generator"])
+                    elif n_relax > 0:  # FIRE left the clusters at rest: thermalise the relaxed structures
+                        batch.velocities.copy_(maxwell_boltzmann_velocities(
+                            batch.atomic_masses, batch.batch_idx, batch.num_systems,
+                            args.temperature, system_rng(args.seed, rank, 2)))
+                current["dyn"] = dyn
+                for hook in hooks:
+                    dyn.register_hook(hook)
+                result.dynamics.append(dyn)
+                left = n
+                while left > 0:
+                    k = min(left, every - done % every)
+                    dyn.run(k, manage_hooks=False)
+                    done += k
+                    left -= k
+                    if done % every == 0 or done == total:
+                        progress(phase, dyn)
+                step_count = dyn.step_count
+            if run is not None:
+                run.close(step=total)  # final boundary, before the hooks' own close
+    except BaseException:
+        if run is not None and not run._closed:
+            run.__exit__(*sys.exc_info())
+        raise
     _sync(device)
     elapsed = time.perf_counter() - t0
 
