@@ -129,7 +129,12 @@ class Run:
 
         if self.rank == 0:
             self.path.mkdir(parents=True, exist_ok=True)
+            if storage == "shared":  # create the shared hierarchy once, before any rank opens it
+                self._create_hierarchy(self.path)
         self.rank_root.mkdir(parents=True, exist_ok=True)
+        if storage == "local":
+            self._create_hierarchy(self.rank_root)
+        # the broadcast doubles as the barrier after which every rank may open the store
         manifest = self.comm.broadcast(_read_manifest(self.path) if self.rank == 0 else None, root=0)
         self.manifest = manifest
         self.resume_state: Any = None
@@ -148,6 +153,14 @@ class Run:
             self._install_signal_handlers()
         log.info("dist_hooks run %s: rank %d of %d (%s), %s", self.path, self.rank, self.world_size,
                  self.launch.launcher, f"resumed at step {self.start_step}" if manifest else "new")
+
+    def _create_hierarchy(self, root: Path) -> None:
+        import zarr
+        from .store.atomic_store import AtomicLocalStore
+        store = AtomicLocalStore(root / layout.DATA_DIR)
+        g = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+        if layout.RANKS_GROUP not in g:
+            g.create_group(layout.RANKS_GROUP)
 
     # -- hooks placed in this run ------------------------------------------------------------------
     @property
