@@ -5,9 +5,11 @@ Usage: comm_worker.py OUT_DIR MODE [--kind auto] [--timeout S] [--early-rank R] 
 MODE ``ok``: run barrier / gather / allgather / broadcast with non-trivial objects and write what
 this rank received to OUT_DIR/rank-<r>.json.
 
-MODE ``early``: rank R leaves right after creating the communicator (``os._exit(0)``: a clean
-exit status, so the launcher does not tear the job down, and no clean-up, as if it vanished); the
-others call OP and record the CommTimeoutError they get (message, missing ranks, elapsed time).
+MODE ``early``: after a first barrier, rank R leaves without calling OP (``--early-style``:
+``exit`` = ``os._exit(0)``, a clean status so the launcher does not tear the job down, and no
+clean-up, as if it vanished; ``finalize`` = normal exit, finalising MPI; ``sleep`` = never
+arrives); the others call OP and record the CommTimeoutError they get (message, missing ranks,
+elapsed time).
 """
 from __future__ import annotations
 
@@ -68,8 +70,19 @@ def run_ok(comm, out: Path) -> None:
 
 
 def run_early(comm, out: Path, early_rank: int, op: str, timeout: float, style: str) -> None:
-    rank = comm.rank
-    if rank == early_rank:
+    rank, world = comm.rank, comm.world_size
+    # Everyone finishes initialising first (a store host that vanished during a peer's
+    # init_process_group would fail that peer outside our code): survivors pass a barrier and drop
+    # a file; the early rank leaves only once it has seen them all.
+    comm.barrier()
+    if rank != early_rank:
+        (out / f"ready-{rank}").touch()
+    else:
+        deadline = time.monotonic() + 60.0
+        while not all((out / f"ready-{r}").exists() for r in range(world) if r != rank):
+            if time.monotonic() > deadline:
+                raise SystemExit("survivors never got ready")
+            time.sleep(0.02)
         if style == "exit":
             os._exit(0)
         if style == "sleep":
