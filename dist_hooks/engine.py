@@ -58,6 +58,13 @@ class Streams:
     def copying(self):
         return torch.cuda.stream(self.side) if self.cuda else nullcontext()
 
+    def protect(self, t: torch.Tensor) -> torch.Tensor:
+        """Mark a compute-stream allocation as used by the side stream, so the caching allocator
+        does not hand its memory out again before the side stream's pending work on it is done."""
+        if self.cuda:
+            t.record_stream(self.side)
+        return t
+
     def event(self) -> "torch.cuda.Event | None":
         if not self.cuda:
             return None

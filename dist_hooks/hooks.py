@@ -247,8 +247,8 @@ class LoggingHook(_RecordingHook):
             self._flush_device()  # batch size changed: ship what we have, then resize the ring
             self._ring = None
         if self._ring is None:
-            self._ring = torch.empty(self.ring_size, 2 + len(self._names), B, dtype=torch.float64,
-                                     device=view.device)
+            self._ring = self._streams.protect(torch.empty(self.ring_size, 2 + len(self._names), B,
+                                                           dtype=torch.float64, device=view.device))
         slot = self._ring[len(self._steps)]
         with self._streams.reading():
             self._reduce(view, ctx, slot)

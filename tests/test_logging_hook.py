@@ -204,4 +204,6 @@ def test_memory_bounded_under_slow_writer():
     hook.close()
     assert calls == list(range(60))  # nothing lost, in order
     assert hook._pool.allocations <= 3  # host buffers reused, never more than the pool holds
-    assert in_flight_max[0] <= 3  # back-pressure: at most `buffers` blocks queued at once
+    # back-pressure: at most `buffers` blocks hold memory at once; the job counter may lag by the one
+    # job that has already handed its buffer back but not yet reported itself done
+    assert in_flight_max[0] <= 3 + 1
