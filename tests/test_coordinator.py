@@ -35,7 +35,11 @@ def launch(kind: str, n: int, out: Path, extra=(), env=None, timeout=150, crash=
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                f"--monitor-interval={30 if crash else 0.2}", *args]
     elif kind == "mpiexec":
-        cmd = [mpiexec_path(), "-disable-auto-cleanup", "-n", str(n), sys.executable, "-m", "mpi4py", *args]
+        # -disable-auto-cleanup where a rank is made to die, so that the survivors get the chance to
+        # fail on their own; Hydra then signals SIGUSR1 to the others whenever a process exits, so
+        # ordinary runs go without it
+        flags = ["-disable-auto-cleanup"] if crash else []
+        cmd = [mpiexec_path(), *flags, "-n", str(n), sys.executable, "-m", "mpi4py", *args]
     else:
         cmd = [sys.executable, *args]
     return run_command(cmd, timeout=timeout, env=clean_env(env))
