@@ -245,3 +245,49 @@ def test_every_rank_wrote_its_own_shard_and_csv_completely(n, reference):
         energy_csv = {(int(x["step"]), int(x["sample_id"])): float(x["energy"]) for x in rows}
         for s, sid, e in zip(snap["step"], snap["sample_id"], snap["energy"]):
             assert energy_csv[(int(s), int(sid))] == float(e)
+
+
+def test_changed_world_size_is_refused(tmp_path, reference):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference(2), out)
+    res = launch("plain", 1, out)
+    assert res.returncode != 0
+    assert "recorded with world size 2, this job has 1" in res.stderr
+
+
+FULL_DISK = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
+sys.argv = ["demo"] + sys.argv[1:]
+from dist_hooks.demo.__main__ import build_parser
+import dist_hooks.coordinator as coordinator
+orig = coordinator.Run.checkpoint
+def checkpoint(self, *a, **k):                  # the disk fills up right after the first boundary
+    out = orig(self, *a, **k)
+    self._join_coordinator()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    return out
+coordinator.Run.checkpoint = checkpoint
+from dist_hooks.demo.__main__ import main
+sys.exit(main())
+"""
+
+
+def test_full_disk_raises_in_the_caller_and_keeps_committed_data(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    res = run_command([sys.executable, str(script), "--out", str(out), "--steps", "300",
+                       "--systems-per-rank", "16", "--checkpoint-every", "25", "--quiet"], timeout=120)
+    assert res.returncode != 0
+    assert "RecorderError" in res.stderr and "File too large" in res.stderr, res.stderr[-3000:]
+    m = manifest(out)
+    (step,) = m["last"]["steps"]
+    assert 25 <= step < 300 and not m["last"]["all_final"]  # the run died before its end
+    log = m["last"]["ranks"][0]["hooks"]["log"]
+    data = (out / log["path"]).read_bytes()
+    import zlib
+    assert zlib.crc32(data[: log["bytes"]]) == log["crc32"]  # the committed prefix is intact
+    assert data[: log["bytes"]].count(b"\n") == log["rows"] + 1 == step * 16 + 1
