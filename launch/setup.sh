@@ -23,7 +23,7 @@ else
   cons="$root/constraints/cpu.txt"
 fi
 stamp="$venv/.dist_hooks_stamp"
-want="$(cat "$root/pyproject.toml" "$cons" | cksum) $extras"
+want="$(cat "$root/pyproject.toml" "$root"/constraints/*.txt | cksum) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing dist_hooks[$extras] into $venv (constraints: ${cons#$root/})" >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e "$root[$extras]"
