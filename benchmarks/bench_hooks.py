@@ -93,6 +93,9 @@ def time_variant(variant: str, args, base_batch, model, out: Path, rep: int) -> 
     for h in hooks:
         dyn.register_hook(h)
     dyn.run(args.warmup, manage_hooks=False)
+    for h in hooks:  # steady state: files and arrays created, first blocks written, before timing
+        if hasattr(h, "flush"):
+            h.flush()
     sync(batch.positions.device)
     t0 = time.perf_counter()
     dyn.run(args.steps, manage_hooks=False)

@@ -66,8 +66,20 @@ class BatchView:
     atom_fields: dict[str, torch.Tensor]
     system_fields: dict[str, torch.Tensor]
 
+    @property
+    def layout(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Names of the atom and system fields; pass it back to ``of`` to skip discovery."""
+        return tuple(self.atom_fields), tuple(self.system_fields)
+
     @classmethod
-    def of(cls, batch: Any) -> "BatchView":
+    def of(cls, batch: Any, layout: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> "BatchView":
+        """The view of ``batch``. With the ``layout`` of an earlier view of the same kind of batch,
+        only those names are looked up (discovery scans every attribute: it costs tens of µs per
+        call); a field that went missing or changed level falls back to full discovery."""
+        if layout is not None:
+            view = cls._from_layout(batch, layout)
+            if view is not None:
+                return view
         tensors = _tensor_attributes(batch)
         ptr = _get(batch, "batch_ptr")
         if ptr is None:
@@ -105,6 +117,24 @@ class BatchView:
                 system_fields[name] = t
         return cls(batch, num_systems, num_atoms, atoms_ptr, None if idx is None else idx.reshape(-1),
                    atom_fields, system_fields)
+
+    @classmethod
+    def _from_layout(cls, batch: Any, layout: tuple[tuple[str, ...], tuple[str, ...]]) -> "BatchView | None":
+        ptr = _get(batch, "batch_ptr")
+        pos = _get(batch, "positions")
+        if not isinstance(ptr, torch.Tensor) or not isinstance(pos, torch.Tensor):
+            return None
+        n_sys, n_atoms = int(ptr.shape[0]) - 1, int(pos.shape[0])
+        atom, system = {}, {}
+        for names, dst, lead in ((layout[0], atom, n_atoms), (layout[1], system, n_sys)):
+            for name in names:
+                t = _get(batch, name)
+                if not isinstance(t, torch.Tensor) or t.dim() < 1 or int(t.shape[0]) != lead:
+                    return None
+                dst[name] = t
+        idx = _get(batch, "batch_idx")
+        return cls(batch, n_sys, n_atoms, ptr.reshape(-1).to(torch.int64),
+                   idx.reshape(-1) if isinstance(idx, torch.Tensor) else None, atom, system)
 
     @property
     def device(self) -> torch.device:
