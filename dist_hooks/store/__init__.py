@@ -1,0 +1,38 @@
+"""Zarr v3 storage of recorded snapshots: layout constants, atomic store, writer and reader.
+
+``ZarrSink`` is the user-facing handle (one per run's ``data.zarr``); ``ShardWriter`` appends to
+one rank's group for one hook; ``ShardReader`` reads any record group back.
+"""
+from __future__ import annotations
+
+from . import layout
+from .atomic_store import (
+    AtomicLocalStore,
+    atomic_write_bytes,
+    fsync_file,
+    fsync_tree,
+    remove_stale_temporaries,
+    sync_dir,
+)
+from .layout import FORMAT_NAME, FORMAT_VERSION
+from .shard import FieldSchemaError, ShardWriter, ZarrSink, make_compressors
+from .zarr_reader import ShardReader, list_shards, resolve_data_root
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "AtomicLocalStore",
+    "FieldSchemaError",
+    "ShardReader",
+    "ShardWriter",
+    "ZarrSink",
+    "atomic_write_bytes",
+    "fsync_file",
+    "fsync_tree",
+    "layout",
+    "list_shards",
+    "make_compressors",
+    "remove_stale_temporaries",
+    "resolve_data_root",
+    "sync_dir",
+]

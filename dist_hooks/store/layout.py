@@ -1,0 +1,64 @@
+"""Names and the format version of a run directory, kept in one place.
+
+Every module that reads or writes a run (writers, coordinator, reader, CLI) takes its paths from
+here, so that the on-disk layout (docs/format.md) can only change in one file, together with
+``FORMAT_VERSION``.
+
+    RUN/run.json                          manifest (MANIFEST)
+    RUN/logs/<hook>/rank-00000.csv        per-rank CSV logs (csv_path)
+    RUN/data.zarr/ranks/rank-00000/<hook> per-rank, per-hook Zarr group (hook_group)
+    RUN/data.zarr/converged               coordinator-merged converged records (CONVERGED_GROUP)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+FORMAT_NAME = "dist_hooks"
+#: Bump when a reader of the previous version could misread a new run.
+FORMAT_VERSION = 1
+
+DATA_DIR = "data.zarr"
+LOGS_DIR = "logs"
+MANIFEST = "run.json"
+RANKS_GROUP = "ranks"
+CONVERGED_GROUP = "converged"
+#: CSR offsets array in every record group: record r owns atom rows atoms_ptr[r]:atoms_ptr[r+1].
+ATOMS_PTR = "atoms_ptr"
+
+RANK_PREFIX = "rank-"
+
+
+def rank_name(rank: int) -> str:
+    """``rank-00042``: zero-padded so that names sort in rank order."""
+    return f"{RANK_PREFIX}{int(rank):05d}"
+
+
+def rank_group(rank: int) -> str:
+    """Zarr path of one rank's group, relative to the data root."""
+    return f"{RANKS_GROUP}/{rank_name(rank)}"
+
+
+def hook_group(rank: int, hook_name: str) -> str:
+    """Zarr path of one hook's group on one rank: the unit with exactly one writing process."""
+    _check_name(hook_name)
+    return f"{rank_group(rank)}/{hook_name}"
+
+
+def csv_path(run_dir: str | Path, hook_name: str, rank: int) -> Path:
+    """Path of one rank's CSV log for one logging hook."""
+    _check_name(hook_name)
+    return Path(run_dir) / LOGS_DIR / hook_name / f"{rank_name(rank)}.csv"
+
+
+def parse_rank_name(name: str) -> int | None:
+    """Inverse of :func:`rank_name`; ``None`` for names that are not rank directories."""
+    if not name.startswith(RANK_PREFIX):
+        return None
+    digits = name[len(RANK_PREFIX):]
+    return int(digits) if digits.isdigit() else None
+
+
+def _check_name(name: str) -> None:
+    # A hook name becomes a path component: refuse what would escape or nest.
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"invalid hook name {name!r}: must be a single, non-hidden path component")

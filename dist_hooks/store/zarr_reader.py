@@ -1,0 +1,174 @@
+"""Read record groups written by :class:`~dist_hooks.store.shard.ShardWriter`.
+
+Opens *without* consolidated metadata: consolidated metadata is only refreshed at checkpoint
+boundaries and goes stale with every later append, so a live reader (``dist-hooks info`` on a
+running job, a notebook) must read each array's own ``zarr.json``. Writers replace files
+atomically and grow an array's shape only after its chunks are written, ``atoms_ptr`` last, so
+the record count derived from ``atoms_ptr`` never covers unwritten data. After a crash, data past
+the committed length is not trusted: pass ``limit_records`` (from the run manifest) and nothing
+past it is returned.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from .atomic_store import AtomicLocalStore
+from .layout import ATOMS_PTR, DATA_DIR, RANKS_GROUP, parse_rank_name
+
+__all__ = ["ShardReader", "list_shards", "resolve_data_root"]
+
+
+def resolve_data_root(root: str | Path) -> Path:
+    """Accept either the Zarr root (``RUN/data.zarr``) or the run directory (``RUN``)."""
+    root = Path(root)
+    if not (root / "zarr.json").exists() and (root / DATA_DIR / "zarr.json").exists():
+        return root / DATA_DIR
+    return root
+
+
+def _to_torch(value: Any) -> Any:
+    import torch  # lazy: reading with numpy must not pay torch's import
+
+    arr = np.asarray(value)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class ShardReader:
+    """Random and bulk access to one record group (CSR: ``atoms_ptr`` + columns).
+
+    Parameters
+    ----------
+    root : the Zarr root (or the run directory holding ``data.zarr``).
+    group_path : e.g. ``layout.hook_group(rank, hook)`` or ``layout.CONVERGED_GROUP``.
+    limit_records : never return records at or past this index (the committed length).
+    """
+
+    def __init__(self, root: str | Path, group_path: str, *,
+                 limit_records: int | None = None) -> None:
+        self.root = resolve_data_root(root)
+        self.group_path = group_path.strip("/")
+        self.limit_records = None if limit_records is None else int(limit_records)
+        # read-only; the atomic store's listings hide temporaries a killed writer left behind
+        self._store = AtomicLocalStore(self.root, read_only=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read metadata and ``atoms_ptr`` to see records appended since opening."""
+        self.group = zarr.open_group(self._store, path=self.group_path, mode="r",
+                                     use_consolidated=False)
+        self.attrs = dict(self.group.attrs)
+        arrays = dict(self.group.arrays())
+        levels: dict[str, str] = dict(self.attrs.get("level", {}) or {})
+        self._arrays = {n: arrays[n] for n in levels if n in arrays}
+        self.fields: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {
+            n: (levels[n], np.dtype(a.dtype), tuple(a.shape[1:])) for n, a in self._arrays.items()
+        }
+        ptr = np.asarray(arrays[ATOMS_PTR][:], dtype=np.int64) if ATOMS_PTR in arrays \
+            else np.zeros(1, np.int64)
+        if len(ptr) == 0:
+            ptr = np.zeros(1, np.int64)
+        n = len(ptr) - 1
+        if self.limit_records is not None:
+            n = min(n, max(self.limit_records, 0))
+        # defensive: never index past what every array actually holds
+        for name, (level, _, _) in self.fields.items():
+            if level == "record":
+                n = min(n, self._arrays[name].shape[0])
+        atom_lens = [self._arrays[m].shape[0] for m, f in self.fields.items() if f[0] == "atom"]
+        if atom_lens:
+            n = min(n, int(np.searchsorted(ptr[: n + 1], min(atom_lens), side="right")) - 1)
+        self._n = max(n, 0)
+        self._ptr = ptr[: self._n + 1]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def atoms_ptr(self) -> np.ndarray:
+        """CSR offsets ``(len(self) + 1,)``; record r owns atom rows ``ptr[r]:ptr[r+1]``."""
+        return self._ptr.copy()
+
+    @property
+    def n_atoms(self) -> int:
+        """Atom rows covered by the visible records."""
+        return int(self._ptr[-1])
+
+    def _level(self, name: str) -> str:
+        try:
+            return self.fields[name][0]
+        except KeyError:
+            raise KeyError(f"no field {name!r} in {self.group_path!r}; fields: "
+                           f"{sorted(self.fields)}") from None
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole column: ``(len(self), ...)`` for records, ``(n_atoms, ...)`` for atoms."""
+        if name == ATOMS_PTR:
+            return self.atoms_ptr()
+        stop = self._n if self._level(name) == "record" else self.n_atoms
+        return np.asarray(self._arrays[name][:stop])
+
+    def record(self, i: int, *, as_torch: bool = True) -> dict[str, Any]:
+        """One system: its record columns (scalars/arrays) and its atom rows (sliced by CSR)."""
+        n = self._n
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record {i} out of range for {n} records")
+        a, b = int(self._ptr[i]), int(self._ptr[i + 1])
+        out: dict[str, Any] = {}
+        for name, (level, _, _) in self.fields.items():
+            arr = self._arrays[name]
+            out[name] = np.asarray(arr[i] if level == "record" else arr[a:b])
+        if as_torch:
+            out = {k: _to_torch(v) for k, v in out.items()}
+        return out
+
+    def records(self, start: int = 0, stop: int | None = None, *,
+                fields: list[str] | None = None, as_torch: bool = False) -> dict[str, Any]:
+        """Bulk read of records ``[start, stop)``: record columns, the atom rows of those
+        records, and ``atoms_ptr`` rebased to start at 0 (length ``stop - start + 1``)."""
+        n = self._n
+        start, stop, _ = slice(start, stop).indices(n)
+        stop = max(stop, start)
+        a, b = int(self._ptr[start]), int(self._ptr[stop])
+        names = list(self.fields) if fields is None else fields
+        out: dict[str, Any] = {}
+        for name in names:
+            arr = self._arrays[name] if name in self._arrays else None
+            if arr is None:
+                self._level(name)  # raises KeyError with the field list
+            out[name] = np.asarray(arr[start:stop] if self._level(name) == "record"
+                                   else arr[a:b])
+        out[ATOMS_PTR] = self._ptr[start: stop + 1] - a
+        if as_torch:
+            out = {k: _to_torch(v) for k, v in out.items()}
+        return out
+
+    def __repr__(self) -> str:
+        return (f"ShardReader({str(self.root)!r}, {self.group_path!r}, records={self._n}, "
+                f"fields={sorted(self.fields)})")
+
+
+def list_shards(root: str | Path) -> dict[int, list[str]]:
+    """``rank -> sorted hook names`` of the record groups under ``ranks/`` (filesystem listing:
+    cheap, and independent of possibly stale consolidated metadata)."""
+    base = resolve_data_root(root) / RANKS_GROUP
+    out: dict[int, list[str]] = {}
+    try:
+        rank_dirs = sorted(os.scandir(base), key=lambda e: e.name)
+    except FileNotFoundError:
+        return out
+    for entry in rank_dirs:
+        rank = parse_rank_name(entry.name)
+        if rank is None or not entry.is_dir():
+            continue
+        hooks = sorted(h.name for h in os.scandir(entry.path)
+                       if h.is_dir() and not h.name.startswith(".")
+                       and os.path.exists(os.path.join(h.path, "zarr.json")))
+        out[rank] = hooks
+    return dict(sorted(out.items()))
