@@ -28,12 +28,12 @@ DEMO = ["--steps", "160", "--relax-steps", "110", "--systems-per-rank", "6", "--
 def launch(kind: str, n: int, out: Path, extra=(), env=None, timeout=150, crash=False):
     # a short boundary timeout where a rank is made to die; a generous one elsewhere, so that a slow,
     # loaded CI machine never turns an ordinary boundary into a false timeout
-    args = [ENTRY, "--out", str(out), *DEMO, "--timeout", "8" if crash else "90", *extra]
+    args = [ENTRY, "--out", str(out), *DEMO, "--timeout", "6" if crash else "90", *extra]
     if kind == "torchrun":
         # when a rank is made to crash, a longer monitor interval keeps the agent from killing the
         # survivors before our own timeout fires (the agent notices dead workers only once per interval)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               f"--monitor-interval={30 if crash else 0.2}", *args]
+               f"--monitor-interval={20 if crash else 0.2}", *args]
     elif kind == "mpiexec":
         # -disable-auto-cleanup where a rank is made to die, so that the survivors get the chance to
         # fail on their own; Hydra then signals SIGUSR1 to the others whenever a process exits, so
