@@ -218,14 +218,19 @@ def register_for_exit(hook: Any) -> None:
     """Close ``hook`` at interpreter exit if nobody did: the last resort for engines (like
     nvalchemi's distributed pipeline) that never enter or close their hooks.
 
-    Registered lazily, at the first hook's start: atexit runs handlers last-in first-out, so ours then
-    runs before the exit handlers of libraries imported earlier (zarr's I/O thread pool among them).
+    Registered lazily, at the first hook's start, with the hooks that run when the main thread ends
+    (``threading._register_atexit``, last-in first-out): those run *before* ``atexit`` handlers, and
+    thread pools — zarr's I/O among them — shut down there, after which nothing could be written.
     """
     global _exit_registered
     _open_hooks.add(hook)
     if not _exit_registered:
         _exit_registered = True
-        atexit.register(_close_open_hooks)
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            register(_close_open_hooks) if register is not None else atexit.register(_close_open_hooks)
+        except RuntimeError:  # interpreter already shutting down
+            atexit.register(_close_open_hooks)
 
 
 def _close_open_hooks() -> None:

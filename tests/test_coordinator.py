@@ -291,3 +291,42 @@ def test_full_disk_raises_in_the_caller_and_keeps_committed_data(tmp_path):
     import zlib
     assert zlib.crc32(data[: log["bytes"]]) == log["crc32"]  # the committed prefix is intact
     assert data[: log["bytes"]].count(b"\n") == log["rows"] + 1 == step * 16 + 1
+
+
+def test_node_local_storage_merges_over_the_communicator(tmp_path, reference):
+    """With --storage local the ranks' data stay in their own directory and the converged records
+    travel with the commit records; the merged group equals the shared-storage run's."""
+    ref = reference(2)
+    out, local = tmp_path / "run", tmp_path / "node-local"
+    res = launch("torchrun", 2, out, ["--storage", "local", "--local-dir", str(local)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (out / "data.zarr" / "ranks" / "rank-00001").exists()  # rank data never left the node
+    assert (local / "data.zarr" / "ranks" / "rank-00001" / "converged").is_dir()
+    assert_same(group_arrays(out, "converged"), group_arrays(ref, "converged"), "merged converged group")
+    assert manifest(out)["storage"] == "local"
+
+
+ATEXIT = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from batches import Ctx, make_batch, perturb
+from dist_hooks import LoggingHook, SnapshotHook, ZarrSink, Stage
+log = LoggingHook(log_path=sys.argv[1] + "/log.csv", rank=0)
+snap = SnapshotHook(ZarrSink(sys.argv[1] + "/data.zarr"), rank=0)
+b = make_batch([3, 5, 2], seed=0)
+for step in range(37):               # never closed, never flushed: a ring and a buffer are pending
+    log(Ctx(b, step_count=step), Stage.AFTER_STEP)
+    snap(Ctx(b, step_count=step), Stage.AFTER_STEP)
+    perturb(b, step)
+"""
+
+
+def test_hooks_never_closed_are_flushed_at_exit(tmp_path):
+    script = tmp_path / "atexit_case.py"
+    script.write_text(ATEXIT)
+    res = run_command([sys.executable, str(script), str(tmp_path), str(REPO_ROOT / "tests")], timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = (tmp_path / "log.rank-00000.csv").read_text().splitlines()
+    assert len(rows) == 1 + 37 * 3
+    g = group_arrays(tmp_path, "ranks/rank-00000/snapshots")
+    assert g["step"].tolist() == [s for s in range(37) for _ in range(3)]
