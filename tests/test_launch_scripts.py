@@ -119,15 +119,16 @@ def assert_complete_logs(run: Path, world: int, steps: int = STEPS, systems: int
         assert {int(r["rank"]) for r in rows} == {rank}
 
 
-def check_run(run: Path, res: subprocess.CompletedProcess, *, launcher: str, world: int) -> dict:
+def check_run(run: Path, res: subprocess.CompletedProcess, *, launcher: str, world: int,
+              steps: int = STEPS) -> dict:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert res.stdout.strip().splitlines()[-1] == f"Run output: {run.resolve()}", res.stdout[-2000:]
     m = manifest(run)
     assert (m["format"], m["world_size"], m["launcher"]) == ("dist_hooks", world, launcher)
-    assert m["last"]["all_final"] and m["last"]["steps"] == [STEPS] * world
+    assert m["last"]["all_final"] and m["last"]["steps"] == [steps] * world
     assert [b["index"] for b in m["boundaries"]] == list(range(len(m["boundaries"])))
     assert assert_merged_is_union(run) > 0, "nothing converged: the check would be empty"
-    assert_complete_logs(run, world)
+    assert_complete_logs(run, world, steps)
     return m
 
 
@@ -317,7 +318,10 @@ def test_sbatch_with_fake_srun(tmp_path):
 def test_sbatch_time_limit_signal_requeues_and_resumes(tmp_path):
     env, log_dir, job = _slurm_setup(tmp_path, ntasks=2, nnodes=2)
     run = tmp_path / "run"
-    cmd = ["bash", str(LAUNCH / "sbatch.sh"), str(run), *DEMO]
+    # longer than the other jobs, so that the signal surely comes before the last regular boundary
+    steps = 2 * STEPS
+    demo = [*DEMO, "--steps", str(steps), "--relax-steps", str(steps - 30)]
+    cmd = ["bash", str(LAUNCH / "sbatch.sh"), str(run), *demo]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO_ROOT),
                             start_new_session=True)
@@ -341,18 +345,22 @@ def test_sbatch_time_limit_signal_requeues_and_resumes(tmp_path):
             proc.communicate()
     assert proc.returncode == 0, out[-2000:] + err[-5000:]
     rec = _srun_record(log_dir, 0)
-    assert rec["signals"] == [signal.SIGUSR1] and rec["codes"] == [143, 143], rec
+    # every task stopped with Preempted (143); with --kill-on-bad-exit srun may SIGKILL (137) a task
+    # still closing its files after the first one exited: harmless, the boundary is committed by then
+    assert rec["signals"] == [signal.SIGUSR1] and 143 in rec["codes"], rec
+    assert set(rec["codes"]) <= {143, 137}, rec
     assert f"requeue {job}" in (log_dir / "scontrol.log").read_text()
     first = manifest(run)
     stopped_at = first["last"]["steps"][0]
-    assert 0 < stopped_at < STEPS and first["last"]["steps"] == [stopped_at] * 2
+    assert 0 < stopped_at < steps and first["last"]["steps"] == [stopped_at] * 2
     assert not first["last"]["all_final"]
+    assert signal.SIGUSR1 in [r["signal"] for r in first["last"]["ranks"]]
     assert_merged_is_union(run)
 
     # Slurm starts the requeued job again: same job id, SLURM_RESTART_COUNT=1
     env["SLURM_RESTART_COUNT"] = "1"
     res = run_command(cmd, timeout=120, env=env)
-    m = check_run(run, res, launcher="slurm", world=2)  # complete logs: resumed, nothing twice
+    m = check_run(run, res, launcher="slurm", world=2, steps=steps)  # complete logs: nothing twice
     assert m["job_id"] == str(job) and len(m["boundaries"]) > len(first["boundaries"])
     assert m["boundaries"][: len(first["boundaries"])] == first["boundaries"]
     again = _srun_record(log_dir, 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_two_nodes_in_network_namespaces(tmp_path):
     ip = _ip()
     if ip is None:
         _skip("iproute2's `ip` is not installed: cannot create network namespaces for two nodes")
-    tag = f"{os.getpid() % 100000:05d}"
+    tag = secrets.token_hex(3)  # fresh names: never an existing namespace or interface
     ns = [f"dh{tag}a", f"dh{tag}b"]
     veth = [f"dhv{tag}a", f"dhv{tag}b"]  # interface names: at most 15 characters
     created: list[str] = []
