@@ -76,6 +76,11 @@ class _RecordingHook:
         self._resume_point: dict | None = None
 
     # -- protocol -------------------------------------------------------------------------------
+    def _runs_on_stage(self, stage: Any) -> bool:
+        """Stage test by name or value, for engines whose own stage enum is not ours (nvalchemi's
+        ``HookStageEnum``); passing the engine's member as ``stage=`` works as well."""
+        return stage_matches(self.stage, stage)
+
     def _should_fire(self, ctx: Any, stage: Any) -> bool:
         if stage is not None and not stage_matches(self.stage, stage):
             return False
