@@ -1,33 +1,204 @@
-"""The ``dist-hooks`` command line."""
+"""The ``dist-hooks`` command line: consolidate, info, verify, export and plot a recorded run.
+
+Thin by design: parsing and exit codes live here, the work in :mod:`dist_hooks.tools` (each
+command is a function there, usable from Python). ``main(argv)`` returns the exit status
+instead of exiting, so tests and wrappers can call it in-process. Reference: ``docs/cli.md``.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
+
+EXIT_CODES = """\
+exit status:
+  0    success (verify: no damage found; consolidate: written or already up to date)
+  1    damage found (verify), or refused because committed data are damaged
+  2    usage error: bad options, or RUN is not a dist_hooks run directory
+  3    another `dist-hooks consolidate` of the same run holds its lock
+  4    an optional dependency is missing (export: ase, plot: matplotlib)
+  130  interrupted (Ctrl-C); outputs are left as they were before the command
+"""
+
+
+def _progress(value: str) -> bool | None:
+    return {"auto": None, "always": True, "never": False}[value]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist-hooks", description="Tools for dist_hooks runs.")
+    """The argument parser of ``dist-hooks`` (every subcommand, with its options)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="dist-hooks", formatter_class=fmt,
+        description="Tools for dist_hooks runs: consolidate, inspect, verify, export, plot. "
+                    "Only what the last checkpoint boundary committed is read.",
+        epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, helptext in (
-        ("consolidate", "merge all ranks' shards and CSVs of RUN into one readable output"),
-        ("info", "summarise RUN: launcher, world size, boundaries, per-rank counts"),
-        ("verify", "check RUN's committed lengths, checksums and pointers against the bytes on disk"),
-        ("export", "export structures of RUN to ASE-readable files"),
-        ("plot", "plot energy, fmax and temperature of RUN versus step"),
-    ):
-        sp = sub.add_parser(name, help=helptext, description=helptext)
-        sp.add_argument("run", metavar="RUN", help="run directory")
+
+    c = sub.add_parser(
+        "consolidate", formatter_class=fmt, epilog=EXIT_CODES,
+        help="merge all ranks' shards and CSVs of RUN into one readable output",
+        description="Merge every rank's committed records into one Zarr group per snapshot "
+                    "hook and one converged group (ordered by step, rank, sample id), and "
+                    "every rank's CSV log into one CSV (+ Parquet). Streams with bounded "
+                    "memory; written to a temporary directory and renamed into place with a "
+                    "completion marker; a second run on an unchanged run changes nothing.")
+    c.add_argument("run", metavar="RUN", help="run directory (holds run.json)")
+    c.add_argument("--out", metavar="PATH", default=None,
+                   help="output directory (default: RUN/consolidated)")
+    c.add_argument("--skip-damaged", action="store_true",
+                   help="leave out damaged (rank, hook) parts instead of refusing; they are "
+                        "listed in the output's consolidated.json under 'skipped'")
+    c.add_argument("--force", action="store_true",
+                   help="rebuild even when the output is up to date")
+    c.add_argument("--no-parquet", action="store_true", help="write the merged CSVs only")
+    c.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bar on stderr (auto: only when stderr is a terminal)")
+    c.add_argument("--block-records", type=int, default=4096, metavar="N",
+                   help="records read per rank per block (memory/speed trade-off; default 4096)")
+    c.add_argument("--block-atoms", type=int, default=65536, metavar="N",
+                   help="atom rows read per rank per block (default 65536)")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    i = sub.add_parser("info", formatter_class=fmt, epilog=EXIT_CODES,
+                       help="summarise RUN: launcher, world size, boundaries, per-rank counts",
+                       description="Summarise a run from its manifest: launcher, world size, "
+                                   "boundaries, per-rank record and row counts per hook, "
+                                   "converged count, step range and disk use.")
+    i.add_argument("run", metavar="RUN", help="run directory")
+    i.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    i.add_argument("--no-disk", action="store_true", help="skip the disk-use walk")
+
+    v = sub.add_parser("verify", formatter_class=fmt, epilog=EXIT_CODES,
+                       help="check RUN's committed lengths, checksums and pointers against the "
+                            "bytes on disk",
+                       description="Read every committed byte of RUN and check it against the "
+                                   "manifest: lengths, crc32 checksums, CSR pointers, shapes, "
+                                   "dtypes, CSV rows, paths. Prints one line per problem, "
+                                   "naming the file and place.")
+    v.add_argument("run", metavar="RUN", help="run directory")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bar on stderr (auto: only when stderr is a terminal)")
+
+    e = sub.add_parser("export", formatter_class=fmt, epilog=EXIT_CODES,
+                       help="export structures of RUN to ASE-readable files",
+                       description="Export converged structures or a snapshot trajectory to "
+                                   "extended XYZ or an ASE database, with energy, forces, step, "
+                                   "rank and sample id. Needs the 'ase' extra.")
+    e.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
+    e.add_argument("--what", choices=("converged", "trajectory"), required=True)
+    e.add_argument("--format", dest="fmt", choices=("extxyz", "ase-db"), required=True)
+    e.add_argument("--out", metavar="PATH", required=True, help="output file")
+    e.add_argument("--hook", default=None,
+                   help="snapshot hook for --what trajectory (default: the only one)")
+
+    pl = sub.add_parser("plot", formatter_class=fmt, epilog=EXIT_CODES,
+                        help="plot energy, fmax and temperature of RUN versus step",
+                        description="Plot energy, fmax and temperature versus step: the mean "
+                                    "per rank, and the distribution over all systems. Needs "
+                                    "the 'plot' extra (matplotlib).")
+    pl.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
+    pl.add_argument("--out", metavar="PNG", required=True, help="output PNG file")
+    pl.add_argument("--hook", default="log", help="CSV log to plot (default: log)")
+    pl.add_argument("--dpi", type=int, default=110)
     return p
 
 
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=False, default=str))
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from .tools.consolidate import consolidate
+
+    s = consolidate(args.run, args.out, skip_damaged=args.skip_damaged, force=args.force,
+                    progress=_progress(args.progress), parquet=not args.no_parquet,
+                    block_records=args.block_records, block_atoms=args.block_atoms)
+    if args.json:
+        _print_json({k: v for k, v in s.items() if k != "manifest"})
+        return 0
+    if s["status"] == "up-to-date":
+        print(f"{s['out']}: up to date (boundary {s['source'].get('boundary')}); nothing to do")
+        return 0
+    parts = []
+    for name, h in s["hooks"].items():
+        n = h.get("records", h.get("rows"))
+        parts.append(f"{name}: {n} {'rows' if h['kind'] == 'csv' else 'records'}")
+    if s.get("converged"):
+        parts.append(f"converged: {s['converged']['records']} records")
+    print(f"{s['out']}: consolidated {', '.join(parts) or 'nothing (no committed data)'}")
+    for msg in s.get("skipped", []):
+        print(f"skipped (damaged): {msg}", file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .tools.info import format_info, run_info
+
+    info = run_info(args.run, disk=not args.no_disk)
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_info(info))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .tools.verify import format_report, verify_run
+
+    report = verify_run(args.run, progress=_progress(args.progress))
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(args.run, report))
+    return 0 if report["ok"] else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .tools.export import export
+
+    r = export(args.run, what=args.what, fmt=args.fmt, out=args.out, hook=args.hook)
+    print(f"{r['out']}: {r['structures']} structures ({r['what']}, {r['format']})")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .tools.plot import plot
+
+    r = plot(args.run, args.out, hook=args.hook, dpi=args.dpi)
+    print(f"{r['out']}: {', '.join(r['metrics'])} over {r['rows']} rows")
+    return 0
+
+
+COMMANDS = {"consolidate": _consolidate, "info": _info, "verify": _verify, "export": _export,
+            "plot": _plot}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dist-hooks`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): report, do not exit
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    print(f"dist-hooks {args.command}: not implemented yet", file=sys.stderr)
-    return 3
+    from .reader import RunError
+    from .tools import EXIT_INTERRUPTED, exit_code_of
+
+    try:
+        return COMMANDS[args.command](args)
+    except RunError as exc:
+        print(f"dist-hooks {args.command}: {exc}", file=sys.stderr)
+        return exit_code_of(exc)
+    except KeyboardInterrupt:
+        print(f"dist-hooks {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `dist-hooks info RUN | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""Throughput and peak memory of ``dist-hooks consolidate`` against a plain copy of the same bytes.
+
+A synthetic run (W ranks, each with a snapshot trajectory, a converged group and a CSV log,
+committed by a manifest exactly like ``Run`` writes it) is built on the benchmark's disk; then
+
+* ``copytree``: ``shutil.copytree`` of the run's data and logs (the bytes consolidate reads) to a
+  new directory on the same disk: the floor any reorganisation of the data has to pay;
+* ``consolidate``: ``dist-hooks consolidate`` in a fresh subprocess (so that peak RSS and the
+  tracemalloc peak belong to it alone), with and without Parquet.
+
+Throughput is reported over the run's bytes on disk (what both read); the target is
+consolidate >= 0.5x copytree. Page caches are warm for both (each is run once before timing).
+
+    python benchmarks/bench_consolidate.py                  # ~200 MB of raw data, 4 ranks
+    python benchmarks/bench_consolidate.py --raw-mb 50 --ranks 2 --repeat 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _crc(arrays: dict[str, np.ndarray], crc: dict[str, int]) -> None:
+    for k, v in arrays.items():
+        v = np.ascontiguousarray(v)
+        crc[k] = zlib.crc32(v, crc.get(k, 0)) if v.size else crc.get(k, 0)
+
+
+def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 40,
+                       systems: int = 16, min_atoms: int = 8, max_atoms: int = 32,
+                       chunk_records: int = 1024, chunk_atoms: int = 65536, shards: int = 16,
+                       seed: int = 0, steps_per_append: int = 8, final: bool = True) -> Path:
+    """Write a committed run as ``Run`` would: per-rank snapshot groups (every step), converged
+    groups (each system once), CSV logs, the merged converged group, boundary file and manifest.
+
+    Fields and dtypes follow the demo (float32 positions/velocities/forces, int64 ids). Written
+    in appends of ``steps_per_append`` steps, so memory stays small for large runs.
+    """
+    from dist_hooks.store import layout
+    from dist_hooks.store.csv_log import CsvLog
+    from dist_hooks.store.shard import ShardWriter, ZarrSink
+    from dist_hooks.tools.consolidate import ZarrSource, merge_blocks
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sink = ZarrSink(path / layout.DATA_DIR, chunk_records=chunk_records, chunk_atoms=chunk_atoms,
+                    shards=shards, fsync="never")
+    sink.root.require_group(layout.RANKS_GROUP)
+    rank_entries = []
+    for r in range(ranks):
+        rng = np.random.default_rng((seed, r))
+        counts = rng.integers(min_atoms, max_atoms + 1, systems).astype(np.int64)
+        sids = r * systems + np.arange(systems, dtype=np.int64)
+        conv_step = np.sort(rng.integers(1, steps, systems))
+        conv_order = np.argsort(conv_step, kind="stable")
+        numbers = np.full(int(counts.sum()), 18, np.int64)
+        masses = np.full(int(counts.sum()), 39.948, np.float32)
+        snap = sink.writer(r, "snapshots")
+        conv = sink.writer(r, "converged")
+        log = CsvLog(layout.csv_path(path, "log", r))
+        crc_s: dict[str, int] = {}
+        crc_c: dict[str, int] = {}
+        for s0 in range(0, steps, steps_per_append):
+            st = np.arange(s0, min(s0 + steps_per_append, steps), dtype=np.int64)
+            k = len(st)
+            rec = {"step": np.repeat(st, systems), "sample_id": np.tile(sids, k),
+                   "graph_idx": np.tile(np.arange(systems, dtype=np.int64), k),
+                   "status": (np.repeat(st, systems) >= np.tile(conv_step, k)).astype(np.int64),
+                   "energy": rng.normal(-1.0, 0.2, k * systems).astype(np.float32),
+                   "cell": np.tile(np.eye(3, dtype=np.float32) * 20, (k * systems, 1, 1)),
+                   "pbc": np.zeros((k * systems, 3), bool)}
+            n_at = int(counts.sum()) * k
+            atoms = {"positions": rng.normal(0, 3, (n_at, 3)).astype(np.float32),
+                     "velocities": rng.normal(0, 0.01, (n_at, 3)).astype(np.float32),
+                     "forces": rng.normal(0, 0.1, (n_at, 3)).astype(np.float32),
+                     "atomic_numbers": np.tile(numbers, k), "atomic_masses": np.tile(masses, k)}
+            n_atoms = np.tile(counts, k)
+            _crc(rec, crc_s)
+            _crc(atoms, crc_s)
+            snap.append(rec, atoms, n_atoms)
+            # converged: the systems whose convergence step falls in this append, once each
+            hit = conv_order[(conv_step[conv_order] >= st[0]) & (conv_step[conv_order] <= st[-1])]
+            if len(hit):
+                ptr = np.concatenate([[0], np.cumsum(counts)])
+                rows = np.concatenate([np.arange(ptr[i], ptr[i + 1]) for i in hit])
+                crec = {"step": conv_step[hit], "sample_id": sids[hit],
+                        "graph_idx": hit.astype(np.int64),
+                        "status": np.ones(len(hit), np.int64),
+                        "energy": rng.normal(-1.0, 0.2, len(hit)).astype(np.float32),
+                        "cell": np.tile(np.eye(3, dtype=np.float32) * 20, (len(hit), 1, 1)),
+                        "pbc": np.zeros((len(hit), 3), bool)}
+                catoms = {"positions": atoms["positions"][rows],
+                          "velocities": atoms["velocities"][rows],
+                          "forces": atoms["forces"][rows],
+                          "atomic_numbers": numbers[rows], "atomic_masses": masses[rows]}
+                _crc(crec, crc_c)
+                _crc(catoms, crc_c)
+                conv.append(crec, catoms, counts[hit])
+            log.append({"step": rec["step"], "rank": np.full(k * systems, r, np.int64),
+                        "sample_id": rec["sample_id"], "graph_idx": rec["graph_idx"],
+                        "status": rec["status"], "energy": rec["energy"].astype(np.float64),
+                        "fmax": np.abs(rng.normal(0, 0.1, k * systems)),
+                        "temperature": np.abs(rng.normal(30, 5, k * systems))})
+        snap.sync()
+        conv.sync()
+        log.sync()
+        log.close()
+        hooks = {
+            "log": {"path": str(layout.csv_path(path, "log", r).relative_to(path)),
+                    "bytes": log.size, "rows": log.rows, "crc32": log.crc32, "kind": "csv",
+                    "converged": False},
+            "snapshots": {"group": snap.group_path, **snap.committed_lengths(), "crc32": crc_s,
+                          "kind": "zarr", "converged": False},
+            "converged": {"group": conv.group_path, **conv.committed_lengths(), "crc32": crc_c,
+                          "kind": "zarr", "converged": True},
+        }
+        snap.close()
+        conv.close()
+        rank_entries.append({"rank": r, "step": steps, "final": final, "signal": None,
+                             "time": 0.0, "hooks": hooks})
+    # the coordinator's merged converged group
+    sources = [(e["rank"], ZarrSource(path / layout.DATA_DIR, e["hooks"]["converged"]["group"],
+                                      place="x", records=e["hooks"]["converged"]["records"]))
+               for e in rank_entries]
+    mw = ShardWriter(path / layout.DATA_DIR, layout.CONVERGED_GROUP,
+                     chunk_records=chunk_records, chunk_atoms=chunk_atoms, fsync="never")
+    for b in merge_blocks(sources, dedup=True):
+        mw.append(b.rec, b.atoms, np.diff(b.ptr))
+    mw.sync()
+    merged = mw.committed_lengths()
+    mw.close()
+    entry = {"index": 0, "time": 0.0, "all_final": final, "steps": [steps] * ranks,
+             "ranks": rank_entries, "merged": merged}
+    (path / "boundaries").mkdir(exist_ok=True)
+    (path / "boundaries" / "b-000000.json").write_text(json.dumps(entry, indent=1))
+    manifest = {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION,
+                "dist_hooks_version": "0.1.0", "created": 0.0, "world_size": ranks,
+                "launcher": "synthetic", "job_id": None, "storage": "shared",
+                "checkpoint_every": None, "settings": {"synthetic": True},
+                "hooks": {"log": {"type": "LoggingHook", "frequency": 1, "stage": "AFTER_STEP"},
+                          "snapshots": {"type": "SnapshotHook", "frequency": 1,
+                                        "stage": "AFTER_STEP"},
+                          "converged": {"type": "ConvergedSnapshotHook", "frequency": 1,
+                                        "stage": "ON_CONVERGE"}},
+                "boundaries": [{"index": 0, "time": 0.0, "steps": [steps, steps],
+                                "file": "boundaries/b-000000.json",
+                                "converged_count": merged["records"], "all_final": final}],
+                "last": entry}
+    (path / "run.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+_CHILD = r"""
+import json, resource, sys, time, tracemalloc
+sys.path.insert(0, {root!r})
+trace = {trace!r}
+from dist_hooks.tools.consolidate import consolidate
+if trace:
+    tracemalloc.start()
+t0 = time.perf_counter()
+consolidate({run!r}, {out!r}, force=True, progress=False, parquet={parquet!r})
+dt = time.perf_counter() - t0
+peak = tracemalloc.get_traced_memory()[1] if trace else None
+print("RESULT " + json.dumps({{"seconds": dt, "tracemalloc_peak": peak,
+      "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def run_child(run: Path, out: Path, *, parquet: bool, trace: bool) -> dict:
+    code = _CHILD.format(root=str(ROOT), run=str(run), out=str(out), parquet=parquet, trace=trace)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       check=False)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[7:])
+
+
+def baseline_rss() -> int:
+    code = (f"import sys, resource; sys.path.insert(0, {str(ROOT)!r}); "
+            "import dist_hooks.tools.consolidate; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw-mb", type=float, default=200.0, help="uncompressed snapshot data")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--systems", type=int, default=64, help="systems per rank")
+    p.add_argument("--repeat", type=int, default=2, help="timed repetitions (best is reported)")
+    p.add_argument("--dir", default=None, help="where to build (default: a temp dir)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    atoms_per_system = 36  # mean of 8..64
+    bytes_per_atom = 3 * 12 + 8 + 4  # positions, velocities, forces, numbers, masses
+    steps = max(int(args.raw_mb * 1e6 / (args.ranks * args.systems * atoms_per_system
+                                         * bytes_per_atom)), 2)
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_consolidate_"))
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        run = base / "run"
+        t0 = time.perf_counter()
+        make_synthetic_run(run, ranks=args.ranks, steps=steps, systems=args.systems,
+                           min_atoms=8, max_atoms=64, steps_per_append=16)
+        build_s = time.perf_counter() - t0
+        src_bytes = tree_bytes(run / "data.zarr") + tree_bytes(run / "logs")
+
+        def copy() -> float:
+            dst = base / "copy"
+            shutil.rmtree(dst, ignore_errors=True)
+            t = time.perf_counter()
+            shutil.copytree(run / "data.zarr", dst / "data.zarr")
+            shutil.copytree(run / "logs", dst / "logs")
+            os.sync()
+            dt = time.perf_counter() - t
+            shutil.rmtree(dst)
+            return dt
+
+        copy()  # warm the page cache
+        copy_s = min(copy() for _ in range(args.repeat))
+        res = {}
+        for parquet in (False, True):
+            key = "consolidate+parquet" if parquet else "consolidate"
+            run_child(run, base / "out", parquet=parquet, trace=False)  # warm
+            best = None
+            for _ in range(args.repeat):
+                r = run_child(run, base / "out", parquet=parquet, trace=False)
+                best = r if best is None or r["seconds"] < best["seconds"] else best
+            res[key] = best
+        traced = run_child(run, base / "out", parquet=True, trace=True)
+        out_bytes = tree_bytes(base / "out")
+        base_rss = baseline_rss()
+        report = {
+            "ranks": args.ranks, "systems_per_rank": args.systems, "steps": steps,
+            "raw_snapshot_mb": round(steps * args.ranks * args.systems * atoms_per_system
+                                     * bytes_per_atom / 1e6, 1),
+            "source_on_disk_mb": round(src_bytes / 1e6, 1),
+            "output_on_disk_mb": round(out_bytes / 1e6, 1),
+            "build_s": round(build_s, 2),
+            "copytree_s": round(copy_s, 3),
+            "copytree_mb_s": round(src_bytes / 1e6 / copy_s, 1),
+        }
+        for key, r in res.items():
+            report[f"{key}_s"] = round(r["seconds"], 3)
+            report[f"{key}_mb_s"] = round(src_bytes / 1e6 / r["seconds"], 1)
+            report[f"{key}_vs_copytree"] = round(copy_s / r["seconds"], 2)
+        report["peak_rss_mb"] = round(traced["maxrss"] / 1e6, 1)
+        report["baseline_rss_mb (imports only)"] = round(base_rss / 1e6, 1)
+        report["tracemalloc_peak_mb"] = round(traced["tracemalloc_peak"] / 1e6, 1)
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            for k, v in report.items():
+                print(f"{k:>34}: {v}")
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""Read a recorded run back: ``open_run(path)``, committed data only, consolidated or not.
+
+Why a reader on top of :class:`~dist_hooks.store.ShardReader`: a run directory holds more than
+what is trustworthy. After a crash the per-rank CSVs and Zarr groups may hold rows past the last
+checkpoint boundary; only the lengths that the manifest (``run.json``) committed are promised
+across ranks. Every accessor here is limited to those lengths, and reads the same whether
+``dist-hooks consolidate`` has run (then the merged CSV/Parquet and groups are used) or not
+(then the per-rank files are read and merged on the fly).
+
+It also holds the small helpers that the ``dist-hooks`` tools share: loading the manifest,
+refusing manifest paths that leave the run directory, listing the committed (rank, hook) units,
+and reading the committed prefix of a per-rank CSV.
+
+    run = open_run("runs/x")              # or "runs/x/consolidated"
+    run.manifest["world_size"], run.ranks
+    cols = run.logs("log")                # dict of numpy arrays, ordered by (step, rank, sample_id)
+    snap = run.shard(1, "snapshots")      # ShardReader limited to rank 1's committed records
+    conv = run.converged()                # ShardReader of the merged converged records
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from .store import layout
+from .store.zarr_reader import ShardReader
+
+__all__ = [
+    "CONSOLIDATED_FORMAT",
+    "CONSOLIDATED_MARKER",
+    "DamageError",
+    "KEY_COLUMNS",
+    "RunError",
+    "RunReader",
+    "Unit",
+    "committed_units",
+    "iter_csv_batches",
+    "load_manifest",
+    "manifest_crc32",
+    "narrow_table",
+    "open_run",
+    "read_csv_committed",
+    "run_path",
+]
+
+#: Written last into a consolidated output directory: its presence means "complete".
+CONSOLIDATED_MARKER = "consolidated.json"
+CONSOLIDATED_FORMAT = "dist_hooks-consolidated"
+#: Integer columns of every LoggingHook CSV; rows are ordered by the first three.
+KEY_COLUMNS = ("step", "rank", "sample_id")
+INT_COLUMNS = ("step", "rank", "sample_id", "graph_idx", "status")
+FLOAT_COLUMNS = ("energy", "fmax", "temperature")
+
+
+class RunError(Exception):
+    """The path is not a run (or a consolidated run), or cannot be used as asked."""
+
+    exit_code = 2
+
+
+class DamageError(RunError):
+    """Committed data do not match the bytes on disk. ``places`` name each damaged spot."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, places: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.places = list(places) if places is not None else [message]
+
+
+# ------------------------------------------------------------------------------------ manifest
+def manifest_crc32(run_dir: str | Path) -> int:
+    """crc32 of ``run.json``'s bytes: identifies the committed state a consolidation was made of."""
+    return zlib.crc32((Path(run_dir) / layout.MANIFEST).read_bytes())
+
+
+def load_manifest(run_dir: str | Path, data: bytes | None = None) -> dict:
+    """The parsed ``run.json`` (or ``data``, its bytes read earlier); :class:`RunError` if there
+    is none, :class:`DamageError` if it cannot be parsed or is not a dist_hooks manifest of a
+    version this code reads."""
+    path = Path(run_dir) / layout.MANIFEST
+    if data is None:
+        if not Path(run_dir).is_dir():
+            raise RunError(f"{run_dir}: no such directory")
+        if not path.is_file():
+            raise RunError(f"{run_dir}: not a dist_hooks run directory (no {layout.MANIFEST})")
+        data = path.read_bytes()
+    try:
+        m = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamageError(f"{layout.MANIFEST}: not valid JSON ({exc})") from exc
+    if not isinstance(m, dict) or m.get("format") != layout.FORMAT_NAME:
+        raise DamageError(f"{layout.MANIFEST}: not a {layout.FORMAT_NAME} manifest")
+    if m.get("format_version") != layout.FORMAT_VERSION:
+        raise DamageError(f"{layout.MANIFEST}: format version {m.get('format_version')}, this "
+                          f"dist_hooks reads version {layout.FORMAT_VERSION}")
+    return m
+
+
+def run_path(run_dir: str | Path, rel: str | os.PathLike, place: str | None = None) -> Path:
+    """``run_dir / rel``, refusing a path that leaves the run directory.
+
+    Why: the manifest is data, not code; a damaged or hand-edited manifest pointing at
+    ``/etc/passwd`` or ``../other_run`` must neither be read as this run's data nor written to.
+    Symlinks are resolved before the check.
+    """
+    root = Path(run_dir).resolve()
+    p = Path(rel)
+    target = (root / p).resolve()
+    if p.is_absolute() or not target.is_relative_to(root):
+        raise DamageError(f"{place or layout.MANIFEST}: path {str(rel)!r} points outside the run "
+                          f"directory")
+    return target
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One rank's committed part of one hook: a CSV file or a Zarr group, and its commit entry."""
+
+    rank: int
+    hook: str
+    kind: str  # "csv" | "zarr"
+    converged: bool
+    info: dict = field(hash=False, compare=False)
+
+    @property
+    def rel(self) -> str:
+        """Path relative to the run directory, as messages name it."""
+        if self.kind == "csv":
+            return str(self.info.get("path", f"{layout.LOGS_DIR}/{self.hook}/"
+                                              f"{layout.rank_name(self.rank)}.csv"))
+        return f"{layout.DATA_DIR}/{self.group}"
+
+    @property
+    def group(self) -> str:
+        return str(self.info.get("group", layout.hook_group(self.rank, self.hook))).strip("/")
+
+    @property
+    def records(self) -> int:
+        return int(self.info.get("rows" if self.kind == "csv" else "records", 0) or 0)
+
+    @property
+    def atoms(self) -> int:
+        return int(self.info.get("atoms", 0) or 0)
+
+    def path(self, run_dir: str | Path) -> Path:
+        """Absolute path, checked to lie inside the run directory (:class:`DamageError` if not)."""
+        return run_path(run_dir, self.rel, f"{layout.MANIFEST} ({self.hook}, rank {self.rank})")
+
+
+def committed_units(manifest: dict) -> list[Unit]:
+    """Every (rank, hook) the last boundary committed, ordered by hook then rank."""
+    last = manifest.get("last") or {}
+    out = []
+    for r in last.get("ranks", []) or []:
+        for name, info in (r.get("hooks") or {}).items():
+            kind = info.get("kind", "zarr" if "group" in info else "csv")
+            out.append(Unit(int(r["rank"]), str(name), kind, bool(info.get("converged")), info))
+    return sorted(out, key=lambda u: (u.hook, u.rank))
+
+
+# ------------------------------------------------------------------------------------ CSV
+class _Prefix(io.RawIOBase):
+    """The first ``n`` bytes of a file, with a running crc32 of what was read.
+
+    pyarrow's streaming CSV reader pulls through this, so only committed bytes are parsed and the
+    checksum costs no second read.
+    """
+
+    def __init__(self, path: Path, n: int) -> None:
+        self._f = open(path, "rb")
+        self.left = int(n)
+        self.read_bytes = 0
+        self.crc32 = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        k = min(len(b), self.left)
+        if k <= 0:
+            return 0
+        data = self._f.read(k)
+        n = len(data)
+        b[:n] = data
+        self.left -= n
+        self.read_bytes += n
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def read_header(path: Path) -> list[str]:
+    """Column names of a CSV (first line; pyarrow quotes them)."""
+    with open(path, "rb") as fh:
+        line = fh.readline().decode("utf-8", "replace").rstrip("\r\n")
+    return [c.strip('"') for c in line.split(",")] if line else []
+
+
+def iter_csv_batches(path: str | Path, nbytes: int, *, block_size: int = 1 << 22,
+                     counter: dict | None = None) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """Stream the committed prefix of a CSV log: ``(columns, batches)``.
+
+    Key columns (step, rank, sample_id, graph_idx, status) are parsed as int64; every other
+    column stays text. Why text: pyarrow wrote ``1.0`` as ``1``, so a type guessed from the first
+    block can be wrong for a later one; the caller narrows types over the whole column
+    (:func:`narrow_table`) or passes the text through unchanged. ``counter`` (a dict) receives
+    ``bytes`` and ``crc32`` of what was read once the iterator is exhausted.
+    """
+    path = Path(path)
+    cols = read_header(path) if nbytes else []
+    if not cols:
+        if counter is not None:
+            counter.update(bytes=0, crc32=0)
+        return cols, iter(())
+    types = {c: (pa.int64() if c in INT_COLUMNS else pa.string()) for c in cols}
+    src = _Prefix(path, nbytes)
+    reader = pacsv.open_csv(
+        src, read_options=pacsv.ReadOptions(block_size=block_size),
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
+                                             null_values=[""], quoted_strings_can_be_null=True))
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch
+            # drain: a trailing partial read must still count towards the checksum
+            while src.readinto(bytearray(1 << 16)):
+                pass
+            if counter is not None:
+                counter.update(bytes=src.read_bytes, crc32=src.crc32)
+        finally:
+            src.close()
+
+    return cols, gen()
+
+
+def narrow_table(table: pa.Table) -> pa.Table:
+    """Cast each text column to the narrowest of int64, float64, bool that holds every value.
+
+    Known columns get their known type (energy, fmax, temperature are float64 even when every
+    value happened to be written as an integer).
+    """
+    out = []
+    for name, col in zip(table.column_names, table.columns):
+        out.append(cast_text_column(name, col))
+    return pa.table(out, names=table.column_names)
+
+
+def cast_text_column(name: str, col: Any, kind: str | None = None) -> Any:
+    """Cast one text column (see :func:`narrow_table`); ``kind`` forces "int"/"float"/"bool"/"str"."""
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        return col
+    if kind is None:
+        kind = text_kind(name, col)
+    target = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(kind)
+    return col if target is None else pc.cast(col, target)
+
+
+_KIND_ORDER = ("int", "float", "bool", "str")
+
+
+def text_kind(name: str, col: Any) -> str:
+    """The narrowest kind ("int", "float", "bool", "str") that every value of ``col`` parses as."""
+    if name in FLOAT_COLUMNS:
+        candidates: tuple[str, ...] = ("float", "str")
+    else:
+        candidates = _KIND_ORDER
+    for kind in candidates:
+        if kind == "str":
+            return kind
+        try:
+            pc.cast(col, {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}[kind])
+            return kind
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return "str"
+
+
+def merge_kinds(a: str | None, b: str) -> str:
+    """The narrowest kind that holds values of both kinds (int+float -> float, else str)."""
+    if a is None or a == b:
+        return b
+    if {a, b} == {"int", "float"}:
+        return "float"
+    return "str"
+
+
+def read_csv_committed(path: str | Path, nbytes: int, *, narrow: bool = True) -> pa.Table:
+    """The committed prefix of one CSV as a table (in memory); typed unless ``narrow=False``
+    (then non-key columns stay text, ready to be concatenated with other ranks' and narrowed
+    together)."""
+    cols, batches = iter_csv_batches(path, nbytes)
+    batches = list(batches)
+    if batches:
+        table = pa.Table.from_batches(batches)
+    else:
+        table = pa.table({c: pa.array([], pa.int64() if c in INT_COLUMNS else pa.string())
+                          for c in cols})
+    return narrow_table(table) if narrow else table
+
+
+def sort_table(table: pa.Table) -> pa.Table:
+    """Rows ordered by (step, rank, sample_id), stably (numpy lexsort, no Python row loop)."""
+    if table.num_rows == 0 or not all(k in table.column_names for k in KEY_COLUMNS):
+        return table
+    keys = [np.asarray(table.column(k).to_numpy(zero_copy_only=False)) for k in KEY_COLUMNS]
+    order = np.lexsort(keys[::-1])
+    return table.take(pa.array(order))
+
+
+# ------------------------------------------------------------------------------------ reader
+class RunReader:
+    """A run, read as committed. Build it with :func:`open_run`.
+
+    Attributes: ``path`` (the run directory, or ``None`` for a consolidated output read on its
+    own), ``manifest`` (``run.json``), ``ranks`` (sorted rank numbers of the last boundary),
+    ``consolidated`` (the consolidated output directory in use, or ``None``; one made of an
+    older state of the run is ignored) and ``summary`` (its ``consolidated.json``).
+    """
+
+    def __init__(self, path: Path | None, manifest: dict, consolidated: Path | None,
+                 summary: dict | None) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.consolidated = consolidated
+        self.summary = summary
+        self.units = committed_units(manifest)
+        last = manifest.get("last") or {}
+        self.ranks: list[int] = sorted(int(r["rank"]) for r in last.get("ranks", []) or [])
+
+    # --- manifest views
+    @property
+    def hooks(self) -> dict[str, dict]:
+        """``name -> {type, frequency, stage}`` as the manifest records them."""
+        return dict(self.manifest.get("hooks") or {})
+
+    @property
+    def boundaries(self) -> list[dict]:
+        return list(self.manifest.get("boundaries") or [])
+
+    def unit(self, rank: int, hook: str) -> Unit:
+        for u in self.units:
+            if u.rank == rank and u.hook == hook:
+                return u
+        raise KeyError(f"rank {rank} committed nothing for hook {hook!r}; committed: "
+                       f"{sorted({(u.rank, u.hook) for u in self.units})}")
+
+    def _require_run_dir(self, what: str) -> Path:
+        if self.path is None:
+            raise RunError(f"{what} needs the run directory; this consolidated output was opened "
+                           f"without it (its source is no longer next to it)")
+        return self.path
+
+    # --- data
+    def logs(self, hook: str = "log", *, as_table: bool = False) -> dict[str, np.ndarray] | pa.Table:
+        """The CSV log of ``hook`` across ranks, committed rows only, ordered by (step, rank,
+        sample_id): a dict of numpy arrays, or a pyarrow Table with ``as_table=True``."""
+        table = None
+        if self.consolidated is not None:
+            info = (self.summary or {}).get("hooks", {}).get(hook)
+            if info is not None and info.get("kind") == "csv":
+                pq = info.get("parquet")
+                if pq:
+                    import pyarrow.parquet as papq
+                    table = papq.read_table(self.consolidated / pq)
+                else:
+                    f = self.consolidated / info["csv"]
+                    table = read_csv_committed(f, f.stat().st_size)
+        if table is None:
+            units = [u for u in self.units if u.hook == hook and u.kind == "csv"]
+            if not units:
+                known = sorted({u.hook for u in self.units if u.kind == "csv"})
+                raise KeyError(f"no committed CSV log {hook!r}; logs: {known}")
+            root = self._require_run_dir("logs()")
+            parts = [read_csv_committed(u.path(root), int(u.info.get("bytes", 0)), narrow=False)
+                     for u in units]
+            parts = [p for p in parts if p.num_columns]
+            if not parts:
+                raise KeyError(f"CSV log {hook!r} has no committed header yet")
+            # narrowed together: a column must get one type across ranks
+            table = sort_table(narrow_table(pa.concat_tables(parts, promote_options="default")))
+        if as_table:
+            return table
+        return {n: c.to_numpy(zero_copy_only=False) for n, c in zip(table.column_names,
+                                                                     table.columns)}
+
+    def shard(self, rank: int, hook: str) -> ShardReader:
+        """Rank ``rank``'s group of ``hook``, limited to its committed records."""
+        u = self.unit(rank, hook)
+        if u.kind != "zarr":
+            raise KeyError(f"hook {hook!r} is a CSV log; use logs({hook!r})")
+        root = self._require_run_dir("shard()")
+        u.path(root)  # refuses a group path outside the run
+        return ShardReader(root / layout.DATA_DIR, u.group, limit_records=u.records)
+
+    def converged(self) -> ShardReader:
+        """The merged converged records of all ranks (ordered by step, rank, sample_id; one per
+        (rank, sample_id)), committed ones only."""
+        if self.consolidated is not None and (self.summary or {}).get("converged"):
+            c = self.summary["converged"]
+            return ShardReader(self.consolidated / layout.DATA_DIR, c["group"],
+                               limit_records=int(c["records"]))
+        root = self._require_run_dir("converged()")
+        merged = (self.manifest.get("last") or {}).get("merged") or {}
+        return ShardReader(root / layout.DATA_DIR, layout.CONVERGED_GROUP,
+                           limit_records=int(merged.get("records", 0)))
+
+    def trajectory(self, hook: str) -> ShardReader:
+        """The consolidated group of a snapshot hook (all ranks, ordered by step, rank,
+        sample_id, with a ``rank`` column). Needs ``dist-hooks consolidate`` first."""
+        info = (self.summary or {}).get("hooks", {}).get(hook) if self.consolidated else None
+        if info is None or info.get("kind") != "zarr":
+            raise RunError(f"no consolidated trajectory of hook {hook!r}: run `dist-hooks "
+                           f"consolidate` first, or read the ranks with shard(rank, {hook!r})")
+        return ShardReader(self.consolidated / layout.DATA_DIR, info["group"],
+                           limit_records=int(info["records"]))
+
+    def __repr__(self) -> str:
+        where = self.path if self.path is not None else self.consolidated
+        return (f"RunReader({str(where)!r}, world_size={self.manifest.get('world_size')}, "
+                f"boundaries={len(self.boundaries)}, consolidated={self.consolidated is not None})")
+
+
+def read_consolidated_summary(out: Path) -> dict | None:
+    """``consolidated.json`` of a complete consolidated output, else ``None``."""
+    f = Path(out) / CONSOLIDATED_MARKER
+    try:
+        s = json.loads(f.read_bytes())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(s, dict) or s.get("format") != CONSOLIDATED_FORMAT or not s.get("complete"):
+        return None
+    return s
+
+
+def default_consolidated_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "consolidated"
+
+
+def open_run(path: str | os.PathLike) -> RunReader:
+    """Open a run directory, or a consolidated output directory, for reading.
+
+    For a run directory whose default consolidated output (``RUN/consolidated``) is complete and
+    was made of the current ``run.json``, the merged logs and converged group come from there
+    (fast); otherwise from the per-rank files. Results are the same either way.
+    """
+    p = Path(path)
+    if (p / layout.MANIFEST).is_file():
+        manifest = load_manifest(p)
+        out = default_consolidated_dir(p)
+        summary = read_consolidated_summary(out)
+        if summary is not None and summary.get("source", {}).get("manifest_crc32") != \
+                manifest_crc32(p):
+            summary = None  # made of an older state of the run: stale
+        return RunReader(p, manifest, out if summary is not None else None, summary)
+    summary = read_consolidated_summary(p)
+    if summary is None:
+        if (p / CONSOLIDATED_MARKER).exists():
+            raise RunError(f"{p}: consolidated output is incomplete (no valid "
+                           f"{CONSOLIDATED_MARKER}); run `dist-hooks consolidate` again")
+        load_manifest(p)  # raises the usual "not a run" error
+        raise RunError(f"{p}: not a run directory")
+    src = (p / summary.get("source", {}).get("relative", "..")).resolve()
+    source_dir: Path | None = None
+    if (src / layout.MANIFEST).is_file():
+        try:
+            if manifest_crc32(src) == summary["source"].get("manifest_crc32"):
+                source_dir = src
+        except OSError:
+            pass
+    return RunReader(source_dir, summary["manifest"], p, summary)

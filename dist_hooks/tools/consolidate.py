@@ -1,0 +1,923 @@
+"""``dist-hooks consolidate``: one group per hook, one converged group and one CSV per log.
+
+A run leaves one Zarr group per rank and hook and one CSV per rank and log, which is what lets
+every rank write without coordination. Analysis wants the opposite: one table. This module
+merges them, reading only what the last checkpoint boundary committed.
+
+How, and why:
+
+* Streaming k-way merge ordered by step. Each rank's records (and CSV rows) were appended in
+  step order, so the ranks are merged like sorted runs: a window holds every buffered row whose
+  step is below the *frontier* (the smallest last-buffered step of any rank not yet exhausted),
+  is ordered by (step, rank, sample_id) with one ``np.lexsort`` and written out. Memory is
+  bounded by one read block per rank plus one step's records, whatever the run's size.
+* Reads are aligned to the source's chunks (each chunk is decoded once) and every field's
+  crc32 is computed on the way, so damage is found without a second pass; a mismatch aborts
+  before anything is published.
+* Crash safety: everything is written into a hidden temporary directory next to the output,
+  fsynced, completed with ``consolidated.json`` (the marker readers require) and renamed into
+  place; a killed consolidate leaves only the temporary, which the next one removes.
+* Idempotent: an output whose marker names the current ``run.json`` (crc32) and the same
+  options is left untouched; a forced rebuild writes the same bytes (no timestamps inside).
+* One consolidate per run at a time: ``fcntl.flock`` on ``RUN/.consolidate.lock``.
+* The output is plain Zarr v3 + CSV (+ Parquet): readable with ``zarr`` and ``pandas`` alone.
+
+Output layout (``OUT``, default ``RUN/consolidated``)::
+
+    OUT/consolidated.json          completion marker and summary (written last)
+    OUT/data.zarr/hooks/<hook>     every snapshot hook: all ranks, with a ``rank`` column
+    OUT/data.zarr/converged        converged records, one per (rank, sample_id)
+    OUT/logs/<hook>.csv            every CSV log: all ranks, committed rows
+    OUT/logs/<hook>.parquet        the same, typed (when pyarrow.parquet is importable)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from ..reader import (
+    CONSOLIDATED_FORMAT,
+    CONSOLIDATED_MARKER,
+    INT_COLUMNS,
+    KEY_COLUMNS,
+    DamageError,
+    RunError,
+    Unit,
+    committed_units,
+    default_consolidated_dir,
+    iter_csv_batches,
+    load_manifest,
+    merge_kinds,
+    read_consolidated_summary,
+    text_kind,
+)
+from ..store import layout
+from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
+from ..store.shard import ShardWriter
+from ..store.zarr_reader import ShardReader
+from zarr.core.sync import sync as _zsync
+from . import LockHeldError, Progress
+
+__all__ = ["CsrBlock", "ZarrSource", "consolidate", "merge_blocks", "merge_csv"]
+
+CONSOLIDATED_VERSION = 1
+LOCK_NAME = ".consolidate.lock"
+#: Test fault injection: SIGKILL this process after writing that many merged windows.
+FAULT_ENV = "DIST_HOOKS_FAULT_CONSOLIDATE_AFTER_WINDOWS"
+
+DEFAULT_BLOCK_RECORDS = 4096
+DEFAULT_BLOCK_ATOMS = 65536
+#: Bytes fetched per array and read (rounded to whole chunks, at most one shard file) ...
+FETCH_BYTES = 4 << 20
+#: ... shrunk so that all sources of one merge together fetch about this much at a time.
+FETCH_TOTAL = 64 << 20
+
+
+def fetch_bytes_for(n_sources: int) -> int:
+    """Per-array fetch size when ``n_sources`` ranks are merged at once (memory stays flat as
+    the world grows; the floor of one chunk per array and rank remains)."""
+    return max(1 << 20, min(FETCH_BYTES, FETCH_TOTAL // max(n_sources, 1) // 4))
+
+
+# ------------------------------------------------------------------------------- CSR blocks
+@dataclass
+class CsrBlock:
+    """Consecutive records in CSR form: record columns, their atom rows, 0-based ``ptr``."""
+
+    rec: dict[str, np.ndarray]
+    atoms: dict[str, np.ndarray]
+    ptr: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self.rec["step"]
+
+    def split(self, k: int) -> tuple["CsrBlock", "CsrBlock"]:
+        a = int(self.ptr[k])
+        head = CsrBlock({n: v[:k] for n, v in self.rec.items()},
+                        {n: v[:a] for n, v in self.atoms.items()}, self.ptr[: k + 1])
+        tail = CsrBlock({n: v[k:] for n, v in self.rec.items()},
+                        {n: v[a:] for n, v in self.atoms.items()}, self.ptr[k:] - a)
+        return head, tail
+
+    @staticmethod
+    def concat(blocks: list["CsrBlock"]) -> "CsrBlock":
+        if len(blocks) == 1:
+            return blocks[0]
+        shifts = np.cumsum([0] + [int(b.ptr[-1]) for b in blocks[:-1]])
+        ptr = np.concatenate([np.zeros(1, np.int64)] + [b.ptr[1:] + s
+                                                          for b, s in zip(blocks, shifts)])
+        rec = {n: np.concatenate([b.rec[n] for b in blocks]) for n in blocks[0].rec}
+        atoms = {n: np.concatenate([b.atoms[n] for b in blocks]) for n in blocks[0].atoms}
+        return CsrBlock(rec, atoms, ptr)
+
+    def take(self, idx: np.ndarray) -> "CsrBlock":
+        """Records ``idx`` in that order, with their atom rows (no Python loop over records)."""
+        counts = (self.ptr[1:] - self.ptr[:-1])[idx]
+        starts = self.ptr[:-1][idx]
+        csum = np.cumsum(counts)
+        rows = np.repeat(starts - (csum - counts), counts) + np.arange(int(csum[-1]) if len(csum)
+                                                                       else 0, dtype=np.int64)
+        return CsrBlock({n: v[idx] for n, v in self.rec.items()},
+                        {n: v[rows] for n, v in self.atoms.items()},
+                        np.concatenate([np.zeros(1, np.int64), csum]).astype(np.int64))
+
+
+class _SeqArray:
+    """Sequential reader of one array's committed rows, aligned to its chunks.
+
+    Why: record blocks are cut by record count and atom budget, which never line up with the
+    atom arrays' chunks; reading ``arr[a:b]`` per block would decode a boundary chunk twice.
+    Here each chunk is fetched once and its unread tail kept for the next request. The crc32 of
+    every fetched row is folded in, in order, for the committed-checksum check.
+    """
+
+    def __init__(self, arr: Any, stop: int, place: str, progress: Progress | None,
+                 fetch_bytes: int = FETCH_BYTES) -> None:
+        self.arr = arr
+        self.stop = int(stop)
+        self.place = place
+        self.progress = progress
+        chunk = int(arr.chunks[0]) or 1
+        self.file_rows = int((arr.shards or arr.chunks)[0]) or 1
+        row = max(int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize, 1)
+        # whole chunks, as many as fit in fetch_bytes, at most one file (shard): every partial
+        # read of a shard re-reads its index, so few large reads beat many chunk-sized ones
+        self.unit = min(max(fetch_bytes // row // chunk, 1) * chunk, max(self.file_rows, chunk))
+        self.lo = self.hi = 0
+        self.buf = np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        self.crc = 0
+
+    def _damage(self, a: int, b: int, exc: BaseException) -> DamageError:
+        first = a // self.file_rows
+        key = self.arr.metadata.encode_chunk_key((first,) + (0,) * (self.arr.ndim - 1))
+        return DamageError(f"{self.place}/{key}: cannot be read ({type(exc).__name__}: {exc}) "
+                           f"over rows [{a}, {b})")
+
+    def plan(self, b: int) -> tuple[int, int] | None:
+        """The chunk-aligned row range to fetch before rows up to ``b`` can be served."""
+        if b <= self.hi:
+            return None
+        return self.hi, min(self.stop, -(-b // self.unit) * self.unit)
+
+    def feed(self, a: int, rng: tuple[int, int], data: Any) -> None:
+        """Take fetched rows ``rng`` (from :meth:`plan`); ``a``: the next request's start."""
+        data = np.ascontiguousarray(data)
+        self.crc = zlib.crc32(data, self.crc) if data.size else self.crc
+        if self.progress is not None:
+            self.progress.update(data.nbytes)
+        keep = self.buf[a - self.lo:]
+        self.buf = np.concatenate([keep, data]) if len(keep) else data
+        self.lo, self.hi = a, rng[1]
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        return self.buf[a - self.lo: b - self.lo]
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)``; ``a`` never goes back before an earlier request's start."""
+        rng = self.plan(b)
+        if rng is not None:
+            try:
+                data = self.arr[rng[0]:rng[1]]
+            except Exception as exc:  # noqa: BLE001 - any decode error is damage here
+                raise self._damage(*rng, exc) from exc
+            self.feed(a, rng, data)
+        return self.take(a, b)
+
+    def drain(self) -> None:
+        """Fetch any committed rows not read yet (so that the checksum covers them)."""
+        if self.hi < self.stop:
+            self.read(self.hi, self.stop)
+
+
+async def _gather_reads(jobs: list[tuple[_SeqArray, tuple[int, int]]]) -> list[Any]:
+    """Fetch several arrays' ranges concurrently (their chunks decode in zarr's threads)."""
+    async def one(seq: _SeqArray, rng: tuple[int, int]) -> Any:
+        try:
+            return await seq.arr.async_array.getitem(slice(*rng))
+        except Exception as exc:  # noqa: BLE001
+            return seq._damage(*rng, exc)
+
+    return await asyncio.gather(*(one(s, r) for s, r in jobs))
+
+
+def _read_many(requests: list[tuple[_SeqArray, int, int]]) -> list[np.ndarray]:
+    """Rows ``[a, b)`` of several arrays, fetching whatever is missing in one concurrent batch."""
+    jobs = [(seq, rng, a) for seq, a, b in requests if (rng := seq.plan(b)) is not None]
+    if jobs:
+        results = _zsync(_gather_reads([(s, r) for s, r, _ in jobs]))
+        for (seq, rng, a), data in zip(jobs, results):
+            if isinstance(data, DamageError):
+                raise data
+            seq.feed(a, rng, data)
+    return [seq.take(a, b) for seq, a, b in requests]
+
+
+class ZarrSource:
+    """The committed records of one record group, as bounded :class:`CsrBlock` s in order.
+
+    Checks on the way: the group and every array exist, shapes cover the committed lengths,
+    ``atoms_ptr`` starts at 0, never decreases and ends at the committed atom count, steps do
+    not go back; :meth:`problems` then compares each field's crc32 with ``expect_crc``.
+    Structural damage raises :class:`DamageError` naming the file.
+    """
+
+    def __init__(self, data_root: Path, group: str, *, place: str, records: int,
+                 atoms: int | None = None, expect_crc: dict | None = None,
+                 block_records: int = DEFAULT_BLOCK_RECORDS,
+                 block_atoms: int = DEFAULT_BLOCK_ATOMS, progress: Progress | None = None,
+                 fetch_bytes: int = FETCH_BYTES) -> None:
+        self.place = place
+        self.records = int(records)
+        self.expect_crc = expect_crc
+        self.block_records = max(int(block_records), 1)
+        self.block_atoms = max(int(block_atoms), 1)
+        self._consumed = False
+        gdir = Path(data_root) / group
+        if not (gdir / "zarr.json").is_file():
+            raise DamageError(f"{place}: group missing (committed {self.records} records)")
+        try:
+            reader = ShardReader(data_root, group, limit_records=self.records)
+        except Exception as exc:  # noqa: BLE001
+            raise DamageError(f"{place}: cannot be opened ({type(exc).__name__}: {exc})") from exc
+        self.reader = reader
+        arrays = dict(reader.group.arrays())
+        self.fields = dict(reader.fields)
+        levels = dict(reader.attrs.get("level", {}) or {})
+        missing = sorted(set(levels) - set(arrays))
+        if self.records and (missing or layout.ATOMS_PTR not in arrays):
+            name = missing[0] if missing else layout.ATOMS_PTR
+            raise DamageError(f"{place}/{name}: array missing")
+        if self.records and self.expect_crc is not None:
+            for name in self.expect_crc:
+                if name not in arrays:
+                    raise DamageError(f"{place}/{name}: array missing")
+        ptr_arr = arrays.get(layout.ATOMS_PTR)
+        if ptr_arr is not None and (ptr_arr.ndim != 1 or np.dtype(ptr_arr.dtype) != np.int64):
+            raise DamageError(f"{place}/{layout.ATOMS_PTR}: dtype {ptr_arr.dtype} shape "
+                              f"{ptr_arr.shape}, expected 1-D int64")
+        if len(reader) < self.records:
+            self._short(arrays, reader)
+        ptr = reader.atoms_ptr()
+        if len(ptr) and ptr[0] != 0:
+            raise DamageError(f"{place}/{layout.ATOMS_PTR}: starts at {ptr[0]}, not 0")
+        bad = np.flatnonzero(np.diff(ptr) < 0)
+        if len(bad):
+            raise DamageError(f"{place}/{layout.ATOMS_PTR}: decreases at record {int(bad[0])}")
+        if atoms is not None and int(ptr[-1]) != int(atoms):
+            raise DamageError(f"{place}/{layout.ATOMS_PTR}: ends at {int(ptr[-1])}, committed "
+                              f"atom count {int(atoms)}")
+        self.ptr = ptr
+        self.atoms = int(ptr[-1])
+        self.arrays = {n: arrays[n] for n in self.fields}
+        self._seq = {n: _SeqArray(a, self.records if self.fields[n][0] == "record"
+                                  else self.atoms, f"{place}/{n}", progress, fetch_bytes)
+                     for n, a in self.arrays.items()}
+
+    def _short(self, arrays: dict, reader: ShardReader) -> None:
+        ptr_arr = arrays.get(layout.ATOMS_PTR)
+        if ptr_arr is not None and ptr_arr.shape[0] < self.records + 1:
+            raise DamageError(f"{self.place}/{layout.ATOMS_PTR}: shape has {ptr_arr.shape[0]} "
+                              f"rows, committed {self.records + 1}")
+        for n, (level, _, _) in reader.fields.items():
+            if level == "record" and arrays[n].shape[0] < self.records:
+                raise DamageError(f"{self.place}/{n}: shape has {arrays[n].shape[0]} rows, "
+                                  f"committed {self.records}")
+        raise DamageError(f"{self.place}: only {len(reader)} of the {self.records} committed "
+                          f"records are readable (atom arrays shorter than atoms_ptr says)")
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes of the committed rows (for progress)."""
+        total = 0
+        for n, a in self.arrays.items():
+            rows = self.records if self.fields[n][0] == "record" else self.atoms
+            total += rows * int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        return total
+
+    def chunking(self) -> dict[str, int]:
+        """Chunk settings of this group, for an output that should look like the input."""
+        rec = [a for n, a in self.arrays.items() if self.fields[n][0] == "record"]
+        at = [a for n, a in self.arrays.items() if self.fields[n][0] == "atom"]
+        out = {"chunk_records": int(rec[0].chunks[0]) if rec else 1024,
+               "chunk_atoms": int(at[0].chunks[0]) if at else 65536}
+        ref = rec[0] if rec else (at[0] if at else None)
+        shards = ref.shards if ref is not None else None
+        out["records_per_shard_chunks"] = int(shards[0] // ref.chunks[0]) if shards else 0
+        return out
+
+    def __iter__(self) -> Iterator[CsrBlock]:
+        if self._consumed:
+            raise RuntimeError(f"{self.place}: a source is read once")
+        self._consumed = True
+        ptr, n = self.ptr, self.records
+        rec_names = [f for f, v in self.fields.items() if v[0] == "record"]
+        atom_names = [f for f, v in self.fields.items() if v[0] == "atom"]
+        start, last_step = 0, None
+        while start < n:
+            stop = min(start + self.block_records, n)
+            lim = int(np.searchsorted(ptr, ptr[start] + self.block_atoms, side="right")) - 1
+            stop = max(start + 1, min(stop, lim))
+            a, b = int(ptr[start]), int(ptr[stop])
+            got = _read_many([(self._seq[f], start, stop) for f in rec_names]
+                             + [(self._seq[f], a, b) for f in atom_names])
+            rec = dict(zip(rec_names, got[: len(rec_names)]))
+            atoms = dict(zip(atom_names, got[len(rec_names):]))
+            if "step" in rec:
+                steps = rec["step"]
+                back = np.flatnonzero(np.diff(steps) < 0)
+                if len(back) or (last_step is not None and len(steps) and steps[0] < last_step):
+                    at = start + (int(back[0]) + 1 if len(back) else 0)
+                    raise DamageError(f"{self.place}/step: records are not in step order at "
+                                      f"record {at}")
+                if len(steps):
+                    last_step = steps[-1]
+            yield CsrBlock(rec, atoms, ptr[start: stop + 1] - a)
+            start = stop
+        _read_many([(s, s.hi, s.stop) for s in self._seq.values() if s.hi < s.stop])
+
+    def problems(self) -> list[str]:
+        """crc32 mismatches of fields against ``expect_crc`` (after a full iteration)."""
+        out = []
+        for name, want in (self.expect_crc or {}).items():
+            seq = self._seq.get(name)
+            if seq is None:
+                out.append(f"{self.place}/{name}: array missing")
+                continue
+            if seq.crc != int(want):
+                what = "records" if self.fields[name][0] == "record" else "atom rows"
+                out.append(f"{self.place}/{name}: crc32 mismatch over {what} [0, {seq.stop})")
+        return out
+
+
+# ------------------------------------------------------------------------- the k-way merge
+B = TypeVar("B")
+
+
+def frontier_windows(iters: list[Iterator[B]], steps_of: Callable[[B], np.ndarray],
+                     length: Callable[[B], int], split: Callable[[B, int], tuple[B, B]],
+                     concat: Callable[[list[B]], B]) -> Iterator[list[tuple[int, B]]]:
+    """Merge step-ordered streams: yield windows ``[(source index, rows), ...]`` such that
+    every row of a window has a smaller step than every row of later windows.
+
+    A source's last buffered step may continue in its next block, so only rows below the
+    smallest last-buffered step of the live sources (the frontier) are final; the sources at
+    the frontier read on. Loops run over sources and blocks, never over rows.
+    """
+    n = len(iters)
+    bufs: list[B | None] = [None] * n
+    done = [False] * n
+    need = set(range(n))
+    while True:
+        for i in sorted(need):
+            nxt = next(iters[i], None)
+            if nxt is None:
+                done[i] = True
+            elif bufs[i] is None or length(bufs[i]) == 0:
+                bufs[i] = nxt
+            else:
+                bufs[i] = concat([bufs[i], nxt])
+        live = [i for i in range(n) if not done[i]]
+        frontier = min(int(steps_of(bufs[i])[-1]) for i in live) if live else None
+        parts = []
+        for i in range(n):
+            b = bufs[i]
+            if b is None or length(b) == 0:
+                continue
+            k = length(b) if frontier is None else int(np.searchsorted(steps_of(b), frontier,
+                                                                        side="left"))
+            if k:
+                head, bufs[i] = split(b, k)
+                parts.append((i, head))
+        if parts:
+            yield parts
+        if not live:
+            return
+        need = {i for i in live if int(steps_of(bufs[i])[-1]) == frontier}
+
+
+def _dedup_mask(rank: np.ndarray, sid: np.ndarray, seen: dict[int, np.ndarray]) -> np.ndarray:
+    """Keep the first occurrence of each (rank, sample_id) not seen in an earlier window."""
+    keep = np.zeros(len(rank), dtype=bool)
+    for r in np.unique(rank).tolist():  # a loop over ranks, not records
+        m = np.flatnonzero(rank == r)
+        ids = sid[m]
+        prev = seen.get(r, np.empty(0, ids.dtype))
+        first = np.zeros(len(ids), dtype=bool)
+        first[np.unique(ids, return_index=True)[1]] = True
+        keep[m] = first & ~np.isin(ids, prev)
+        seen[r] = np.union1d(prev, ids)
+    return keep
+
+
+def merge_blocks(sources: list[tuple[int, Iterable[CsrBlock]]], *,
+                 dedup: bool = False) -> Iterator[CsrBlock]:
+    """Merge per-rank record streams into blocks ordered by (step, rank, sample_id), with a
+    ``rank`` record column; ``dedup`` keeps one record per (rank, sample_id), the first."""
+    ranks = [int(r) for r, _ in sources]
+    iters = [iter(s) for _, s in sources]
+    seen: dict[int, np.ndarray] = {}
+    for parts in frontier_windows(iters, lambda b: b.steps, len, lambda b, k: b.split(k),
+                                  CsrBlock.concat):
+        blocks = []
+        for i, b in parts:
+            rec = dict(b.rec)
+            rec["rank"] = np.full(len(b), ranks[i], dtype=np.int64)
+            blocks.append(CsrBlock(rec, b.atoms, b.ptr))
+        names = [set(b.rec) | set(b.atoms) for b in blocks]
+        if any(x != names[0] for x in names):
+            raise RunError(f"cannot merge ranks {sorted(set(ranks))}: their fields differ "
+                           f"({sorted(names[0] ^ next(x for x in names if x != names[0]))})")
+        block = CsrBlock.concat(blocks)
+        sid = block.rec.get("sample_id", np.zeros(len(block), np.int64))
+        order = np.lexsort((sid, block.rec["rank"], block.steps))
+        if dedup:
+            order = order[_dedup_mask(block.rec["rank"][order], sid[order], seen)]
+        if len(order):
+            yield block.take(order)
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch(it: Iterable[B], depth: int = 2) -> Iterator[B]:
+    """Run ``it`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Why: reading (chunk decoding, the merge's sort and gather) and writing (encoding) each keep
+    one core busy; overlapping them nearly halves a consolidate on two cores. Memory grows by
+    ``depth`` merged windows only. An exception in the producer is re-raised here; a consumer
+    that stops early (error, Ctrl-C) stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in it:
+                if not put(x):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(_Failure(exc))
+
+    t = threading.Thread(target=work, name="dist-hooks-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _END:
+                return
+            if isinstance(x, _Failure):
+                raise x.exc
+            yield x
+    finally:
+        stop.set()
+        t.join(timeout=10)
+
+
+class _GroupSink:
+    """Appends merged blocks to one output group and keeps each field's crc32."""
+
+    def __init__(self, store: AtomicLocalStore, group: str, chunking: dict[str, int]) -> None:
+        self.group = group
+        self.writer = ShardWriter(store, group, compressor="zstd", **chunking)
+        self.crc: dict[str, int] = {}
+        self.records = 0
+        self.atoms = 0
+
+    def append(self, block: CsrBlock) -> None:
+        rec = {n: np.ascontiguousarray(v) for n, v in block.rec.items()}
+        atoms = {n: np.ascontiguousarray(v) for n, v in block.atoms.items()}
+        for n, v in (*rec.items(), *atoms.items()):
+            self.crc[n] = zlib.crc32(v, self.crc.get(n, 0)) if v.size else self.crc.get(n, 0)
+        self.writer.append(rec, atoms, np.diff(block.ptr))
+        self.records += len(block)
+        self.atoms += int(block.ptr[-1])
+
+    def close(self) -> dict:
+        self.writer.close()
+        return {"kind": "zarr", "group": self.group, "records": self.records,
+                "atoms": self.atoms, "crc32": self.crc}
+
+
+# ------------------------------------------------------------------------------ CSV merge
+def _csv_source(path: Path, nbytes: int, rows: int, rank: int, place: str, counter: dict,
+                progress: Progress | None, block_bytes: int) -> tuple[list[str], Iterator[pa.Table]]:
+    """One rank's committed CSV rows as tables in step order (``rank`` added when absent)."""
+    cols, batches = iter_csv_batches(path, nbytes, block_size=block_bytes, counter=counter)
+
+    def gen() -> Iterator[pa.Table]:
+        last = None
+        seen = 0
+        try:
+            for batch in batches:
+                t = pa.Table.from_batches([batch])
+                if "rank" not in t.column_names:
+                    t = t.append_column("rank", pa.array(np.full(t.num_rows, rank, np.int64)))
+                steps = t.column("step").to_numpy(zero_copy_only=False)
+                back = np.flatnonzero(np.diff(steps) < 0)
+                if len(back) or (last is not None and steps[0] < last):
+                    raise DamageError(f"{place}: rows are not in step order at data row "
+                                      f"{seen + (int(back[0]) + 1 if len(back) else 0) + 1}")
+                last = steps[-1]
+                seen += t.num_rows
+                if progress is not None:  # bytes are only known at the end: prorate by rows
+                    progress.update(nbytes * t.num_rows // max(rows, t.num_rows, 1))
+                yield t
+        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+            raise DamageError(f"{place}: cannot be parsed ({exc}) after {seen} data rows") from exc
+        counter["rows"] = seen
+
+    return cols, gen()
+
+
+def merge_csv(units: list[Unit], run_dir: Path, csv_out: Path, *,
+              progress: Progress | None = None, block_bytes: int = 1 << 22,
+              on_window: Callable[[], None] | None = None) -> dict:
+    """Merge the committed rows of one log's per-rank CSVs into ``csv_out``, ordered by (step,
+    rank, sample_id), streaming. Returns ``{rows, columns, kinds, problems}``: ``kinds`` the
+    narrowest type of each column (for the Parquet copy), ``problems`` checksum/row-count
+    mismatches against the manifest."""
+    counters: list[dict] = []
+    iters, columns = [], None
+    for u in units:
+        path = u.path(run_dir)
+        c: dict = {}
+        counters.append(c)
+        cols, it = _csv_source(path, int(u.info.get("bytes", 0)), int(u.info.get("rows", 0)),
+                               u.rank, u.rel, c, progress, block_bytes)
+        if "rank" not in cols and cols:
+            cols = [*cols, "rank"]
+        if columns is None and cols:
+            columns = cols
+        elif cols and cols != columns:
+            raise DamageError(f"{u.rel}: columns {cols} differ from another rank's {columns}")
+        iters.append(it)
+    columns = columns or []
+    kinds: dict[str, str | None] = {c: ("int" if c in INT_COLUMNS else None) for c in columns}
+    rows = 0
+    csv_out.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_out, "wb") as fh:
+        writer = None
+        if columns:
+            schema = pa.schema([(c, pa.int64() if c in INT_COLUMNS else pa.string())
+                                for c in columns])
+            writer = pacsv.CSVWriter(fh, schema, write_options=pacsv.WriteOptions(
+                include_header=True, quoting_style="none"))
+        for parts in frontier_windows(
+                iters, lambda t: t.column("step").to_numpy(zero_copy_only=False),
+                lambda t: t.num_rows, lambda t, k: (t.slice(0, k), t.slice(k)),
+                lambda ts: pa.concat_tables(ts)):
+            table = pa.concat_tables([t.select(columns) for _, t in parts])
+            keys = [table.column(k).to_numpy(zero_copy_only=False) for k in KEY_COLUMNS]
+            table = table.take(pa.array(np.lexsort(keys[::-1])))
+            for c in columns:
+                if kinds[c] != "int" and kinds[c] != "str":
+                    kinds[c] = merge_kinds(kinds[c], text_kind(c, table.column(c)))
+            writer.write_table(table)
+            rows += table.num_rows
+            if on_window is not None:
+                on_window()
+        if writer is not None:
+            writer.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+    problems = []
+    for u, c in zip(units, counters):
+        want_b, want_rows = int(u.info.get("bytes", 0)), int(u.info.get("rows", 0))
+        if c.get("bytes", 0) != want_b:
+            problems.append(f"{u.rel}: file is {c.get('bytes', 0)} bytes, committed {want_b}")
+        elif c.get("crc32") != int(u.info.get("crc32", 0)):
+            problems.append(f"{u.rel}: crc32 mismatch over bytes [0, {want_b})")
+        elif c.get("rows", 0) != want_rows:
+            problems.append(f"{u.rel}: {c.get('rows', 0)} data rows, committed {want_rows}")
+    return {"rows": rows, "columns": columns,
+            "kinds": {c: (k or "float") for c, k in kinds.items()}, "problems": problems}
+
+
+def _write_parquet(csv_path: Path, pq_path: Path, columns: list[str], kinds: dict[str, str]) -> bool:
+    """A typed Parquet copy of a merged CSV, streamed (False when pyarrow.parquet is missing)."""
+    try:
+        import pyarrow.parquet as papq
+    except ImportError:
+        return False
+    types = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
+    schema = pa.schema([(c, types[kinds.get(c, "str")]) for c in columns])
+    reader = pacsv.open_csv(csv_path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                            convert_options=pacsv.ConvertOptions(
+                                column_types={c: schema.field(c).type for c in columns},
+                                strings_can_be_null=True, null_values=[""],
+                                quoted_strings_can_be_null=True))
+    with papq.ParquetWriter(pq_path, schema) as w:
+        for batch in reader:
+            if batch.num_rows:
+                w.write_batch(batch)
+    fsync_file(pq_path)
+    return True
+
+
+# ---------------------------------------------------------------------------- the command
+@contextlib.contextmanager
+def run_lock(run_dir: Path, out: Path) -> Iterator[Path]:
+    """Exclusive, non-blocking ``flock`` on ``RUN/.consolidate.lock`` (next to the output when
+    the run directory is read-only). The kernel releases it when the process dies, so a killed
+    consolidate never leaves a stale lock."""
+    lock = run_dir / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        lock = out.parent / f".{out.name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeldError(f"another `dist-hooks consolidate` of {run_dir} is running "
+                                f"(pid {holder}, lock {lock}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _tmp_re(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-[0-9a-f]{{32}}$")
+
+
+def _remove_stale(out: Path) -> int:
+    """Temporaries of killed consolidates of ``out`` (only ever called under the lock)."""
+    pat, n = _tmp_re(out), 0
+    for e in os.scandir(out.parent):
+        if pat.match(e.name):
+            shutil.rmtree(e.path, ignore_errors=True)
+            n += 1
+    return n
+
+
+def _check_out(run_dir: Path, out: Path) -> None:
+    r, o = run_dir.resolve(), out.resolve()
+    if o == r or r.is_relative_to(o):
+        raise RunError(f"--out {out} would replace the run directory itself")
+    for part in (layout.DATA_DIR, layout.LOGS_DIR, "boundaries", "state", layout.MANIFEST):
+        if o == r / part or o.is_relative_to(r / part):
+            raise RunError(f"--out {out} lies inside the run's own {part}; choose another place")
+
+
+def _fault_hook() -> Callable[[], None] | None:
+    limit = os.environ.get(FAULT_ENV)
+    if not limit:
+        return None
+    count = {"n": 0}
+
+    def hit() -> None:
+        count["n"] += 1
+        if count["n"] >= int(limit):
+            import sys
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hit
+
+
+def _structural_problems(run_dir: Path, units: list[Unit]) -> list[str]:
+    """Cheap checks that need no data read: paths inside the run, files present and long
+    enough. Anything deeper is found while streaming (checksums)."""
+    from .verify import quick_unit_problems
+    out = []
+    for u in units:
+        out.extend(quick_unit_problems(run_dir, u))
+    return out
+
+
+def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                skip_damaged: bool = False, force: bool = False, progress: bool | None = None,
+                parquet: bool = True, block_records: int = DEFAULT_BLOCK_RECORDS,
+                block_atoms: int = DEFAULT_BLOCK_ATOMS) -> dict:
+    """Consolidate ``run_dir`` into ``out`` (default ``RUN/consolidated``); see the module doc.
+
+    Returns the summary (``status``: "written" or "up-to-date"). Raises :class:`DamageError`
+    when committed data are damaged (unless ``skip_damaged``: damaged (rank, hook) parts are
+    left out and listed under ``skipped``), :class:`LockHeldError` when another consolidate of
+    the run is running, :class:`RunError` for a path that is not a run.
+    """
+    run_dir = Path(run_dir)
+    load_manifest(run_dir)  # "not a run" errors before anything is created
+    out = Path(out) if out is not None else default_consolidated_dir(run_dir)
+    _check_out(run_dir, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = {"skip_damaged": bool(skip_damaged), "parquet": bool(parquet)}
+    with run_lock(run_dir, out):
+        _remove_stale(out)
+        data = (run_dir / layout.MANIFEST).read_bytes()  # one read: parse and fingerprint agree
+        manifest = load_manifest(run_dir, data)
+        mcrc = zlib.crc32(data)
+        old = read_consolidated_summary(out)
+        if (old is not None and not force and old.get("options") == options
+                and old.get("source", {}).get("manifest_crc32") == mcrc):
+            return {**old, "status": "up-to-date", "out": str(out)}
+        units = committed_units(manifest)
+        skipped: list[str] = []
+        if skip_damaged:
+            from .verify import verify_run
+            report = verify_run(run_dir, manifest=manifest, check_merged=False)
+            bad = {(p["rank"], p["hook"]) for p in report["problems"] if p.get("hook")}
+            skipped = [p["message"] for p in report["problems"]]
+            units = [u for u in units if (u.rank, u.hook) not in bad]
+        else:
+            problems = _structural_problems(run_dir, units)
+            if problems:
+                raise DamageError(_refusal(run_dir, problems), problems)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            summary = _build(run_dir, manifest, units, tmp, progress=progress, parquet=parquet,
+                             block_records=block_records, block_atoms=block_atoms)
+            summary.update({
+                "format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION,
+                "complete": True, "options": options, "skipped": skipped,
+                "source": {"manifest_crc32": mcrc, "relative": os.path.relpath(run_dir.resolve(),
+                                                                               out.resolve()),
+                           "boundary": (manifest.get("last") or {}).get("index"),
+                           "world_size": manifest.get("world_size")},
+                "manifest": manifest})
+            atomic_write_bytes(tmp / CONSOLIDATED_MARKER,
+                               json.dumps(summary, indent=1, sort_keys=True).encode())
+            sync_dir(tmp)
+            trash = None
+            if out.exists():
+                trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+                os.rename(out, trash)
+            os.rename(tmp, out)
+            sync_dir(out.parent)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return {**summary, "status": "written", "out": str(out)}
+
+
+def _refusal(run_dir: Path, problems: list[str]) -> str:
+    head = "\n  ".join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return (f"refusing to consolidate {run_dir}: committed data are damaged:\n  {head}{more}\n"
+            f"(`dist-hooks verify {run_dir}` lists all damage; --skip-damaged leaves the damaged "
+            f"parts out)")
+
+
+def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
+           progress: bool | None, parquet: bool, block_records: int, block_atoms: int) -> dict:
+    """Write every output into ``tmp``; raise DamageError on checksum mismatches."""
+    import zarr
+
+    data_root = run_dir / layout.DATA_DIR
+    zarr_hooks = sorted({u.hook for u in units if u.kind == "zarr" and not u.converged})
+    conv_units = [u for u in units if u.kind == "zarr" and u.converged]
+    csv_hooks = sorted({u.hook for u in units if u.kind == "csv"})
+    total = sum(int(u.info.get("bytes", 0)) for u in units if u.kind == "csv")
+    bar = Progress(0, "consolidate", enabled=progress)
+    fault = _fault_hook()
+
+    def open_source(u: Unit) -> ZarrSource:
+        u.path(run_dir)
+        n = sum(1 for v in units if v.kind == "zarr" and v.hook == u.hook)
+        return ZarrSource(data_root, u.group, place=u.rel, records=u.records, atoms=u.atoms,
+                          expect_crc=u.info.get("crc32") or {}, block_records=block_records,
+                          block_atoms=block_atoms, progress=bar, fetch_bytes=fetch_bytes_for(n))
+
+    problems: list[str] = []
+    sources: dict[str, list[tuple[int, ZarrSource]]] = {}
+    try:
+        for h in zarr_hooks:
+            sources[h] = [(u.rank, open_source(u)) for u in units
+                          if u.kind == "zarr" and not u.converged and u.hook == h]
+        conv_sources = [(u.rank, open_source(u)) for u in conv_units]
+    except DamageError as exc:
+        raise DamageError(_refusal(run_dir, exc.places), exc.places) from exc
+    merged_source = None
+    merged = (manifest.get("last") or {}).get("merged") or {}
+    if not conv_units and manifest.get("storage") == "local" and int(merged.get("records", 0)):
+        # rank data stayed on the nodes: the coordinator's merged group is all there is here
+        merged_source = ZarrSource(data_root, layout.CONVERGED_GROUP,
+                                   place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}",
+                                   records=int(merged["records"]), atoms=int(merged["atoms"]),
+                                   block_records=block_records, block_atoms=block_atoms,
+                                   progress=bar)
+    total += sum(s.nbytes for ss in sources.values() for _, s in ss)
+    total += sum(s.nbytes for _, s in conv_sources)
+    total += merged_source.nbytes if merged_source is not None else 0
+    bar.total = total
+
+    store = AtomicLocalStore(tmp / layout.DATA_DIR, fsync="never")
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    root.attrs.update({"format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION})
+    root.create_group("hooks")
+    summary: dict[str, Any] = {"hooks": {}, "converged": None}
+    try:
+        for h, ss in sources.items():
+            bar.set_label(f"consolidate {h}")
+            chunking = ss[0][1].chunking() if ss else {}
+            sink = _GroupSink(store, f"hooks/{h}", chunking)
+            for block in prefetch(merge_blocks(ss)):
+                sink.append(block)
+                if fault is not None:
+                    fault()
+            info = sink.close()
+            for _, s in ss:
+                problems.extend(s.problems())
+            summary["hooks"][h] = {**info, "ranks": [r for r, _ in ss]}
+        if conv_sources or merged_source is not None:
+            bar.set_label("consolidate converged")
+            ref = conv_sources[0][1] if conv_sources else merged_source
+            sink = _GroupSink(store, layout.CONVERGED_GROUP, ref.chunking())
+            stream = merge_blocks(conv_sources, dedup=True) if conv_sources else iter(merged_source)
+            for block in prefetch(stream):
+                sink.append(block)
+                if fault is not None:
+                    fault()
+            for _, s in conv_sources:
+                problems.extend(s.problems())
+            summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
+        for h in csv_hooks:
+            bar.set_label(f"consolidate {h}")
+            us = [u for u in units if u.kind == "csv" and u.hook == h]
+            csv_rel = f"{layout.LOGS_DIR}/{h}.csv"
+            res = merge_csv(us, run_dir, tmp / csv_rel, progress=bar, on_window=fault)
+            problems.extend(res["problems"])
+            pq_rel = f"{layout.LOGS_DIR}/{h}.parquet"
+            has_pq = parquet and res["columns"] and _write_parquet(
+                tmp / csv_rel, tmp / pq_rel, res["columns"], res["kinds"])
+            summary["hooks"][h] = {"kind": "csv", "csv": csv_rel,
+                                   "parquet": pq_rel if has_pq else None, "rows": res["rows"],
+                                   "columns": res["columns"], "types": res["kinds"],
+                                   "bytes": (tmp / csv_rel).stat().st_size,
+                                   "crc32": _file_crc(tmp / csv_rel),
+                                   "ranks": [u.rank for u in us]}
+    except DamageError as exc:
+        raise DamageError(_refusal(run_dir, exc.places), exc.places) from exc
+    finally:
+        bar.close()
+    if problems:
+        raise DamageError(_refusal(run_dir, problems), problems)
+    _consolidate_metadata(store)
+    store.sync()
+    sync_dir(tmp / layout.LOGS_DIR) if (tmp / layout.LOGS_DIR).is_dir() else None
+    return summary
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _consolidate_metadata(store: AtomicLocalStore) -> None:
+    """Consolidated Zarr metadata at the output root: the output never changes after it is
+    written, so (unlike a live run's) it cannot go stale, and ``zarr.open_group`` is one read."""
+    import warnings
+
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)

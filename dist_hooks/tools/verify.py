@@ -1,0 +1,315 @@
+"""``dist-hooks verify``: every committed length and checksum against the bytes on disk.
+
+Why a separate check: the writers guarantee that a *crash* never damages committed data, but
+disks, copies (rsync of a live run, a truncated transfer) and people do. Before trusting a run
+(or consolidating it) this reads every committed byte once and names the exact file and place of
+anything that does not match what the last checkpoint boundary recorded:
+
+* ``run.json`` parses, is this format, every path in it stays inside the run directory, the
+  boundary files exist, and the last one equals the manifest's ``last`` entry; every rank of the
+  world committed;
+* CSV logs: long enough, crc32 of the committed prefix, data row count, header;
+* Zarr groups: group and arrays present, shapes cover the committed lengths, ``atoms_ptr`` is
+  int64, starts at 0, never decreases and ends at the committed atom count, dtypes and per-row
+  shapes agree across ranks, steps never go back, crc32 of every field over its committed rows;
+* the saved simulation states: size and crc32;
+* the merged ``converged`` group: its committed records equal the ranks' committed converged
+  records, ordered and de-duplicated as the coordinator does.
+
+Data past the committed lengths (left by a crash) are ignored: they are not promised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..reader import (
+    DamageError,
+    Unit,
+    committed_units,
+    load_manifest,
+    read_header,
+    run_path,
+)
+from ..store import layout
+from . import Progress
+
+__all__ = ["format_report", "quick_unit_problems", "verify_run"]
+
+
+def quick_unit_problems(run_dir: Path, u: Unit) -> list[str]:
+    """Checks of one unit that read no data: path inside the run, file or group present and
+    long enough, group where the layout puts it."""
+    try:
+        path = u.path(run_dir)
+    except DamageError as exc:
+        return [str(exc)]
+    if u.kind == "csv":
+        want = int(u.info.get("bytes", 0))
+        if not path.is_file():
+            return [f"{u.rel}: file missing (committed {want} bytes)"]
+        size = path.stat().st_size
+        if size < want:
+            return [f"{u.rel}: file is {size} bytes, committed {want}"]
+        return []
+    expected = layout.hook_group(u.rank, u.hook)
+    if u.group != expected:
+        return [f"{layout.MANIFEST}: rank {u.rank} hook {u.hook!r} names group {u.group!r}, "
+                f"expected {expected!r}"]
+    if not (path / "zarr.json").is_file():
+        return [f"{u.rel}: group missing (committed {u.records} records)"]
+    return []
+
+
+def _problem(message: str, u: Unit | None = None) -> dict[str, Any]:
+    return {"message": message, "rank": None if u is None else u.rank,
+            "hook": None if u is None else u.hook}
+
+
+def _check_csv(run_dir: Path, u: Unit, bar: Progress) -> list[str]:
+    path = u.path(run_dir)
+    want, rows = int(u.info.get("bytes", 0)), int(u.info.get("rows", 0))
+    crc, newlines, left, lastbyte = 0, 0, want, b""
+    with open(path, "rb") as fh:
+        while left:
+            chunk = fh.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            newlines += chunk.count(b"\n")
+            left -= len(chunk)
+            lastbyte = chunk[-1:]
+            bar.update(len(chunk))
+    out = []
+    if crc != int(u.info.get("crc32", 0)):
+        out.append(f"{u.rel}: crc32 mismatch over bytes [0, {want})")
+        return out
+    if want and lastbyte != b"\n":
+        out.append(f"{u.rel}: committed bytes [0, {want}) do not end with a complete row")
+    if want and newlines - 1 != rows:
+        out.append(f"{u.rel}: {max(newlines - 1, 0)} data rows in the committed bytes, "
+                   f"committed {rows}")
+    if want:
+        cols = read_header(path)
+        missing = [c for c in ("step", "sample_id") if c not in cols]
+        if missing:
+            out.append(f"{u.rel}: header {cols} lacks {missing}")
+    return out
+
+
+def _check_zarr(run_dir: Path, u: Unit, bar: Progress, schemas: dict[str, tuple[int, dict]],
+                block_records: int, block_atoms: int) -> list[str]:
+    from .consolidate import ZarrSource
+
+    u.path(run_dir)
+    src = ZarrSource(run_dir / layout.DATA_DIR, u.group, place=u.rel, records=u.records,
+                     atoms=u.atoms, expect_crc=u.info.get("crc32") or {},
+                     block_records=block_records, block_atoms=block_atoms, progress=bar)
+    out = []
+    fields = {n: (lvl, str(dt), tuple(tr)) for n, (lvl, dt, tr) in src.fields.items()}
+    if u.hook in schemas and u.records:
+        ref_rank, ref = schemas[u.hook]
+        for n, f in fields.items():
+            if n in ref and ref[n] != f:
+                out.append(f"{u.rel}/{n}: {f[0]}-level {f[1]} per-row shape {f[2]}, rank "
+                           f"{ref_rank} has {ref[n][0]}-level {ref[n][1]} per-row shape "
+                           f"{ref[n][2]}")
+    elif u.records:
+        schemas[u.hook] = (u.rank, fields)
+    for _ in src:
+        pass
+    out.extend(src.problems())
+    return out
+
+
+def _check_state(run_dir: Path, rank: dict) -> list[str]:
+    st = rank.get("state")
+    if not st:
+        return []
+    try:
+        path = run_path(run_dir, st["path"], f"{layout.MANIFEST} (state of rank {rank['rank']})")
+    except DamageError as exc:
+        return [str(exc)]
+    rel = str(st["path"])
+    if not path.is_file():
+        return [f"{rel}: file missing (committed {st.get('bytes')} bytes)"]
+    data = path.read_bytes()
+    if len(data) != int(st.get("bytes", -1)):
+        return [f"{rel}: file is {len(data)} bytes, committed {st.get('bytes')}"]
+    if zlib.crc32(data) != int(st.get("crc32", -1)):
+        return [f"{rel}: crc32 mismatch over bytes [0, {len(data)})"]
+    return []
+
+
+def _check_boundaries(run_dir: Path, m: dict) -> list[str]:
+    out = []
+    bs = m.get("boundaries") or []
+    last = m.get("last")
+    for i, b in enumerate(bs):
+        if b.get("index") != i:
+            out.append(f"{layout.MANIFEST}: boundary {i} has index {b.get('index')}")
+        rel = b.get("file")
+        if not rel:
+            continue
+        try:
+            path = run_path(run_dir, rel, f"{layout.MANIFEST} (boundary {i})")
+        except DamageError as exc:
+            out.append(str(exc))
+            continue
+        try:
+            entry = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            out.append(f"{rel}: file missing")
+            continue
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            out.append(f"{rel}: not valid JSON ({exc})")
+            continue
+        if entry.get("index") != i:
+            out.append(f"{rel}: holds boundary {entry.get('index')}, expected {i}")
+        if i == len(bs) - 1 and last is not None and entry != last:
+            out.append(f"{rel}: differs from the last boundary recorded in {layout.MANIFEST}")
+    if bs and last is None:
+        out.append(f"{layout.MANIFEST}: {len(bs)} boundaries but no 'last' entry")
+    if last is not None:
+        ws = m.get("world_size")
+        ranks = [r.get("rank") for r in last.get("ranks", [])]
+        if not isinstance(ws, int) or ws < 1:
+            out.append(f"{layout.MANIFEST}: world_size {ws!r} is not a positive integer")
+        elif sorted(ranks) != list(range(ws)):
+            missing = sorted(set(range(ws)) - set(ranks))
+            dup = sorted({r for r in ranks if ranks.count(r) > 1})
+            out.append(f"{layout.MANIFEST}: last boundary has ranks {sorted(ranks)} for world "
+                       f"size {ws}" + (f" (missing {missing})" if missing else "")
+                       + (f" (repeated {dup})" if dup else ""))
+    return out
+
+
+def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
+                  block_records: int, block_atoms: int) -> list[str]:
+    """The coordinator's merged group against the ranks' committed converged records."""
+    from .consolidate import ZarrSource, merge_blocks
+
+    merged = (m.get("last") or {}).get("merged") or {}
+    n, a = int(merged.get("records", 0)), int(merged.get("atoms", 0))
+    place = f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}"
+    if n == 0 and not conv_units:
+        return []
+    src = ZarrSource(run_dir / layout.DATA_DIR, layout.CONVERGED_GROUP, place=place,
+                     records=n, atoms=a, block_records=block_records, block_atoms=block_atoms,
+                     progress=bar)
+    got = _stream_crc(iter(src))
+    if m.get("storage") == "local" or not conv_units:
+        return []
+    sources = [(u.rank, ZarrSource(run_dir / layout.DATA_DIR, u.group, place=u.rel,
+                                   records=u.records, atoms=u.atoms, block_records=block_records,
+                                   block_atoms=block_atoms)) for u in conv_units]
+    want = _stream_crc(merge_blocks(sources, dedup=True))
+    out = []
+    if want["records"] != n:
+        out.append(f"{place}: {layout.MANIFEST} commits {n} merged records, the ranks' committed "
+                   f"converged records give {want['records']}")
+        return out
+    for name, (lvl, crc) in want["crc"].items():
+        if name not in got["crc"]:
+            out.append(f"{place}/{name}: array missing")
+        elif got["crc"][name][1] != crc:
+            what = "records" if lvl == "record" else "atom rows"
+            rows = n if lvl == "record" else a
+            out.append(f"{place}/{name}: differs from the ranks' committed converged records "
+                       f"over {what} [0, {rows})")
+    return out
+
+
+def _stream_crc(blocks: Any) -> dict:
+    crc: dict[str, tuple[str, int]] = {}
+    records = 0
+    for b in blocks:
+        records += len(b)
+        for lvl, cols in (("record", b.rec), ("atom", b.atoms)):
+            for name, v in cols.items():
+                v = np.ascontiguousarray(v)
+                prev = crc.get(name, (lvl, 0))[1]
+                crc[name] = (lvl, zlib.crc32(v, prev) if v.size else prev)
+    return {"records": records, "crc": crc}
+
+
+def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
+               check_merged: bool = True, progress: bool | None = False,
+               block_records: int = 4096, block_atoms: int = 65536) -> dict:
+    """Check a run; returns ``{"ok", "problems": [{message, rank, hook}], "checked": {...}}``.
+
+    ``rank``/``hook`` name the unit a problem belongs to (``None`` for run-wide ones), which is
+    what ``consolidate --skip-damaged`` leaves out. Raises :class:`RunError` only when the path
+    is not a run at all.
+    """
+    run_dir = Path(run_dir)
+    problems: list[dict] = []
+    if manifest is None:
+        try:
+            manifest = load_manifest(run_dir)
+        except DamageError as exc:
+            return {"ok": False, "problems": [_problem(str(exc))], "checked": {}}
+    for msg in _check_boundaries(run_dir, manifest):
+        problems.append(_problem(msg))
+    last = manifest.get("last") or {}
+    for r in last.get("ranks", []) or []:
+        for msg in _check_state(run_dir, r):
+            problems.append(_problem(msg))
+    units = committed_units(manifest)
+    local = manifest.get("storage") == "local"
+    notes = []
+    if local:
+        notes.append("storage=local: rank data stay on the nodes; only the merged group and "
+                     "the manifest are checked here")
+    bar = Progress(sum(int(u.info.get("bytes", 0)) for u in units if u.kind == "csv"),
+                   "verify", enabled=progress)
+    schemas: dict[str, tuple[int, dict]] = {}
+    damaged: set[tuple[int, str]] = set()
+    checked = 0
+    for u in units if not local else []:
+        msgs = quick_unit_problems(run_dir, u)
+        if not msgs:
+            try:
+                msgs = (_check_csv(run_dir, u, bar) if u.kind == "csv" else
+                        _check_zarr(run_dir, u, bar, schemas, block_records, block_atoms))
+            except DamageError as exc:
+                msgs = list(exc.places)
+        checked += 1
+        for msg in msgs:
+            problems.append(_problem(msg, u))
+            damaged.add((u.rank, u.hook))
+    conv = [u for u in units if u.kind == "zarr" and u.converged]
+    if check_merged:
+        if any((u.rank, u.hook) in damaged for u in conv):
+            notes.append("merged converged group not compared with the ranks' (their converged "
+                         "data are damaged)")
+            conv = []
+        try:
+            for msg in _check_merged(run_dir, manifest, conv, bar, block_records, block_atoms):
+                problems.append(_problem(msg))
+        except DamageError as exc:
+            problems.extend(_problem(p) for p in exc.places)
+    bar.close()
+    return {"ok": not problems, "problems": problems, "notes": notes,
+            "checked": {"units": checked, "boundaries": len(manifest.get("boundaries") or []),
+                        "world_size": manifest.get("world_size")}}
+
+
+def format_report(run_dir: str | os.PathLike, report: dict) -> str:
+    """Human-readable verify output: one line per problem (``PLACE: what``), then a verdict."""
+    lines = [p["message"] for p in report["problems"]]
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    c = report.get("checked", {})
+    if report["ok"]:
+        lines.append(f"OK: {run_dir}: {c.get('boundaries', 0)} boundaries, world size "
+                     f"{c.get('world_size')}, {c.get('units', 0)} committed files/groups match "
+                     f"their lengths and checksums")
+    else:
+        n = len(report["problems"])
+        lines.append(f"DAMAGED: {run_dir}: {n} problem{'s' if n != 1 else ''} found")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""``dist_hooks.reader.open_run``: committed data only, the same before and after consolidate.
+
+Runs are synthetic (written with the real ShardWriter/CsvLog and a manifest as ``Run`` writes
+it, by ``benchmarks/bench_consolidate.py``), so this file needs no launcher and runs in seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import zarr
+
+from dist_hooks.reader import RunError, open_run
+from dist_hooks.store import layout
+from dist_hooks.store.csv_log import CsvLog
+from dist_hooks.store.shard import ZarrSink
+from dist_hooks.tools.consolidate import consolidate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_consolidate",
+                                                  REPO / "benchmarks" / "bench_consolidate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reader") / "run"
+    _bench().make_synthetic_run(path, ranks=3, steps=12, systems=6, chunk_records=16,
+                                chunk_atoms=128, shards=2, steps_per_append=3)
+    return path
+
+
+@pytest.fixture
+def run(base_run, tmp_path) -> Path:
+    p = tmp_path / "run"
+    shutil.copytree(base_run, p)
+    return p
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+def _csv_reference(run: Path) -> dict[str, np.ndarray]:
+    import pyarrow.csv as pacsv
+    tables = []
+    for rk in _manifest(run)["last"]["ranks"]:
+        info = rk["hooks"]["log"]
+        tables.append(pacsv.read_csv(io.BytesIO((run / info["path"]).read_bytes()[: info["bytes"]])))
+    t = pa.concat_tables(tables, promote_options="permissive")
+    cols = {n: t.column(n).to_numpy() for n in t.column_names}
+    order = sorted(range(t.num_rows), key=lambda i: (cols["step"][i], cols["rank"][i],
+                                                     cols["sample_id"][i]))
+    return {n: v[order] for n, v in cols.items()}
+
+
+def _append_uncommitted(run: Path) -> None:
+    """What a crash after the last boundary leaves: rows and records nobody committed."""
+    log = CsvLog(layout.csv_path(run, "log", 0))
+    log.append({"step": np.array([999]), "rank": np.array([0]), "sample_id": np.array([0]),
+                "graph_idx": np.array([0]), "status": np.array([0]),
+                "energy": np.array([1.0]), "fmax": np.array([1.0]),
+                "temperature": np.array([1.0])})
+    log.close()
+    w = ZarrSink(run / "data.zarr", chunk_records=16, chunk_atoms=128, shards=2).writer(0, "snapshots")
+    g = zarr.open_group(str(run / "data.zarr/ranks/rank-00000/snapshots"), mode="r",
+                        use_consolidated=False)
+    n = _manifest(run)["last"]["ranks"][0]["hooks"]["snapshots"]["records"]
+    ptr = g["atoms_ptr"][:]
+    levels = dict(g.attrs["level"])
+    recs = {k: np.asarray(g[k][n - 1: n]) for k, lvl in levels.items() if lvl == "record"}
+    recs["step"] = np.array([999], np.int64)
+    atoms = {k: np.asarray(g[k][ptr[n - 1]: ptr[n]]) for k, lvl in levels.items() if lvl == "atom"}
+    w.append(recs, atoms, np.array([ptr[n] - ptr[n - 1]]))
+    w.close()
+
+
+def test_open_unconsolidated(run):
+    m = _manifest(run)
+    r = open_run(run)
+    assert r.manifest["world_size"] == 3 and r.ranks == [0, 1, 2]
+    assert r.consolidated is None
+    assert set(r.hooks) == {"log", "snapshots", "converged"}
+    logs = r.logs()
+    want = _csv_reference(run)
+    assert sorted(logs) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(logs[k], want[k])
+    for rk in m["last"]["ranks"]:
+        s = r.shard(rk["rank"], "snapshots")
+        assert len(s) == rk["hooks"]["snapshots"]["records"]
+        assert s.n_atoms == rk["hooks"]["snapshots"]["atoms"]
+    assert len(r.converged()) == m["last"]["merged"]["records"] > 0
+    assert isinstance(r.logs(as_table=True), pa.Table)
+    with pytest.raises(RunError, match="consolidate"):
+        r.trajectory("snapshots")
+    with pytest.raises(KeyError):
+        r.logs("nope")
+
+
+def test_uncommitted_data_are_ignored(run):
+    before = open_run(run)
+    logs0 = before.logs()
+    n0 = len(before.shard(0, "snapshots"))
+    _append_uncommitted(run)
+    after = open_run(run)
+    assert len(after.shard(0, "snapshots")) == n0
+    logs1 = after.logs()
+    assert logs1["step"].max() < 999
+    for k in logs0:
+        np.testing.assert_array_equal(logs0[k], logs1[k])
+    consolidate(run, progress=False)
+    snap = zarr.open_group(str(run / "consolidated/data.zarr/hooks/snapshots"), mode="r")
+    assert snap["step"][:].max() < 999
+    assert snap["step"].shape[0] == sum(
+        rk["hooks"]["snapshots"]["records"] for rk in _manifest(run)["last"]["ranks"])
+
+
+def test_same_before_and_after_consolidate(run, tmp_path):
+    raw = open_run(run)
+    logs_raw = raw.logs(as_table=True)
+    conv_raw = raw.converged()
+    consolidate(run, progress=False)
+    done = open_run(run)
+    assert done.consolidated == run / "consolidated"
+    assert done.logs(as_table=True).equals(logs_raw)
+    conv = done.converged()
+    assert len(conv) == len(conv_raw)
+    for f in conv_raw.fields:
+        np.testing.assert_array_equal(conv.column(f), conv_raw.column(f))
+    np.testing.assert_array_equal(conv.atoms_ptr(), conv_raw.atoms_ptr())
+    assert len(done.shard(1, "snapshots")) == len(raw.shard(1, "snapshots"))
+    traj = done.trajectory("snapshots")
+    assert len(traj) == sum(len(raw.shard(k, "snapshots")) for k in raw.ranks)
+    # the consolidated directory opens on its own too, next to its run ...
+    inplace = open_run(run / "consolidated")
+    assert inplace.path == run.resolve() and len(inplace.shard(2, "snapshots")) > 0
+    # ... and moved away from it: logs and converged still read, per-rank shards cannot
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(run / "consolidated", moved)
+    alone = open_run(moved)
+    assert alone.path is None and alone.manifest["world_size"] == 3
+    assert alone.logs(as_table=True).equals(logs_raw)
+    assert len(alone.converged()) == len(conv_raw)
+    with pytest.raises(RunError, match="run directory"):
+        alone.shard(0, "snapshots")
+
+
+def test_stale_or_partial_consolidation_is_not_used(run):
+    consolidate(run, progress=False)
+    assert open_run(run).consolidated is not None
+    m = _manifest(run)
+    m["settings"]["touched"] = True  # a new manifest: the consolidated output is stale now
+    (run / "run.json").write_text(json.dumps(m))
+    assert open_run(run).consolidated is None
+    consolidate(run, progress=False)
+    assert open_run(run).consolidated is not None
+    marker = run / "consolidated" / "consolidated.json"
+    marker.unlink()  # as if the output were incomplete
+    assert open_run(run).consolidated is None
+    with pytest.raises(RunError, match="incomplete|not a"):
+        open_run(run / "consolidated")
+
+
+def test_not_a_run(tmp_path):
+    with pytest.raises(RunError, match="no such directory"):
+        open_run(tmp_path / "missing")
+    with pytest.raises(RunError, match="not a dist_hooks run"):
+        open_run(tmp_path)
