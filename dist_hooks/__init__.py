@@ -15,9 +15,10 @@ from .store import ZarrSink
 from .launch import LaunchError, LaunchInfo, detect_launch
 from .comm import CommTimeoutError, Communicator, get_communicator
 from .coordinator import Preempted, ResumeError, Run
+from .reader import open_run
 
 __all__ = [
     "CommTimeoutError", "Communicator", "ConvergedSnapshotHook", "FieldChangedError", "LaunchError",
     "LaunchInfo", "LoggingHook", "Preempted", "RecorderError", "ResumeError", "Run", "SnapshotHook",
-    "Stage", "ZarrSink", "detect_launch", "get_communicator", "__version__",
+    "Stage", "ZarrSink", "detect_launch", "get_communicator", "open_run", "__version__",
 ]
