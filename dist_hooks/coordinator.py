@@ -203,7 +203,7 @@ class Run:
         step = int(getattr(ctx, "step_count", 0))
         self._next_step = step
         if self.world_size == 1 and self._signal is not None:
-            self._stop(self.checkpoint(step, final=True))
+            self._stop(self.checkpoint(step))  # not final: the run is interrupted, not finished
         if self.checkpoint_every and step > self.start_step and step % self.checkpoint_every == 0:
             summary = self.checkpoint(step)
             if summary["stop"] is not None:
@@ -241,7 +241,7 @@ class Run:
             self._coord_thread = threading.Thread(target=self._coordinate_safely, args=(records, summary),
                                                   name="dist_hooks-coordinator", daemon=True)
             self._coord_thread.start()
-            if final or summary["stop"] is not None:
+            if final or summary["stop"] is not None or self._signal is not None:
                 self._join_coordinator()
         self._boundary_index = summary["index"] + 1
         self._prune_states()
@@ -421,7 +421,7 @@ class Run:
             if fresh:
                 recs, atoms, n_atoms = _take(block, np.asarray(fresh, dtype=np.int64), levels)
                 writer.append(recs, atoms, n_atoms)
-            writer.flush()
+        writer.sync()  # durable (fsync) before run.json names these lengths
         return dict(writer.committed_lengths())
 
     def _merged(self):
