@@ -74,7 +74,7 @@ def runs(tmp_path_factory) -> dict:
     return {k: base / k for k in jobs}
 
 
-def cli(*args: str, capsys=None) -> tuple[int, str, str]:
+def cli(*args: str) -> tuple[int, str, str]:
     """Run ``dist-hooks`` in-process; returns (status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -345,6 +345,20 @@ def test_missing_shard(runs, tmp_path):
     shutil.rmtree(run / "data.zarr/ranks/rank-00001/converged")
     rc, out, _ = cli("verify", run)
     assert rc == 1 and "data.zarr/ranks/rank-00001/converged: group missing" in out
+
+
+def test_damaged_merged_converged_group(runs, tmp_path):
+    run = _damaged_copy(runs, tmp_path, "r4")
+    n = manifest(run)["last"]["merged"]["records"]
+    f = run / "data.zarr/converged/energy/c.0"
+    f.unlink()
+    rc, out, _ = cli("verify", run)
+    assert rc == 1 and ("data.zarr/converged/energy: differs from the ranks' committed converged "
+                        f"records over records [0, {n})") in out, out
+    # consolidate rebuilds the converged group from the ranks' committed records
+    assert cli("consolidate", run)[0] == 0
+    assert_bit_identical(group(run / "consolidated/data.zarr/converged"),
+                         reference(run, "converged", dedup=True), "rebuilt converged")
 
 
 def test_manifest_path_outside_run(runs, tmp_path):

@@ -88,7 +88,7 @@ DEFAULT_BLOCK_ATOMS = 65536
 #: Bytes fetched per array and read (rounded to whole chunks, at most one shard file) ...
 FETCH_BYTES = 4 << 20
 #: ... shrunk so that all sources of one merge together fetch about this much at a time.
-FETCH_TOTAL = 64 << 20
+FETCH_TOTAL = 32 << 20
 
 
 def fetch_bytes_for(n_sources: int) -> int:
@@ -376,17 +376,18 @@ B = TypeVar("B")
 
 
 def frontier_windows(iters: list[Iterator[B]], steps_of: Callable[[B], np.ndarray],
-                     length: Callable[[B], int], split: Callable[[B, int], tuple[B, B]],
-                     concat: Callable[[list[B]], B]) -> Iterator[list[tuple[int, B]]]:
+                     length: Callable[[B], int],
+                     split: Callable[[B, int], tuple[B, B]]) -> Iterator[list[tuple[int, B]]]:
     """Merge step-ordered streams: yield windows ``[(source index, rows), ...]`` such that
     every row of a window has a smaller step than every row of later windows.
 
     A source's last buffered step may continue in its next block, so only rows below the
     smallest last-buffered step of the live sources (the frontier) are final; the sources at
-    the frontier read on. Loops run over sources and blocks, never over rows.
+    the frontier read on. Buffers are lists of blocks (never concatenated here: the caller
+    copies each row once, into its output). Loops run over sources and blocks, never rows.
     """
     n = len(iters)
-    bufs: list[B | None] = [None] * n
+    bufs: list[list[B]] = [[] for _ in range(n)]
     done = [False] * n
     need = set(range(n))
     while True:
@@ -394,27 +395,36 @@ def frontier_windows(iters: list[Iterator[B]], steps_of: Callable[[B], np.ndarra
             nxt = next(iters[i], None)
             if nxt is None:
                 done[i] = True
-            elif bufs[i] is None or length(bufs[i]) == 0:
-                bufs[i] = nxt
+            elif length(nxt):
+                bufs[i].append(nxt)
             else:
-                bufs[i] = concat([bufs[i], nxt])
+                raise ValueError("sources must not yield empty blocks")
         live = [i for i in range(n) if not done[i]]
-        frontier = min(int(steps_of(bufs[i])[-1]) for i in live) if live else None
+        frontier = min(int(steps_of(bufs[i][-1])[-1]) for i in live) if live else None
         parts = []
         for i in range(n):
-            b = bufs[i]
-            if b is None or length(b) == 0:
-                continue
-            k = length(b) if frontier is None else int(np.searchsorted(steps_of(b), frontier,
-                                                                        side="left"))
-            if k:
-                head, bufs[i] = split(b, k)
-                parts.append((i, head))
+            keep: list[B] = []
+            for blk in bufs[i]:
+                if frontier is None:
+                    parts.append((i, blk))
+                    continue
+                st = steps_of(blk)
+                if keep or st[0] >= frontier:
+                    keep.append(blk)
+                    continue
+                k = int(np.searchsorted(st, frontier, side="left"))
+                if k == length(blk):
+                    parts.append((i, blk))
+                else:
+                    head, tail = split(blk, k)
+                    parts.append((i, head))
+                    keep.append(tail)
+            bufs[i] = keep
         if parts:
             yield parts
         if not live:
             return
-        need = {i for i in live if int(steps_of(bufs[i])[-1]) == frontier}
+        need = {i for i in live if int(steps_of(bufs[i][-1])[-1]) == frontier}
 
 
 def _dedup_mask(rank: np.ndarray, sid: np.ndarray, seen: dict[int, np.ndarray]) -> np.ndarray:
@@ -431,6 +441,41 @@ def _dedup_mask(rank: np.ndarray, sid: np.ndarray, seen: dict[int, np.ndarray]) 
     return keep
 
 
+def gather(parts: list[CsrBlock], order: np.ndarray) -> CsrBlock:
+    """Records ``order`` (indices into the concatenation of ``parts``) as one new block.
+
+    Record columns are small: concatenated and indexed. Atom rows are most of the bytes, and in a
+    merged window they come in long contiguous runs (one per step and rank: a rank's records of
+    one step are already in sample order, or nearly), so they are copied run by run with slice
+    assignments (memcpy speed, one copy) instead of a row-index gather through a concatenation
+    (two copies and a slow fancy index). Many short runs fall back to the index gather.
+    """
+    lens = np.array([len(p) for p in parts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    rec = {n: np.concatenate([p.rec[n] for p in parts])[order] for n in parts[0].rec}
+    counts = np.concatenate([np.diff(p.ptr) for p in parts])[order]
+    ptr = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)]).astype(np.int64)
+    part_of = np.searchsorted(offsets, order, side="right") - 1
+    brk = np.flatnonzero((np.diff(order) != 1) | (np.diff(part_of) != 0)) + 1
+    starts = np.concatenate([[0], brk]).astype(np.int64)
+    if len(order) == 0 or len(starts) * 8 > len(order):
+        if len(parts) == 1:
+            return parts[0].take(order)
+        return CsrBlock.concat(parts).take(order)
+    ends = np.concatenate([brk, [len(order)]]).astype(np.int64)
+    atoms = {n: np.empty((int(ptr[-1]), *parts[0].atoms[n].shape[1:]), parts[0].atoms[n].dtype)
+             for n in parts[0].atoms}
+    # one iteration per contiguous run of records (a few per step and rank), not per record
+    for r0, r1, p, src in zip(starts.tolist(), ends.tolist(), part_of[starts].tolist(),
+                              (order[starts] - offsets[part_of[starts]]).tolist()):
+        blk = parts[p]
+        a0, a1 = int(blk.ptr[src]), int(blk.ptr[src + r1 - r0])
+        d0 = int(ptr[r0])
+        for n, out in atoms.items():
+            out[d0: d0 + a1 - a0] = blk.atoms[n][a0:a1]
+    return CsrBlock(rec, atoms, ptr)
+
+
 def merge_blocks(sources: list[tuple[int, Iterable[CsrBlock]]], *,
                  dedup: bool = False) -> Iterator[CsrBlock]:
     """Merge per-rank record streams into blocks ordered by (step, rank, sample_id), with a
@@ -438,24 +483,25 @@ def merge_blocks(sources: list[tuple[int, Iterable[CsrBlock]]], *,
     ranks = [int(r) for r, _ in sources]
     iters = [iter(s) for _, s in sources]
     seen: dict[int, np.ndarray] = {}
-    for parts in frontier_windows(iters, lambda b: b.steps, len, lambda b, k: b.split(k),
-                                  CsrBlock.concat):
-        blocks = []
-        for i, b in parts:
+    for window in frontier_windows(iters, lambda b: b.steps, len, lambda b, k: b.split(k)):
+        parts = []
+        for i, b in window:
             rec = dict(b.rec)
             rec["rank"] = np.full(len(b), ranks[i], dtype=np.int64)
-            blocks.append(CsrBlock(rec, b.atoms, b.ptr))
-        names = [set(b.rec) | set(b.atoms) for b in blocks]
+            parts.append(CsrBlock(rec, b.atoms, b.ptr))
+        names = [set(b.rec) | set(b.atoms) for b in parts]
         if any(x != names[0] for x in names):
             raise RunError(f"cannot merge ranks {sorted(set(ranks))}: their fields differ "
                            f"({sorted(names[0] ^ next(x for x in names if x != names[0]))})")
-        block = CsrBlock.concat(blocks)
-        sid = block.rec.get("sample_id", np.zeros(len(block), np.int64))
-        order = np.lexsort((sid, block.rec["rank"], block.steps))
+        step = np.concatenate([b.steps for b in parts])
+        rank = np.concatenate([b.rec["rank"] for b in parts])
+        sid = (np.concatenate([b.rec["sample_id"] for b in parts]) if "sample_id" in parts[0].rec
+               else np.zeros(len(step), np.int64))
+        order = np.lexsort((sid, rank, step))
         if dedup:
-            order = order[_dedup_mask(block.rec["rank"][order], sid[order], seen)]
+            order = order[_dedup_mask(rank[order], sid[order], seen)]
         if len(order):
-            yield block.take(order)
+            yield gather(parts, order)
 
 
 _END = object()
@@ -466,12 +512,12 @@ class _Failure:
         self.exc = exc
 
 
-def prefetch(it: Iterable[B], depth: int = 2) -> Iterator[B]:
+def prefetch(it: Iterable[B], depth: int = 1) -> Iterator[B]:
     """Run ``it`` in a background thread, ``depth`` items ahead of the consumer.
 
     Why: reading (chunk decoding, the merge's sort and gather) and writing (encoding) each keep
-    one core busy; overlapping them nearly halves a consolidate on two cores. Memory grows by
-    ``depth`` merged windows only. An exception in the producer is re-raised here; a consumer
+    one core busy; overlapping them lets both run at once. Memory grows by ``depth`` merged
+    windows only. An exception in the producer is re-raised here; a consumer
     that stops early (error, Ctrl-C) stops the producer.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -601,8 +647,7 @@ def merge_csv(units: list[Unit], run_dir: Path, csv_out: Path, *,
                 include_header=True, quoting_style="none"))
         for parts in frontier_windows(
                 iters, lambda t: t.column("step").to_numpy(zero_copy_only=False),
-                lambda t: t.num_rows, lambda t, k: (t.slice(0, k), t.slice(k)),
-                lambda ts: pa.concat_tables(ts)):
+                lambda t: t.num_rows, lambda t, k: (t.slice(0, k), t.slice(k))):
             table = pa.concat_tables([t.select(columns) for _, t in parts])
             keys = [table.column(k).to_numpy(zero_copy_only=False) for k in KEY_COLUMNS]
             table = table.take(pa.array(np.lexsort(keys[::-1])))

@@ -21,7 +21,6 @@ from ..reader import (
     manifest_crc32,
     read_consolidated_summary,
 )
-from ..store import layout
 
 __all__ = ["INFO_VERSION", "format_info", "run_info"]
 

@@ -263,6 +263,8 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
     units = committed_units(manifest)
     local = manifest.get("storage") == "local"
     notes = []
+    if not manifest.get("last"):
+        notes.append("no checkpoint boundary committed yet: nothing is promised")
     if local:
         notes.append("storage=local: rank data stay on the nodes; only the merged group and "
                      "the manifest are checked here")
