@@ -3,22 +3,40 @@
 Hooks (``LoggingHook``, ``SnapshotHook``, ``ConvergedSnapshotHook``) follow nvalchemi's hook protocol;
 ``ZarrSink`` is the rank-sharded Zarr v3 store the snapshot hooks write to; ``Run`` adds checkpoint
 boundaries, the cross-rank merge of converged samples and resume; ``open_run`` reads a run back.
+
+Names are imported on first use: ``dist-hooks info`` and other readers then start without paying for
+torch and the communicators they never touch.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .stages import Stage
-from .hooks import ConvergedSnapshotHook, FieldChangedError, LoggingHook, SnapshotHook
-from .engine import RecorderError
-from .store import ZarrSink
-from .launch import LaunchError, LaunchInfo, detect_launch
-from .comm import CommTimeoutError, Communicator, get_communicator
-from .coordinator import Preempted, ResumeError, Run
-from .reader import open_run
+_EXPORTS = {
+    "Stage": ".stages",
+    "LoggingHook": ".hooks", "SnapshotHook": ".hooks", "ConvergedSnapshotHook": ".hooks",
+    "FieldChangedError": ".hooks",
+    "RecorderError": ".engine",
+    "ZarrSink": ".store",
+    "LaunchError": ".launch", "LaunchInfo": ".launch", "detect_launch": ".launch",
+    "CommTimeoutError": ".comm", "Communicator": ".comm", "get_communicator": ".comm",
+    "Preempted": ".coordinator", "ResumeError": ".coordinator", "Run": ".coordinator",
+    "open_run": ".reader",
+}
 
-__all__ = [
-    "CommTimeoutError", "Communicator", "ConvergedSnapshotHook", "FieldChangedError", "LaunchError",
-    "LaunchInfo", "LoggingHook", "Preempted", "RecorderError", "ResumeError", "Run", "SnapshotHook",
-    "Stage", "ZarrSink", "detect_launch", "get_communicator", "open_run", "__version__",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dist_hooks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
