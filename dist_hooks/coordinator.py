@@ -120,6 +120,7 @@ class Run:
         self._hooks: dict[str, _RecordingHook] = {}
         self._sink = None
         self._sink_options = dict(sink_options or {})
+        self._prev_hooks: dict[str, dict] = {}  # this rank's hooks in its previous commit record
         self._signal: int | None = None
         self._closed = False
         self._next_step: int | None = None
@@ -344,7 +345,7 @@ class Run:
     def _new_converged_payload(self, hooks: dict[str, dict]) -> dict:
         from .store.zarr_reader import ShardReader
         out = {}
-        prev = self._prev_commit.get("hooks", {}) if getattr(self, "_prev_commit", None) else {}
+        prev = self._prev_hooks
         for name, info in hooks.items():
             if not info["converged"] or not info.get("records"):
                 continue
@@ -353,7 +354,7 @@ class Run:
                 reader = ShardReader(self.rank_root / layout.DATA_DIR, layout.hook_group(self.rank, name))
                 block = reader.records(start, info["records"])
                 out[name] = {"levels": {k: v[0] for k, v in reader.fields.items()}, **_encode_arrays(block)}
-        self._prev_commit = {"hooks": hooks}
+        self._prev_hooks = hooks
         return out
 
     # -- the coordinator's part (rank 0) -------------------------------------------------------------
@@ -472,7 +473,7 @@ class Run:
         self._resume_points = {name: _absolute(info, self.rank_root) for name, info in (mine or {}).get("hooks", {}).items()}
         if mine is not None:
             self.start_step = int(mine["step"] or 0)
-            self._prev_commit = {"hooks": mine.get("hooks", {})}
+            self._prev_hooks = mine.get("hooks", {})
             if "state" in mine:
                 self.resume_state = _load_state(self.rank_root, mine["state"])
         if self.rank == 0:
