@@ -32,14 +32,9 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0
 case "$1" in -h|--help) usage ;; esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-run_dir="$1"; shift
-workload=("$@")
-[ ${#workload[@]} -gt 0 ] || workload=(-m dist_hooks.demo)
-
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python="python3"; fi
-fi
+# shellcheck source=launch/common.sh
+source "$root/launch/common.sh"
+dh_parse_args "$@"
 mpiexec="${MPIEXEC:-}"
 if [ -z "$mpiexec" ]; then
   pydir="$(dirname "$(command -v "$python")")"
@@ -59,14 +54,7 @@ fi
 # shellcheck disable=SC2206  # word splitting of MPIEXEC_ARGS is intended
 flags+=(${MPIEXEC_ARGS:-})
 
-mkdir -p "$run_dir"
-run_dir="$(cd "$run_dir" && pwd)"
-export DIST_HOOKS_RUN_DIR="$run_dir"
-# The package is importable from the checkout even when it is not installed in $python.
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
-run_arg=()
-[ -z "${RUN_ARG-"--out"}" ] || run_arg=("${RUN_ARG-"--out"}" "$run_dir")
 
 nproc="${NPROC:-2}"
 echo "[mpiexec.sh] $nproc process(es) with $mpiexec, run directory $run_dir" >&2

@@ -57,19 +57,10 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
 fi
 
 root="${DIST_HOOKS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-run_dir="$1"; shift
-workload=("$@")
-[ ${#workload[@]} -gt 0 ] || workload=(-m dist_hooks.demo)
+# shellcheck source=launch/common.sh
+source "$root/launch/common.sh"
+dh_parse_args "$@"
 
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python="python3"; fi
-fi
-
-mkdir -p "$run_dir"
-run_dir="$(cd "$run_dir" && pwd)"
-export DIST_HOOKS_RUN_DIR="$run_dir"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 # Rendezvous of the torch process group: task 0 runs on the first node of the job and hosts the
@@ -83,8 +74,6 @@ jobnum="${SLURM_JOB_ID//[!0-9]/}"
 export MASTER_ADDR
 export MASTER_PORT="${MASTER_PORT:-$(( 20000 + (10#${jobnum:-0} * 7 + restarts * 1009) % 20000 ))}"
 
-run_arg=()
-[ -z "${RUN_ARG-"--out"}" ] || run_arg=("${RUN_ARG-"--out"}" "$run_dir")
 
 requeue=0
 srun_pid=""

@@ -42,14 +42,9 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0
 case "$1" in -h|--help) usage ;; esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-run_dir="$1"; shift
-workload=("$@")
-[ ${#workload[@]} -gt 0 ] || workload=(-m dist_hooks.demo)
-
-python="${PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x "$root/.venv/bin/python" ]; then python="$root/.venv/bin/python"; else python="python3"; fi
-fi
+# shellcheck source=launch/common.sh
+source "$root/launch/common.sh"
+dh_parse_args "$@"
 
 if [ -z "${NPROC:-}" ]; then
   NPROC=1
@@ -61,11 +56,6 @@ if [ -z "${NPROC:-}" ]; then
 fi
 nnodes="${NNODES:-1}"
 
-mkdir -p "$run_dir"
-run_dir="$(cd "$run_dir" && pwd)"
-export DIST_HOOKS_RUN_DIR="$run_dir"
-# The package is importable from the checkout even when it is not installed in $python.
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 targs=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-0}"
        --monitor-interval="${MONITOR_INTERVAL:-0.2}")
@@ -92,8 +82,6 @@ fi
 # shellcheck disable=SC2206  # word splitting of TORCHRUN_ARGS is intended
 targs+=(${TORCHRUN_ARGS:-})
 
-run_arg=()
-[ -z "${RUN_ARG-"--out"}" ] || run_arg=("${RUN_ARG-"--out"}" "$run_dir")
 
 echo "[torchrun.sh] $nnodes node(s) x $NPROC process(es), run directory $run_dir" >&2
 exec "$python" -m torch.distributed.run "${targs[@]}" "${workload[@]}" "${run_arg[@]}"
