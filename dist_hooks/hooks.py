@@ -517,9 +517,10 @@ class SnapshotHook(_RecordingHook):
                 n_atoms = n_atoms[sel]
                 if n_atoms.shape[0] == 0:
                     return
-            # copies: the pinned buffer is reused as soon as we return
-            records = {k: np.ascontiguousarray(v).copy() for k, v in records.items()}
-            atoms = {k: np.ascontiguousarray(v).copy() for k, v in atoms.items()}
+            # views into the host buffer are fine: append() copies what it keeps before returning,
+            # and the buffer goes back to the pool only after that (finally, below)
+            records = {k: np.ascontiguousarray(v) for k, v in records.items()}
+            atoms = {k: np.ascontiguousarray(v) for k, v in atoms.items()}
             for k, v in (*records.items(), *atoms.items()):  # running checksum of each column, in order
                 self._crc[k] = zlib.crc32(v.reshape(-1).view(np.uint8), self._crc.get(k, 0))
             self._writer.append(records, atoms, n_atoms.astype(np.int64))
