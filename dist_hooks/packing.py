@@ -6,6 +6,7 @@ naturally aligned for its dtype.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ class Slot:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 def plan(tensors: dict[str, torch.Tensor]) -> tuple[list[Slot], int]:
@@ -51,6 +52,10 @@ def unpack(buf: torch.Tensor, slots: list[Slot]) -> dict[str, np.ndarray]:
     raw = buf.numpy()
     out = {}
     for s in slots:
-        np_dtype = torch.empty((), dtype=s.dtype).numpy().dtype
-        out[s.name] = raw[s.offset:s.offset + s.nbytes].view(np_dtype).reshape(s.shape)
+        out[s.name] = raw[s.offset:s.offset + s.nbytes].view(_numpy_dtype(s.dtype)).reshape(s.shape)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
