@@ -108,6 +108,14 @@ def run_early(comm, out: Path, early_rank: int, op: str, timeout: float, style: 
     record["elapsed"] = time.monotonic() - start
     (out / f"rank-{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
+    # Leave only when every survivor has recorded its outcome: MPICH's launcher tears the whole job
+    # down as soon as one process exits without finalising, which could kill a survivor still
+    # waiting for rank 0's relayed error (seen on a loaded machine).
+    deadline = time.monotonic() + 60.0
+    while not all((out / f"rank-{r}.json").exists() for r in range(world) if r != early_rank):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     os._exit(0)  # the communicator's peers are gone; skip close() and interpreter clean-up
 
 
