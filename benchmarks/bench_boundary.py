@@ -28,7 +28,7 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
     from batches import Ctx, make_batch, perturb
-    from dist_hooks import Run, Stage
+    from dist_hooks import Run
 
     run = Run(args.out, checkpoint_every=None, timeout=120, handle_signals=False)
     hooks = [run.logging_hook(), run.snapshot_hook(), run.converged_hook()]

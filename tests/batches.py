@@ -1,7 +1,7 @@
 """Synthetic batches for hook tests: variable atom counts, nvalchemi's field names and shapes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -6,12 +6,10 @@ deterministic per rank), reading the bytes back with plain zarr and numpy.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -4,10 +4,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -197,7 +195,6 @@ def test_memory_bounded_under_slow_writer():
 
     hook = LoggingHook(backend="custom", writer_fn=slow, columnar=True, ring_size=1, buffers=3, rank=0)
     b = make_batch([4] * 8, seed=8)
-    t0 = time.perf_counter()
     for step in range(60):
         hook(Ctx(b, step_count=step), Stage.AFTER_STEP)
         in_flight_max[0] = max(in_flight_max[0], hook._channel.pending)
