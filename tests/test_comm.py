@@ -106,7 +106,14 @@ def _check_timeout(rec: dict, op: str, missing: list[int], *, lost_store: bool =
 def _early(runner, tmp_path, n, early_rank, op, style="exit"):
     args = [tmp_path, "early", "--early-rank", early_rank, "--op", op, "--timeout", TIMEOUT,
             "--early-style", style]
-    _check_job(runner(WORKER, n, args, timeout=JOB_TIMEOUT))
+    proc = runner(WORKER, n, args, timeout=JOB_TIMEOUT)
+    if runner is run_mpiexec and style == "sleep" and proc.returncode == 9:
+        # MPICH's Hydra SIGKILLs the rank that is still (deliberately) hanging once the survivors
+        # have left without MPI_Finalize, and then reports the job as killed; what is under test
+        # here is what the survivors recorded, checked below in full
+        assert "Killed (signal 9)" in proc.stdout, proc.stdout[-4000:]
+    else:
+        _check_job(proc)
     return _records(tmp_path, [r for r in range(n) if r != early_rank])
 
 
