@@ -369,8 +369,8 @@ class Run:
         bfile.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(bfile, json.dumps(entry, indent=1).encode())
         m = self.manifest or self._new_manifest()
-        m["boundaries"].append({"index": entry["index"], "time": entry["time"], "steps": [min_or_none(entry["steps"]),
-                                max_or_none(entry["steps"])], "file": str(bfile.relative_to(self.path)),
+        m["boundaries"].append({"index": entry["index"], "time": entry["time"], "steps": _step_range(entry["steps"]),
+                                "file": str(bfile.relative_to(self.path)),
                                 "converged_count": merged["records"], "all_final": entry["all_final"]})
         m["hooks"] = {name: _hook_settings(h) for name, h in self._hooks.items()}
         m["last"] = entry
@@ -509,14 +509,10 @@ class Run:
                 pass
 
 
-def min_or_none(xs):
-    xs = [x for x in xs if x is not None]
-    return min(xs) if xs else None
-
-
-def max_or_none(xs):
-    xs = [x for x in xs if x is not None]
-    return max(xs) if xs else None
+def _step_range(steps: list[int | None]) -> list[int | None]:
+    """``[min, max]`` of the ranks' boundary steps (``[None, None]`` when no rank saw a step)."""
+    known = [s for s in steps if s is not None]
+    return [min(known), max(known)] if known else [None, None]
 
 
 def _read_manifest(path: Path) -> dict | None:
