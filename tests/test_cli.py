@@ -133,6 +133,30 @@ def group(path: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(a[:]) for k, a in g.arrays()}
 
 
+def trajectory(path: Path) -> dict[str, np.ndarray]:
+    """A consolidated trajectory group (indexed layout) read with plain zarr and turned into the
+    CSR form of :func:`reference`: atom rows gathered record by record through atoms_start and
+    n_atoms. Also checks the layout: each rank's atoms lie inside its own segment."""
+    g = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    assert g.attrs["atoms_layout"] == "indexed" and "atoms_ptr" not in dict(g.arrays())
+    levels = dict(g.attrs["level"])
+    start, count = np.asarray(g["atoms_start"][:]), np.asarray(g["n_atoms"][:])
+    rank = np.asarray(g["rank"][:])
+    for seg in g.attrs["segments"]:
+        mine = rank == seg["rank"]
+        assert count[mine].sum() == seg["atoms"]
+        assert np.all(start[mine] >= seg["start"])
+        assert np.all(start[mine] + count[mine] <= seg["start"] + seg["atoms"])
+    out = {}
+    for k, lvl in levels.items():
+        a = np.asarray(g[k][:])
+        out[k] = a if lvl == "record" else (
+            np.concatenate([a[s:s + n] for s, n in zip(start.tolist(), count.tolist())])
+            if len(start) else a[:0])
+    out["atoms_ptr"] = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
+    return out
+
+
 def assert_bit_identical(got: dict, want: dict, what: str) -> None:
     assert sorted(got) == sorted(want), (what, sorted(got), sorted(want))
     for k in want:
@@ -169,7 +193,8 @@ def test_consolidate_equals_union_of_shards(runs, name):
     want = reference(run, "snapshots")
     assert want and len(want["step"]) == sum(r["hooks"]["snapshots"]["records"]
                                              for r in manifest(run)["last"]["ranks"])
-    assert_bit_identical(group(c / "data.zarr" / "hooks" / "snapshots"), want, f"{name} snapshots")
+    assert_bit_identical(trajectory(c / "data.zarr" / "hooks" / "snapshots"), want,
+                         f"{name} snapshots")
     conv_want = reference(run, "converged", dedup=True)
     conv = group(c / "data.zarr" / "converged")
     assert_bit_identical(conv, conv_want, f"{name} converged")
@@ -201,9 +226,12 @@ sys.modules["dist_hooks"] = None  # our package must not be needed
 import zarr, pandas as pd, numpy as np
 root = zarr.open_group({str(run / 'consolidated' / 'data.zarr')!r}, mode="r")
 snap = root["hooks/snapshots"]
-ptr = snap["atoms_ptr"][:]
-assert ptr[-1] == snap["positions"].shape[0] and len(ptr) == snap["step"].shape[0] + 1
+start, n = snap["atoms_start"][:], snap["n_atoms"][:]
+assert len(start) == len(n) == snap["step"].shape[0] and n.sum() > 0
+assert np.all(start + n <= snap["positions"].shape[0])
 assert np.all(np.diff(snap["step"][:]) >= 0)
+first = snap["positions"][start[0]:start[0] + n[0]]
+assert first.shape == (n[0], 3) and np.isfinite(first).all()
 conv = root["converged"]
 df = pd.read_csv({str(run / 'consolidated' / 'logs' / 'log.csv')!r})
 pq = pd.read_parquet({str(run / 'consolidated' / 'logs' / 'log.parquet')!r})
@@ -271,7 +299,7 @@ def test_crashed_run_consolidates_committed_data_only(runs):
     rc, _, err = cli("consolidate", run)
     assert rc == 0, err
     c = run / "consolidated"
-    snap = group(c / "data.zarr" / "hooks" / "snapshots")
+    snap = trajectory(c / "data.zarr" / "hooks" / "snapshots")
     assert_bit_identical(snap, reference(run, "snapshots"), "crashed snapshots")
     assert snap["step"].max() < last
     conv = group(c / "data.zarr" / "converged")
@@ -306,7 +334,7 @@ def test_truncated_chunk_file(runs, tmp_path):
     _refused(run, "data.zarr/ranks/rank-00001/snapshots/positions")
     rc, _, err = cli("consolidate", run, "--skip-damaged")
     assert rc == 0 and "rank-00001/snapshots/positions" in err
-    snap = group(run / "consolidated/data.zarr/hooks/snapshots")
+    snap = trajectory(run / "consolidated/data.zarr/hooks/snapshots")
     assert set(snap["rank"].tolist()) == {0}
     ref = reference(runs["r2"], "snapshots")  # the undamaged original
     keep = ref["rank"] == 0
@@ -508,7 +536,7 @@ print("PEAKS " + json.dumps(out))
     p = run_command([sys.executable, "-c", code], timeout=150, env=clean_env())
     assert p.returncode == 0, p.stderr[-3000:]
     peaks = json.loads(p.stdout.split("PEAKS ")[1])
-    raw = {n: sum(np.asarray(a).nbytes for a in group(
+    raw = {n: sum(np.asarray(a).nbytes for a in trajectory(
         Path(tmp_path) / n / "consolidated/data.zarr/hooks/snapshots").values())
         for n in ("small", "large")}
     assert raw["large"] > 10 * raw["small"]

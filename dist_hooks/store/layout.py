@@ -24,6 +24,11 @@ RANKS_GROUP = "ranks"
 CONVERGED_GROUP = "converged"
 #: CSR offsets array in every record group: record r owns atom rows atoms_ptr[r]:atoms_ptr[r+1].
 ATOMS_PTR = "atoms_ptr"
+#: The indexed layout of a consolidated trajectory (no atoms_ptr): record r owns atom rows
+#: atoms_start[r]:atoms_start[r]+n_atoms[r]; group attribute ``atoms_layout`` is INDEXED.
+ATOMS_START = "atoms_start"
+N_ATOMS = "n_atoms"
+INDEXED = "indexed"
 
 RANK_PREFIX = "rank-"
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import zarr
 from .atomic_store import AtomicLocalStore
-from .layout import ATOMS_PTR, DATA_DIR, RANKS_GROUP, parse_rank_name
+from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
+                     parse_rank_name)
 
 __all__ = ["ShardReader", "list_shards", "resolve_data_root"]
 
@@ -41,6 +42,10 @@ def _to_torch(value: Any) -> Any:
 
 class ShardReader:
     """Random and bulk access to one record group (CSR: ``atoms_ptr`` + columns).
+
+    Also reads a consolidated trajectory group in the *indexed* layout (``atoms_start`` +
+    ``n_atoms``, atom rows stored as per-rank segments): the API presents it exactly like a
+    CSR group, i.e. atom rows in record order and ``atoms_ptr()`` as their offsets.
 
     Parameters
     ----------
@@ -69,8 +74,19 @@ class ShardReader:
         self.fields: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {
             n: (levels[n], np.dtype(a.dtype), tuple(a.shape[1:])) for n, a in self._arrays.items()
         }
-        ptr = np.asarray(arrays[ATOMS_PTR][:], dtype=np.int64) if ATOMS_PTR in arrays \
-            else np.zeros(1, np.int64)
+        self.indexed = self.attrs.get("atoms_layout") == INDEXED
+        self._start: np.ndarray | None = None
+        if self.indexed:
+            # logical CSR over the records' atoms in record order; _start: where they are
+            counts = np.asarray(arrays[N_ATOMS][:], dtype=np.int64)
+            self._start = np.asarray(arrays[ATOMS_START][:], dtype=np.int64)
+            ptr = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
+            self._segments = np.array(sorted(int(s["start"]) for s in
+                                             self.attrs.get("segments") or [{"start": 0}]),
+                                      dtype=np.int64)
+        else:
+            ptr = np.asarray(arrays[ATOMS_PTR][:], dtype=np.int64) if ATOMS_PTR in arrays \
+                else np.zeros(1, np.int64)
         if len(ptr) == 0:
             ptr = np.zeros(1, np.int64)
         n = len(ptr) - 1
@@ -81,7 +97,14 @@ class ShardReader:
             if level == "record":
                 n = min(n, self._arrays[name].shape[0])
         atom_lens = [self._arrays[m].shape[0] for m, f in self.fields.items() if f[0] == "atom"]
-        if atom_lens:
+        if self.indexed:
+            assert self._start is not None
+            n = min(n, len(self._start))
+            if atom_lens:
+                ends = self._start[:n] + np.diff(ptr[: n + 1])
+                over = np.flatnonzero(ends > min(atom_lens))
+                n = int(over[0]) if len(over) else n
+        elif atom_lens:
             n = min(n, int(np.searchsorted(ptr[: n + 1], min(atom_lens), side="right")) - 1)
         self._n = max(n, 0)
         self._ptr = ptr[: self._n + 1]
@@ -109,8 +132,37 @@ class ShardReader:
         """A whole column: ``(len(self), ...)`` for records, ``(n_atoms, ...)`` for atoms."""
         if name == ATOMS_PTR:
             return self.atoms_ptr()
+        if self._level(name) == "atom" and self.indexed:
+            return self._atom_rows(name, 0, self._n)
         stop = self._n if self._level(name) == "record" else self.n_atoms
         return np.asarray(self._arrays[name][:stop])
+
+    def _atom_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Indexed layout: the atom rows of records ``[start, stop)`` in record order.
+
+        A rank's records keep their relative order in the consolidated order, so the rows
+        wanted from each segment lie in one short range: one read per segment touched, then
+        one gather (no loop over records).
+        """
+        assert self._start is not None
+        arr = self._arrays[name]
+        st = self._start[start:stop]
+        cnt = np.diff(self._ptr[start: stop + 1])
+        if not len(st) or not int(cnt.sum()):
+            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        seg = np.searchsorted(self._segments, st, side="right") - 1
+        bufs, pos = [], np.empty(len(st), np.int64)
+        off = 0
+        for s in np.unique(seg).tolist():  # a loop over segments (ranks), not records
+            m = seg == s
+            lo, hi = int(st[m].min()), int((st[m] + cnt[m]).max())
+            bufs.append(np.asarray(arr[lo:hi]))
+            pos[m] = st[m] - lo + off
+            off += hi - lo
+        buf = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
+        csum = np.cumsum(cnt)
+        rows = np.repeat(pos - (csum - cnt), cnt) + np.arange(int(csum[-1]), dtype=np.int64)
+        return buf[rows]
 
     def record(self, i: int, *, as_torch: bool = True) -> dict[str, Any]:
         """One system: its record columns (scalars/arrays) and its atom rows (sliced by CSR)."""
@@ -120,6 +172,8 @@ class ShardReader:
         if not 0 <= i < n:
             raise IndexError(f"record {i} out of range for {n} records")
         a, b = int(self._ptr[i]), int(self._ptr[i + 1])
+        if self._start is not None:  # indexed layout: where record i's atoms are stored
+            a, b = int(self._start[i]), int(self._start[i]) + b - a
         out: dict[str, Any] = {}
         for name, (level, _, _) in self.fields.items():
             arr = self._arrays[name]
@@ -142,8 +196,12 @@ class ShardReader:
             arr = self._arrays[name] if name in self._arrays else None
             if arr is None:
                 self._level(name)  # raises KeyError with the field list
-            out[name] = np.asarray(arr[start:stop] if self._level(name) == "record"
-                                   else arr[a:b])
+            if self._level(name) == "record":
+                out[name] = np.asarray(arr[start:stop])
+            elif self.indexed:
+                out[name] = self._atom_rows(name, start, stop)
+            else:
+                out[name] = np.asarray(arr[a:b])
         out[ATOMS_PTR] = self._ptr[start: stop + 1] - a
         if as_torch:
             out = {k: _to_torch(v) for k, v in out.items()}

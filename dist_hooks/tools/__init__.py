@@ -7,6 +7,7 @@ errors that map onto them, and a progress bar that only draws on a terminal.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -77,14 +78,17 @@ class Progress:
         self.interval = interval
         self._t0 = time.perf_counter()
         self._last = 0.0
+        self._lock = threading.Lock()
 
     def set_label(self, label: str) -> None:
         self.label = label
         self._draw(force=True)
 
     def update(self, n: int) -> None:
-        self.done += int(n)
-        self._draw()
+        """Thread-safe: consolidate's worker threads report as they go."""
+        with self._lock:
+            self.done += int(n)
+            self._draw()
 
     def _draw(self, force: bool = False) -> None:
         if not self.enabled:

@@ -45,6 +45,7 @@ import signal
 import threading
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -71,6 +72,7 @@ from ..reader import (
 )
 from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
+from ..store.raw_shards import RawArrayReader, ShardDamage, ShardLayout
 from ..store.shard import ShardWriter
 from ..store.zarr_reader import ShardReader
 from zarr.core.sync import sync as _zsync
@@ -78,7 +80,8 @@ from . import LockHeldError, Progress
 
 __all__ = ["CsrBlock", "ZarrSource", "consolidate", "merge_blocks", "merge_csv"]
 
-CONSOLIDATED_VERSION = 1
+#: 2: trajectory groups in the indexed layout (atom rows as per-rank segments).
+CONSOLIDATED_VERSION = 2
 LOCK_NAME = ".consolidate.lock"
 #: Test fault injection: SIGKILL this process after writing that many merged windows.
 FAULT_ENV = "DIST_HOOKS_FAULT_CONSOLIDATE_AFTER_WINDOWS"
@@ -87,6 +90,10 @@ DEFAULT_BLOCK_RECORDS = 4096
 DEFAULT_BLOCK_ATOMS = 65536
 #: Bytes fetched per array and read (rounded to whole chunks, at most one shard file) ...
 FETCH_BYTES = 4 << 20
+#: Smallest record chunk of a consolidated group (128 KiB of an int64 column), and its shards
+#: (the writer stages one shard per column in memory: 2.4 MB of a 3x3 float32 cell).
+OUT_CHUNK_RECORDS = 16384
+OUT_SHARD_RECORDS = 65536
 #: ... shrunk so that all sources of one merge together fetch about this much at a time.
 FETCH_TOTAL = 32 << 20
 
@@ -154,8 +161,9 @@ class _SeqArray:
     """
 
     def __init__(self, arr: Any, stop: int, place: str, progress: Progress | None,
-                 fetch_bytes: int = FETCH_BYTES) -> None:
+                 fetch_bytes: int = FETCH_BYTES, raw: RawArrayReader | None = None) -> None:
         self.arr = arr
+        self.raw = raw  # shard files read directly (store/raw_shards.py), when understood
         self.stop = int(stop)
         self.place = place
         self.progress = progress
@@ -198,17 +206,32 @@ class _SeqArray:
         """Rows ``[a, b)``; ``a`` never goes back before an earlier request's start."""
         rng = self.plan(b)
         if rng is not None:
-            try:
-                data = self.arr[rng[0]:rng[1]]
-            except Exception as exc:  # noqa: BLE001 - any decode error is damage here
-                raise self._damage(*rng, exc) from exc
-            self.feed(a, rng, data)
+            self.feed(a, rng, self.fetch(rng))
         return self.take(a, b)
+
+    def fetch(self, rng: tuple[int, int]) -> np.ndarray:
+        """Rows ``rng`` decoded, read directly from the shard files when ``raw`` is set."""
+        try:
+            if self.raw is not None:
+                return self.raw.read(*rng)
+            return self.arr[rng[0]:rng[1]]
+        except ShardDamage as exc:
+            raise DamageError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - any decode error is damage here
+            raise self._damage(*rng, exc) from exc
 
     def drain(self) -> None:
         """Fetch any committed rows not read yet (so that the checksum covers them)."""
         if self.hi < self.stop:
             self.read(self.hi, self.stop)
+
+
+def _raw_reader(array_dir: Path, place: str) -> RawArrayReader | None:
+    try:
+        lay, _ = ShardLayout.of(array_dir)
+    except (OSError, ValueError):
+        return None  # zarr reports it
+    return RawArrayReader(array_dir, lay, place) if lay is not None else None
 
 
 async def _gather_reads(jobs: list[tuple[_SeqArray, tuple[int, int]]]) -> list[Any]:
@@ -225,6 +248,10 @@ async def _gather_reads(jobs: list[tuple[_SeqArray, tuple[int, int]]]) -> list[A
 def _read_many(requests: list[tuple[_SeqArray, int, int]]) -> list[np.ndarray]:
     """Rows ``[a, b)`` of several arrays, fetching whatever is missing in one concurrent batch."""
     jobs = [(seq, rng, a) for seq, a, b in requests if (rng := seq.plan(b)) is not None]
+    for seq, rng, a in jobs:
+        if seq.raw is not None:
+            seq.feed(a, rng, seq.fetch(rng))
+    jobs = [j for j in jobs if j[0].raw is None]
     if jobs:
         results = _zsync(_gather_reads([(s, r) for s, r, _ in jobs]))
         for (seq, rng, a), data in zip(jobs, results):
@@ -247,8 +274,10 @@ class ZarrSource:
                  atoms: int | None = None, expect_crc: dict | None = None,
                  block_records: int = DEFAULT_BLOCK_RECORDS,
                  block_atoms: int = DEFAULT_BLOCK_ATOMS, progress: Progress | None = None,
-                 fetch_bytes: int = FETCH_BYTES) -> None:
+                 fetch_bytes: int = FETCH_BYTES,
+                 levels: tuple[str, ...] = ("record", "atom")) -> None:
         self.place = place
+        self.levels = tuple(levels)
         self.records = int(records)
         self.expect_crc = expect_crc
         self.block_records = max(int(block_records), 1)
@@ -290,9 +319,12 @@ class ZarrSource:
                               f"atom count {int(atoms)}")
         self.ptr = ptr
         self.atoms = int(ptr[-1])
-        self.arrays = {n: arrays[n] for n in self.fields}
+        # ``levels``: which fields this source reads and checks (consolidate copies the atom
+        # arrays of a trajectory separately, shard by shard: tools/atom_segments.py)
+        self.arrays = {n: arrays[n] for n in self.fields if self.fields[n][0] in self.levels}
         self._seq = {n: _SeqArray(a, self.records if self.fields[n][0] == "record"
-                                  else self.atoms, f"{place}/{n}", progress, fetch_bytes)
+                                  else self.atoms, f"{place}/{n}", progress, fetch_bytes,
+                                  raw=_raw_reader(gdir / n, f"{place}/{n}"))
                      for n, a in self.arrays.items()}
 
     def _short(self, arrays: dict, reader: ShardReader) -> None:
@@ -332,8 +364,8 @@ class ZarrSource:
             raise RuntimeError(f"{self.place}: a source is read once")
         self._consumed = True
         ptr, n = self.ptr, self.records
-        rec_names = [f for f, v in self.fields.items() if v[0] == "record"]
-        atom_names = [f for f, v in self.fields.items() if v[0] == "atom"]
+        rec_names = [f for f in self.arrays if self.fields[f][0] == "record"]
+        atom_names = [f for f in self.arrays if self.fields[f][0] == "atom"]
         start, last_step = 0, None
         while start < n:
             stop = min(start + self.block_records, n)
@@ -361,6 +393,8 @@ class ZarrSource:
         """crc32 mismatches of fields against ``expect_crc`` (after a full iteration)."""
         out = []
         for name, want in (self.expect_crc or {}).items():
+            if name in self.fields and self.fields[name][0] not in self.levels:
+                continue  # checked by whoever reads that level
             seq = self._seq.get(name)
             if seq is None:
                 out.append(f"{self.place}/{name}: array missing")
@@ -797,6 +831,7 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         mcrc = zlib.crc32(data)
         old = read_consolidated_summary(out)
         if (old is not None and not force and old.get("options") == options
+                and old.get("format_version") == CONSOLIDATED_VERSION
                 and old.get("source", {}).get("manifest_crc32") == mcrc):
             return {**old, "status": "up-to-date", "out": str(out)}
         units = committed_units(manifest)
@@ -862,18 +897,20 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     bar = Progress(0, "consolidate", enabled=progress)
     fault = _fault_hook()
 
-    def open_source(u: Unit) -> ZarrSource:
+    def open_source(u: Unit, levels: tuple[str, ...] = ("record", "atom")) -> ZarrSource:
         u.path(run_dir)
         n = sum(1 for v in units if v.kind == "zarr" and v.hook == u.hook)
         return ZarrSource(data_root, u.group, place=u.rel, records=u.records, atoms=u.atoms,
                           expect_crc=u.info.get("crc32") or {}, block_records=block_records,
-                          block_atoms=block_atoms, progress=bar, fetch_bytes=fetch_bytes_for(n))
+                          block_atoms=block_atoms, progress=bar, fetch_bytes=fetch_bytes_for(n),
+                          levels=levels)
 
     problems: list[str] = []
-    sources: dict[str, list[tuple[int, ZarrSource]]] = {}
+    sources: dict[str, list[tuple[Unit, ZarrSource]]] = {}
     try:
         for h in zarr_hooks:
-            sources[h] = [(u.rank, open_source(u)) for u in units
+            # trajectories: records merged here, atom arrays copied per rank (atom_segments)
+            sources[h] = [(u, open_source(u, ("record",))) for u in units
                           if u.kind == "zarr" and not u.converged and u.hook == h]
         conv_sources = [(u.rank, open_source(u)) for u in conv_units]
     except DamageError as exc:
@@ -887,7 +924,7 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                                    records=int(merged["records"]), atoms=int(merged["atoms"]),
                                    block_records=block_records, block_atoms=block_atoms,
                                    progress=bar)
-    total += sum(s.nbytes for ss in sources.values() for _, s in ss)
+    total += sum(s.nbytes + _atom_bytes(s) for ss in sources.values() for _, s in ss)
     total += sum(s.nbytes for _, s in conv_sources)
     total += merged_source.nbytes if merged_source is not None else 0
     bar.total = total
@@ -900,20 +937,15 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     try:
         for h, ss in sources.items():
             bar.set_label(f"consolidate {h}")
-            chunking = ss[0][1].chunking() if ss else {}
-            sink = _GroupSink(store, f"hooks/{h}", chunking)
-            for block in prefetch(merge_blocks(ss)):
-                sink.append(block)
-                if fault is not None:
-                    fault()
-            info = sink.close()
-            for _, s in ss:
-                problems.extend(s.problems())
-            summary["hooks"][h] = {**info, "ranks": [r for r, _ in ss]}
+            info, more = _trajectory(data_root, store, f"hooks/{h}", ss, bar, fault)
+            problems.extend(more)
+            summary["hooks"][h] = info
         if conv_sources or merged_source is not None:
             bar.set_label("consolidate converged")
             ref = conv_sources[0][1] if conv_sources else merged_source
-            sink = _GroupSink(store, layout.CONVERGED_GROUP, ref.chunking())
+            n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
+                      else merged_source.records)
+            sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref, n_conv))
             stream = merge_blocks(conv_sources, dedup=True) if conv_sources else iter(merged_source)
             for block in prefetch(stream):
                 sink.append(block)
@@ -947,6 +979,90 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     store.sync()
     sync_dir(tmp / layout.LOGS_DIR) if (tmp / layout.LOGS_DIR).is_dir() else None
     return summary
+
+
+def _out_chunking(src: ZarrSource, records: int) -> dict[str, int]:
+    """The source's chunking, with larger record chunks for an output of ``records`` records:
+    a live run keeps record chunks small (they are rewritten as they fill), an output is
+    written once, and zarr's cost per chunk dominated writing small ones (measured). Chunks
+    stay within a 16th of the output, so a small output does not stage large buffers."""
+    c = src.chunking()
+    want = min(OUT_CHUNK_RECORDS, max(records // 16, 1))
+    if c["chunk_records"] < want:
+        # the writer stages a whole shard per column: shards of 4 chunks
+        c["chunk_records"] = want
+        c["records_per_shard_chunks"] = OUT_SHARD_RECORDS // OUT_CHUNK_RECORDS
+    return c
+
+
+def _atom_bytes(src: ZarrSource) -> int:
+    """Uncompressed bytes of a source's committed atom rows (the part it does not read)."""
+    total = 0
+    for n, (level, dtype, trailing) in src.fields.items():
+        if level == "atom":
+            total += src.atoms * int(np.prod(trailing, dtype=np.int64)) * dtype.itemsize
+    return total
+
+
+def _trajectory(data_root: Path, store: AtomicLocalStore, group: str,
+                sources: list[tuple[Unit, ZarrSource]], bar: Progress,
+                fault: Callable[[], None] | None) -> tuple[dict, list[str]]:
+    """One consolidated trajectory group in the indexed layout (docs/format.md): atom arrays
+    as one segment per rank (:mod:`.atom_segments`), then records ordered by (step, rank,
+    sample_id) with ``atoms_start`` and ``n_atoms`` pointing into those segments."""
+    import zarr
+
+    from .atom_segments import Segment, SegmentWriter
+
+    ref = sources[0][1]
+    atom_fields = [n for n, v in ref.fields.items() if v[0] == "atom"]
+    segments = [Segment(rank=u.rank, group=u.group, place=u.rel, atoms=s.atoms,
+                        expect_crc={k: v for k, v in (s.expect_crc or {}).items()
+                                    if k in atom_fields})
+                for u, s in sources]
+    atoms_out = SegmentWriter(data_root, store, group, atom_fields, segments, progress=bar,
+                              workers=min(4, os.cpu_count() or 1), on_piece=fault)
+
+    def located(s: ZarrSource, start: int) -> Iterator[CsrBlock]:
+        base = 0
+        for b in s:
+            rec = dict(b.rec)
+            rec[layout.ATOMS_START] = (start + base + b.ptr[:-1]).astype(np.int64)
+            rec[layout.N_ATOMS] = np.diff(b.ptr).astype(np.int64)
+            base += int(b.ptr[-1])
+            yield CsrBlock(rec, {}, np.zeros(len(b) + 1, np.int64))
+
+    merged = [(u.rank, located(s, sg.start)) for (u, s), sg in zip(sources, segments)]
+    sink = _GroupSink(store, group, _out_chunking(ref, sum(s.records for _, s in sources)))
+    # atoms are copied in worker threads while the records are merged here
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-hooks-atoms") as pool:
+        copying = pool.submit(atoms_out.run)
+        try:
+            for block in prefetch(merge_blocks(merged)):
+                sink.append(block)
+                if fault is not None:
+                    fault()
+        finally:
+            problems = copying.result()
+    info = sink.close()
+    for _, s in sources:
+        problems.extend(s.problems())
+    # the writer's atoms_ptr (all zeros: records carry no atoms of their own) is not part of
+    # this layout; atoms_start/n_atoms are layout arrays, not fields
+    shutil.rmtree(Path(store.root) / group / layout.ATOMS_PTR, ignore_errors=True)
+    levels = {n: v[0] for n, v in ref.fields.items()}
+    if "rank" not in levels:
+        levels["rank"] = "record"
+    seg_info = [{"rank": sg.rank, "start": sg.start, "atoms": sg.atoms,
+                 "crc32": sg.expect_crc} for sg in segments]
+    zarr.open_group(store, path=group, mode="r+").attrs.update(
+        {"level": levels, "atoms_layout": layout.INDEXED, "segments": seg_info})
+    rec_crc = {k: v for k, v in info["crc32"].items()
+               if k not in (layout.ATOMS_START, layout.N_ATOMS)}
+    return ({"kind": "zarr", "group": group, "layout": layout.INDEXED,
+             "records": info["records"], "atoms": sum(sg.atoms for sg in segments),
+             "atom_rows": atoms_out.rows, "crc32": rec_crc, "segments": seg_info,
+             "ranks": [u.rank for u, _ in sources]}, problems)
 
 
 def _file_crc(path: Path) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..reader import RunError, RunReader, open_run
 from ..store import layout
+from ..store.zarr_reader import ShardReader
 from . import MissingDependencyError
 
 __all__ = ["export", "iter_blocks"]
@@ -63,9 +64,8 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
         raise RunError(f"no snapshot hook {hook!r}; the run has {hooks}")
     info = (run.summary or {}).get("hooks", {}).get(hook) if run.consolidated else None
     if info is not None:
-        root = run.consolidated / layout.DATA_DIR
-        return iter(ZarrSource(root, info["group"], place=str(root / info["group"]),
-                               records=info["records"], atoms=info["atoms"], **kw))
+        return _reader_blocks(ShardReader(run.consolidated / layout.DATA_DIR, info["group"],
+                                          limit_records=info["records"]), block_records)
     if run.path is None:
         raise RunError(f"the consolidated output holds no group for hook {hook!r}")
     units = [u for u in run.units if u.kind == "zarr" and u.hook == hook]
@@ -75,6 +75,18 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
         sources.append((u.rank, ZarrSource(run.path / layout.DATA_DIR, u.group, place=u.rel,
                                            records=u.records, atoms=u.atoms, **kw)))
     return merge_blocks(sources)
+
+
+def _reader_blocks(reader: ShardReader, block_records: int) -> Iterator[Any]:
+    """Bounded blocks through the reader, which also reads a consolidated trajectory's indexed
+    layout (atom rows as per-rank segments) in record order."""
+    from .consolidate import CsrBlock
+
+    for a in range(0, len(reader), max(block_records, 1)):
+        d = reader.records(a, a + block_records)
+        ptr = np.asarray(d.pop(layout.ATOMS_PTR), dtype=np.int64)
+        yield CsrBlock({n: v for n, v in d.items() if reader.fields[n][0] == "record"},
+                       {n: v for n, v in d.items() if reader.fields[n][0] == "atom"}, ptr)
 
 
 def _atoms_of(block: Any, ase: Any) -> list[Any]:

@@ -1,0 +1,244 @@
+"""The atom arrays of a consolidated trajectory group: each rank's committed rows, one segment.
+
+Why segments (format: ``docs/format.md``, "Consolidated output"): atom rows are nearly all of a
+run's bytes. Ordering them by (step, rank, sample) like the records would mean decoding,
+reordering and re-encoding every one of them; measured, that ran at a twentieth of a file
+copy. Instead each rank's rows stay in the rank's own order, as one segment that starts on a
+shard boundary of the output array, and each record says where its atoms are
+(``atoms_start``, ``n_atoms``). Every source shard file that lies wholly inside the committed
+rows is then copied byte for byte (:mod:`~dist_hooks.store.raw_shards` checks its index and
+folds its decoded rows into the committed crc32 on the way); only a rank's last, partial shard
+is decoded and written again through zarr, so that no uncommitted or stale row is carried over.
+A source whose chunking or codecs differ from the output's is copied through zarr, in
+shard-sized pieces.
+
+Work runs in a few threads, one (field, rank) pair each: decoding and file I/O release the GIL.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from zarr.core.buffer import default_buffer_prototype
+
+from ..reader import DamageError
+from ..store.atomic_store import AtomicLocalStore, fsync_tree
+from ..store.raw_shards import ShardDamage, ShardLayout, read_shard_rows
+
+__all__ = ["Segment", "SegmentWriter", "plan_starts"]
+
+
+@dataclass
+class Segment:
+    """One rank's committed atom rows of one hook, and where they go in the output."""
+
+    rank: int
+    group: str               #: the rank's record group, relative to the data root
+    place: str               #: that group, relative to the run (for messages)
+    atoms: int               #: committed atom rows
+    expect_crc: dict[str, int] = field(default_factory=dict)
+    start: int = 0           #: first output row (set by :func:`plan_starts`)
+
+
+def plan_starts(segments: list[Segment], unit_rows: int) -> int:
+    """Place segments one after another, each starting on a multiple of ``unit_rows`` (the
+    output's shard, or chunk, rows); returns the output's row count."""
+    pos = 0
+    end = 0
+    for s in segments:
+        s.start = pos
+        end = pos + s.atoms
+        pos += -(-s.atoms // unit_rows) * unit_rows
+    return end
+
+
+def _unit_rows(meta: dict) -> int:
+    return int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+
+
+class _Counter:
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        if self.progress is not None:
+            with self.lock:
+                self.progress.update(n)
+
+
+class SegmentWriter:
+    """Places ``segments`` (on construction: reads metadata only, sets each ``start``) and then,
+    in :meth:`run`, creates ``group/<field>`` in ``store`` for each atom field and fills it.
+
+    The output arrays take the first segment's metadata (chunking, codecs). Split in two so the
+    caller can write the records, which need the starts, while the atoms are copied.
+    """
+
+    def __init__(self, data_root: Path, store: AtomicLocalStore, group: str, fields: list[str],
+                 segments: list[Segment], *, progress: Any = None, workers: int = 2,
+                 on_piece: Callable[[], None] | None = None, checksums: bool = True) -> None:
+        self.data_root = Path(data_root)
+        self.checksums = bool(checksums)
+        self.copied: list[Path] = []
+        self.store = store
+        self.group = group
+        self.fields = list(fields)
+        self.segments = segments
+        self.workers = max(1, int(workers))
+        self.on_piece = on_piece
+        self.counter = _Counter(progress)
+        self.metas: dict[str, dict] = {}
+        self.lays: dict[str, ShardLayout | None] = {}
+        self.unit_rows = self.rows = 0
+        if not self.fields or not segments:
+            return
+        for f in self.fields:
+            try:
+                self.lays[f], self.metas[f] = ShardLayout.of(self.data_root / segments[0].group / f)
+            except FileNotFoundError:
+                raise DamageError(f"{segments[0].place}/{f}: array missing") from None
+            except (OSError, ValueError) as exc:
+                raise DamageError(f"{segments[0].place}/{f}/zarr.json: cannot be read ({exc})") \
+                    from exc
+        unit = {_unit_rows(m) for m in self.metas.values()}
+        if len(unit) != 1:
+            raise DamageError(f"{segments[0].place}: atom arrays differ in chunking "
+                              f"({sorted(unit)})")
+        self.unit_rows = unit.pop()
+        self.rows = plan_starts(segments, self.unit_rows)
+
+    def run(self) -> list[str]:
+        """Copy every segment; returns crc32 mismatches. Damage that stops a read (a missing,
+        truncated or undecodable file) raises :class:`DamageError` naming the file."""
+        import zarr
+
+        if not self.fields or not self.segments:
+            return []
+        outs = {}
+        for f in self.fields:
+            meta = {**self.metas[f], "shape": [self.rows, *self.metas[f]["shape"][1:]],
+                    "attributes": {}}
+            self.store.set_sync(f"{self.group}/{f}/zarr.json",
+                                default_buffer_prototype().buffer.from_bytes(
+                                    json.dumps(meta, indent=2).encode()))
+            outs[f] = zarr.open_array(self.store, path=f"{self.group}/{f}", mode="r+")
+        src_store = AtomicLocalStore(self.data_root, read_only=True)
+
+        def one(f: str, seg: Segment) -> str | None:
+            where = f"{seg.place}/{f}"
+            try:
+                src_lay, src_meta = ShardLayout.of(self.data_root / seg.group / f)
+            except FileNotFoundError:
+                raise DamageError(f"{where}: array missing") from None
+            except (OSError, ValueError) as exc:
+                raise DamageError(f"{where}/zarr.json: cannot be read ({exc})") from exc
+            if int(src_meta["shape"][0]) < seg.atoms:
+                raise DamageError(f"{where}: shape has {src_meta['shape'][0]} rows, committed "
+                                  f"{seg.atoms}")
+            lay = self.lays[f]
+            if lay is not None and src_lay is not None and src_lay.signature == lay.signature:
+                crc = _copy_raw(f, seg, self.data_root / seg.group / f,
+                                int(src_meta["shape"][0]), lay,
+                                Path(self.store.root) / self.group / f, outs[f], self.counter,
+                                self.on_piece, self.checksums, self.copied)
+            else:
+                crc = _copy_zarr(f, seg, src_store, outs[f], self.unit_rows, self.counter)
+            want = seg.expect_crc.get(f)
+            if want is not None and crc is not None and crc != int(want):
+                return f"{where}: crc32 mismatch over atom rows [0, {seg.atoms})"
+            return None
+
+        jobs = [(f, s) for s in self.segments for f in self.fields]
+        with ThreadPoolExecutor(max_workers=self.workers,
+                                thread_name_prefix="dist-hooks-segments") as pool:
+            futures = [pool.submit(one, f, s) for f, s in jobs]
+            try:
+                problems = [p for fu in futures if (p := fu.result()) is not None]
+            except BaseException:
+                for fu in futures:
+                    fu.cancel()
+                raise
+        # files copied past the store: made durable here (zarr's writes by the store's sync())
+        fsync_tree(self.copied, stop_at=self.store.root)
+        return problems
+
+
+def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayout,
+              out_dir: Path, out: Any, counter: _Counter, on_piece: Callable[[], None] | None,
+              checksums: bool, copied: list[Path]) -> int | None:
+    """Committed shards copied as files; returns the crc32 of the committed rows, or ``None``
+    without ``checksums`` (then only each shard's index is read and checked).
+
+    The last, partial shard is copied too when the source array ends where the commit does
+    (``src_rows == seg.atoms``: a run that stopped at a boundary); otherwise it holds rows
+    written after the last boundary, and only its committed rows are decoded and written
+    again, through zarr, so that nothing uncommitted reaches the output.
+    """
+    S = lay.shard_rows
+    n_shards = -(-seg.atoms // S)
+    first = seg.start // S
+    crc: int | None = 0 if checksums else None
+    for i in range(n_shards):
+        key = lay.shard_key(i)
+        src = src_dir / key
+        where = f"{seg.place}/{f}/{key}"
+        rows = min(S, seg.atoms - i * S)
+        as_file = rows == S or src_rows == seg.atoms
+        kept = None
+        try:
+            if as_file and not checksums:
+                present = lay.read_index(src, where) is not None
+            else:
+                try:
+                    data = src.read_bytes()
+                except FileNotFoundError:
+                    data = b""  # all fill value (zarr writes no such shard); crc32 tells a lost one
+                present = bool(data)
+                c, kept = read_shard_rows(data, lay, rows, where, crc or 0, keep=not as_file)
+                crc = c if checksums else None
+        except ShardDamage as exc:
+            raise DamageError(str(exc)) from exc
+        if not as_file:
+            a = seg.start + i * S
+            out[a: a + rows] = kept
+        elif present:
+            # the kernel copies (sendfile), as a plain file copy would
+            dst = out_dir / lay.shard_key(first + i)
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+        counter.add(rows * lay.row_bytes)
+        if on_piece is not None:
+            on_piece()
+    return crc
+
+
+def _copy_zarr(f: str, seg: Segment, src_store: AtomicLocalStore, out: Any, unit_rows: int,
+               counter: _Counter) -> int:
+    """The fallback for a source laid out unlike the output: decode, check, re-encode."""
+    import zarr
+
+    try:
+        src = zarr.open_array(src_store, path=f"{seg.group}/{f}", mode="r")
+    except Exception as exc:  # noqa: BLE001
+        raise DamageError(f"{seg.place}/{f}: cannot be opened ({type(exc).__name__}: {exc})") \
+            from exc
+    crc = 0
+    for a in range(0, seg.atoms, unit_rows):
+        b = min(a + unit_rows, seg.atoms)
+        try:
+            rows = np.ascontiguousarray(src[a:b])
+        except Exception as exc:  # noqa: BLE001 - any decode error is damage here
+            raise DamageError(f"{seg.place}/{f}: rows [{a}, {b}) cannot be read "
+                              f"({type(exc).__name__}: {exc})") from exc
+        crc = zlib.crc32(rows, crc) if rows.size else crc
+        out[seg.start + a: seg.start + b] = rows
+        counter.add(rows.nbytes)
+    return crc
