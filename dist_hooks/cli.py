@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="rebuild even when the output is up to date")
     c.add_argument("--no-parquet", action="store_true", help="write the merged CSVs only")
+    c.add_argument("--no-checksums", action="store_true",
+                   help="copy trajectory shard files after checking only their index, without "
+                        "decoding every atom row against its committed crc32 (faster; for a run "
+                        "`dist-hooks verify` has checked)")
     c.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress bar on stderr (auto: only when stderr is a terminal)")
     c.add_argument("--block-records", type=int, default=4096, metavar="N",
@@ -115,7 +119,8 @@ def _consolidate(args: argparse.Namespace) -> int:
 
     s = consolidate(args.run, args.out, skip_damaged=args.skip_damaged, force=args.force,
                     progress=_progress(args.progress), parquet=not args.no_parquet,
-                    block_records=args.block_records, block_atoms=args.block_atoms)
+                    block_records=args.block_records, block_atoms=args.block_atoms,
+                    checksums=not args.no_checksums)
     if args.json:
         _print_json({k: v for k, v in s.items() if k != "manifest"})
         return 0

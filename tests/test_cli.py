@@ -26,6 +26,7 @@ import zarr
 
 from mp.runner import REPO_ROOT, clean_env, mpi_available, mpiexec_path, run_command
 
+from consolidated_ref import assert_bit_identical, reference, trajectory
 from dist_hooks.cli import build_parser, main
 from dist_hooks.reader import open_run
 from dist_hooks.tools import Progress
@@ -34,7 +35,6 @@ ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
 DEMO = ["--steps", "60", "--relax-steps", "40", "--systems-per-rank", "5", "--min-atoms", "8",
         "--max-atoms", "20", "--fmax", "0.02", "--checkpoint-every", "20", "--snapshot-every", "5",
         "--timeout", "90", "--quiet"]
-ATOM_FIELDS = ("positions", "velocities", "forces", "atomic_numbers", "atomic_masses")
 
 
 def _bench_module():
@@ -87,82 +87,9 @@ def manifest(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
-def reference(run: Path, hook: str, *, dedup: bool = False) -> dict[str, np.ndarray]:
-    """All ranks' committed records of ``hook``, record by record with plain zarr, sorted by
-    (step, rank, sample_id) with Python's sort, optionally one per (rank, sample_id)."""
-    rows = []
-    for rk in manifest(run)["last"]["ranks"]:
-        info = rk["hooks"].get(hook)
-        if not info or not info["records"]:
-            continue
-        n = info["records"]
-        g = zarr.open_group(str(run / "data.zarr" / info["group"]), mode="r",
-                            use_consolidated=False)
-        levels = dict(g.attrs["level"])
-        ptr = np.asarray(g["atoms_ptr"][: n + 1])
-        cols = {k: np.asarray(g[k][: n if lvl == "record" else ptr[n]]) for k, lvl in levels.items()}
-        for i in range(n):
-            rec = {k: (v[i] if levels[k] == "record" else v[ptr[i]:ptr[i + 1]])
-                   for k, v in cols.items()}
-            rec["rank"] = np.int64(rk["rank"])
-            rows.append(rec)
-    rows.sort(key=lambda r: (int(r["step"]), int(r["rank"]), int(r["sample_id"])))
-    if dedup:
-        seen, keep = set(), []
-        for r in rows:
-            key = (int(r["rank"]), int(r["sample_id"]))
-            if key not in seen:
-                seen.add(key)
-                keep.append(r)
-        rows = keep
-    if not rows:
-        return {}
-    out = {}
-    for k in rows[0]:
-        if k in ATOM_FIELDS:
-            out[k] = np.concatenate([r[k] for r in rows])
-        else:
-            out[k] = np.stack([np.asarray(r[k]) for r in rows])
-    counts = [len(r["positions"]) for r in rows]
-    out["atoms_ptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return out
-
-
 def group(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r", use_consolidated=False)
     return {k: np.asarray(a[:]) for k, a in g.arrays()}
-
-
-def trajectory(path: Path) -> dict[str, np.ndarray]:
-    """A consolidated trajectory group (indexed layout) read with plain zarr and turned into the
-    CSR form of :func:`reference`: atom rows gathered record by record through atoms_start and
-    n_atoms. Also checks the layout: each rank's atoms lie inside its own segment."""
-    g = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    assert g.attrs["atoms_layout"] == "indexed" and "atoms_ptr" not in dict(g.arrays())
-    levels = dict(g.attrs["level"])
-    start, count = np.asarray(g["atoms_start"][:]), np.asarray(g["n_atoms"][:])
-    rank = np.asarray(g["rank"][:])
-    for seg in g.attrs["segments"]:
-        mine = rank == seg["rank"]
-        assert count[mine].sum() == seg["atoms"]
-        assert np.all(start[mine] >= seg["start"])
-        assert np.all(start[mine] + count[mine] <= seg["start"] + seg["atoms"])
-    out = {}
-    for k, lvl in levels.items():
-        a = np.asarray(g[k][:])
-        out[k] = a if lvl == "record" else (
-            np.concatenate([a[s:s + n] for s, n in zip(start.tolist(), count.tolist())])
-            if len(start) else a[:0])
-    out["atoms_ptr"] = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    return out
-
-
-def assert_bit_identical(got: dict, want: dict, what: str) -> None:
-    assert sorted(got) == sorted(want), (what, sorted(got), sorted(want))
-    for k in want:
-        x, y = np.ascontiguousarray(got[k]), np.ascontiguousarray(want[k])
-        assert x.dtype == y.dtype and x.shape == y.shape, (what, k, x.dtype, y.dtype, x.shape, y.shape)
-        assert x.tobytes() == y.tobytes(), (what, k)
 
 
 def csv_reference(run: Path, hook: str = "log"):

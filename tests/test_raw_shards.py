@@ -236,8 +236,6 @@ def test_garbage_chunk_bytes(tmp_path):
         assert zlib.crc32(got.tobytes()) != zlib.crc32(ref[16:20].tobytes())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a complex fill value ([re, im] in zarr.json) is "
-                   "passed to np.full as a 2-list, so a left-out chunk does not read as it")
 @pytest.mark.parametrize("trailing,fill", [((), 0), ((2,), 1 + 2j)])
 def test_complex_fill_value_chunks(tmp_path, trailing, fill):
     data = np.full((ROWS, *trailing), 3 - 1j, np.complex64)

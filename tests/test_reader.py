@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 import zarr
 
+from consolidated_ref import assert_bit_identical, reference, trajectory
 from dist_hooks.reader import RunError, open_run
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import CsvLog
@@ -23,6 +24,8 @@ from dist_hooks.store.shard import ZarrSink
 from dist_hooks.tools.consolidate import consolidate
 
 REPO = Path(__file__).resolve().parents[1]
+#: Positions of the uncommitted record that _append_uncommitted writes.
+UNCOMMITTED = 12345.0
 
 
 def _bench():
@@ -82,6 +85,7 @@ def _append_uncommitted(run: Path) -> None:
     recs = {k: np.asarray(g[k][n - 1: n]) for k, lvl in levels.items() if lvl == "record"}
     recs["step"] = np.array([999], np.int64)
     atoms = {k: np.asarray(g[k][ptr[n - 1]: ptr[n]]) for k, lvl in levels.items() if lvl == "atom"}
+    atoms["positions"] = np.full_like(atoms["positions"], UNCOMMITTED)  # findable in any output
     w.append(recs, atoms, np.array([ptr[n] - ptr[n - 1]]))
     w.close()
 
@@ -120,11 +124,16 @@ def test_uncommitted_data_are_ignored(run):
     assert logs1["step"].max() < 999
     for k in logs0:
         np.testing.assert_array_equal(logs0[k], logs1[k])
-    consolidate(run, progress=False)
-    snap = zarr.open_group(str(run / "consolidated/data.zarr/hooks/snapshots"), mode="r")
-    assert snap["step"][:].max() < 999
-    assert snap["step"].shape[0] == sum(
-        rk["hooks"]["snapshots"]["records"] for rk in _manifest(run)["last"]["ranks"])
+    for checksums in (True, False):
+        consolidate(run, progress=False, force=True, checksums=checksums)
+        snap = zarr.open_group(str(run / "consolidated/data.zarr/hooks/snapshots"), mode="r")
+        assert snap["step"][:].max() < 999
+        assert snap["step"].shape[0] == sum(
+            rk["hooks"]["snapshots"]["records"] for rk in _manifest(run)["last"]["ranks"])
+        # not even as unreferenced bytes: the whole array, padding between segments included
+        assert not np.any(snap["positions"][:] == UNCOMMITTED)
+        assert_bit_identical(trajectory(run / "consolidated/data.zarr/hooks/snapshots"),
+                             reference(run, "snapshots"), f"checksums={checksums}")
 
 
 def test_same_before_and_after_consolidate(run, tmp_path):
@@ -155,6 +164,70 @@ def test_same_before_and_after_consolidate(run, tmp_path):
     assert len(alone.converged()) == len(conv_raw)
     with pytest.raises(RunError, match="run directory"):
         alone.shard(0, "snapshots")
+
+
+def test_consolidated_trajectory_reads_like_the_reference(run):
+    """The reader presents the indexed layout as CSR in record order: every access path."""
+    consolidate(run, progress=False)
+    want = reference(run, "snapshots")
+    traj = open_run(run).trajectory("snapshots")
+    ptr = want["atoms_ptr"]
+    assert len(traj) == len(want["step"]) and traj.n_atoms == ptr[-1]
+    np.testing.assert_array_equal(traj.atoms_ptr(), ptr)
+    for f in traj.fields:
+        np.testing.assert_array_equal(traj.column(f), want[f], err_msg=f)
+    a, b = 7, len(want["step"]) - 5
+    got = traj.records(a, b)
+    np.testing.assert_array_equal(got["atoms_ptr"], ptr[a: b + 1] - ptr[a])
+    for f in traj.fields:
+        ref = want[f][a:b] if traj.fields[f][0] == "record" else want[f][ptr[a]:ptr[b]]
+        np.testing.assert_array_equal(got[f], ref, err_msg=f)
+    for i in (0, a, len(want["step"]) - 1):
+        rec = traj.record(i, as_torch=False)
+        np.testing.assert_array_equal(rec["positions"], want["positions"][ptr[i]:ptr[i + 1]])
+        assert rec["step"] == want["step"][i] and rec["rank"] == want["rank"][i]
+
+
+def _rechunk(group_dir: Path, chunks: int, shards: int | None) -> None:
+    """Rewrite a group's atom arrays, same rows, with other chunking (as a rank whose run was
+    set up differently would have written them)."""
+    g = zarr.open_group(str(group_dir), mode="r+", use_consolidated=False)
+    for name, lvl in dict(g.attrs["level"]).items():
+        if lvl != "atom":
+            continue
+        data = np.asarray(g[name][:])
+        del g[name]
+        a = g.create_array(name, shape=data.shape, dtype=data.dtype,
+                           chunks=(chunks, *data.shape[1:]),
+                           shards=None if shards is None else (shards, *data.shape[1:]))
+        a[:] = data
+
+
+@pytest.mark.parametrize("shards", [None, 96])
+def test_ranks_chunked_differently(run, shards):
+    """A rank whose atom arrays are chunked unlike rank 0's cannot be copied file by file; it
+    goes through zarr, and the output is the same."""
+    _rechunk(run / "data.zarr/ranks/rank-00001/snapshots", 32, shards)
+    consolidate(run, progress=False)
+    assert_bit_identical(trajectory(run / "consolidated/data.zarr/hooks/snapshots"),
+                         reference(run, "snapshots"), "rechunked rank 1")
+
+
+def test_no_checksums_gives_the_same_bytes_and_still_checks_structure(run, tmp_path):
+    from dist_hooks.reader import DamageError
+
+    def data_files(out: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes()
+                for p in sorted((out / "data.zarr").rglob("*")) if p.is_file()}
+
+    consolidate(run, tmp_path / "a", progress=False)
+    consolidate(run, tmp_path / "b", progress=False, checksums=False)
+    assert data_files(tmp_path / "a") == data_files(tmp_path / "b")
+    f = run / "data.zarr/ranks/rank-00002/snapshots/forces/c.1.0"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    for checksums in (True, False):
+        with pytest.raises(DamageError, match="rank-00002/snapshots/forces/c.1.0"):
+            consolidate(run, tmp_path / "c", progress=False, checksums=checksums)
 
 
 def test_stale_or_partial_consolidation_is_not_used(run):

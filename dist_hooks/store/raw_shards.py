@@ -96,6 +96,11 @@ class ShardLayout:
             if not inner or inner[0].get("name") != "bytes":
                 return None
             dtype = np.dtype(meta["data_type"])
+            fill = meta.get("fill_value", 0)
+            if isinstance(fill, list):
+                if dtype.kind != "c" or len(fill) != 2:
+                    return None
+                fill = complex(float(fill[0]), float(fill[1]))  # zarr's [re, im] pair
             endian = (inner[0].get("configuration") or {}).get("endian", "little")
             dtype = dtype.newbyteorder("<" if endian == "little" else ">")
             decoders = tuple(_decoder(c) for c in inner[1:])
@@ -103,7 +108,7 @@ class ShardLayout:
                 return None
             sig = {k: v for k, v in meta.items() if k not in ("shape", "attributes")}
             return cls(shard_rows=shard[0], chunk_rows=chunk[0], trailing=tuple(shape[1:]),
-                       dtype=dtype, fill_value=meta.get("fill_value", 0), decoders=decoders,
+                       dtype=dtype, fill_value=fill, decoders=decoders,
                        index_at_end=conf.get("index_location", "end") == "end",
                        separator=(keys.get("configuration") or {}).get("separator", "/"),
                        signature=json.dumps(sig, sort_keys=True))
@@ -173,6 +178,7 @@ class ShardLayout:
             raise ShardDamage(f"{where}: chunk {j} at bytes [{off[j]}, {off[j] + nb[j]}) lies "
                               f"outside the file's {total} bytes (truncated?)")
         off[empty] = -1
+        nb[empty] = 0
         return off, nb
 
     def empty_index(self) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 from .atomic_store import AtomicLocalStore
+from .raw_shards import RawArrayReader, ShardDamage, ShardLayout
 from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
                      parse_rank_name)
 
@@ -69,6 +70,7 @@ class ShardReader:
                                      use_consolidated=False)
         self.attrs = dict(self.group.attrs)
         arrays = dict(self.group.arrays())
+        self.all_arrays = arrays  #: every array of the group, layout arrays included
         levels: dict[str, str] = dict(self.attrs.get("level", {}) or {})
         self._arrays = {n: arrays[n] for n in levels if n in arrays}
         self.fields: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {
@@ -78,14 +80,14 @@ class ShardReader:
         self._start: np.ndarray | None = None
         if self.indexed:
             # logical CSR over the records' atoms in record order; _start: where they are
-            counts = np.asarray(arrays[N_ATOMS][:], dtype=np.int64)
-            self._start = np.asarray(arrays[ATOMS_START][:], dtype=np.int64)
+            counts = self._whole(arrays[N_ATOMS], N_ATOMS)
+            self._start = self._whole(arrays[ATOMS_START], ATOMS_START)
             ptr = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
             self._segments = np.array(sorted(int(s["start"]) for s in
                                              self.attrs.get("segments") or [{"start": 0}]),
                                       dtype=np.int64)
         else:
-            ptr = np.asarray(arrays[ATOMS_PTR][:], dtype=np.int64) if ATOMS_PTR in arrays \
+            ptr = self._whole(arrays[ATOMS_PTR], ATOMS_PTR) if ATOMS_PTR in arrays \
                 else np.zeros(1, np.int64)
         if len(ptr) == 0:
             ptr = np.zeros(1, np.int64)
@@ -108,6 +110,19 @@ class ShardReader:
             n = min(n, int(np.searchsorted(ptr[: n + 1], min(atom_lens), side="right")) - 1)
         self._n = max(n, 0)
         self._ptr = ptr[: self._n + 1]
+
+    def _whole(self, arr: Any, name: str) -> np.ndarray:
+        """A whole int64 layout array, from its shard files when their layout is understood:
+        these arrays have small chunks, and zarr's cost per chunk dominated reading them."""
+        d = Path(self._store.root) / self.group_path / name
+        try:
+            lay, _ = ShardLayout.of(d)
+            if lay is not None:
+                return RawArrayReader(d, lay, name).read(0, int(arr.shape[0])).astype(
+                    np.int64, copy=False)
+        except (OSError, ValueError, ShardDamage):
+            pass  # zarr below reads it or reports the damage
+        return np.asarray(arr[:], dtype=np.int64)
 
     def __len__(self) -> int:
         return self._n

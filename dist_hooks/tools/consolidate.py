@@ -291,7 +291,7 @@ class ZarrSource:
         except Exception as exc:  # noqa: BLE001
             raise DamageError(f"{place}: cannot be opened ({type(exc).__name__}: {exc})") from exc
         self.reader = reader
-        arrays = dict(reader.group.arrays())
+        arrays = dict(reader.all_arrays)
         self.fields = dict(reader.fields)
         levels = dict(reader.attrs.get("level", {}) or {})
         missing = sorted(set(levels) - set(arrays))
@@ -810,20 +810,26 @@ def _structural_problems(run_dir: Path, units: list[Unit]) -> list[str]:
 def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                 skip_damaged: bool = False, force: bool = False, progress: bool | None = None,
                 parquet: bool = True, block_records: int = DEFAULT_BLOCK_RECORDS,
-                block_atoms: int = DEFAULT_BLOCK_ATOMS) -> dict:
+                block_atoms: int = DEFAULT_BLOCK_ATOMS, checksums: bool = True) -> dict:
     """Consolidate ``run_dir`` into ``out`` (default ``RUN/consolidated``); see the module doc.
 
     Returns the summary (``status``: "written" or "up-to-date"). Raises :class:`DamageError`
     when committed data are damaged (unless ``skip_damaged``: damaged (rank, hook) parts are
     left out and listed under ``skipped``), :class:`LockHeldError` when another consolidate of
     the run is running, :class:`RunError` for a path that is not a run.
+
+    ``checksums=False`` skips decoding the trajectories' atom rows to compare them with their
+    committed crc32 (whole shard files are then copied after only their index is checked;
+    records, converged groups and CSVs are still checked in full): for a run already checked
+    with ``dist-hooks verify``, or when the copy's speed matters more.
     """
     run_dir = Path(run_dir)
     load_manifest(run_dir)  # "not a run" errors before anything is created
     out = Path(out) if out is not None else default_consolidated_dir(run_dir)
     _check_out(run_dir, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    options = {"skip_damaged": bool(skip_damaged), "parquet": bool(parquet)}
+    options = {"skip_damaged": bool(skip_damaged), "parquet": bool(parquet),
+               "checksums": bool(checksums)}
     with run_lock(run_dir, out):
         _remove_stale(out)
         data = (run_dir / layout.MANIFEST).read_bytes()  # one read: parse and fingerprint agree
@@ -850,7 +856,8 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         tmp.mkdir()
         try:
             summary = _build(run_dir, manifest, units, tmp, progress=progress, parquet=parquet,
-                             block_records=block_records, block_atoms=block_atoms)
+                             block_records=block_records, block_atoms=block_atoms,
+                             checksums=checksums)
             summary.update({
                 "format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION,
                 "complete": True, "options": options, "skipped": skipped,
@@ -885,7 +892,8 @@ def _refusal(run_dir: Path, problems: list[str]) -> str:
 
 
 def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
-           progress: bool | None, parquet: bool, block_records: int, block_atoms: int) -> dict:
+           progress: bool | None, parquet: bool, block_records: int, block_atoms: int,
+           checksums: bool = True) -> dict:
     """Write every output into ``tmp``; raise DamageError on checksum mismatches."""
     import zarr
 
@@ -934,44 +942,60 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     root.attrs.update({"format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION})
     root.create_group("hooks")
     summary: dict[str, Any] = {"hooks": {}, "converged": None}
-    try:
-        for h, ss in sources.items():
-            bar.set_label(f"consolidate {h}")
-            info, more = _trajectory(data_root, store, f"hooks/{h}", ss, bar, fault)
-            problems.extend(more)
-            summary["hooks"][h] = info
-        if conv_sources or merged_source is not None:
-            bar.set_label("consolidate converged")
-            ref = conv_sources[0][1] if conv_sources else merged_source
-            n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
-                      else merged_source.records)
-            sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref, n_conv))
-            stream = merge_blocks(conv_sources, dedup=True) if conv_sources else iter(merged_source)
-            for block in prefetch(stream):
-                sink.append(block)
-                if fault is not None:
-                    fault()
-            for _, s in conv_sources:
-                problems.extend(s.problems())
-            summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
+
+    def logs() -> tuple[dict, list[str]]:
+        out, found = {}, []
         for h in csv_hooks:
-            bar.set_label(f"consolidate {h}")
             us = [u for u in units if u.kind == "csv" and u.hook == h]
             csv_rel = f"{layout.LOGS_DIR}/{h}.csv"
             res = merge_csv(us, run_dir, tmp / csv_rel, progress=bar, on_window=fault)
-            problems.extend(res["problems"])
+            found.extend(res["problems"])
             pq_rel = f"{layout.LOGS_DIR}/{h}.parquet"
             has_pq = parquet and res["columns"] and _write_parquet(
                 tmp / csv_rel, tmp / pq_rel, res["columns"], res["kinds"])
-            summary["hooks"][h] = {"kind": "csv", "csv": csv_rel,
-                                   "parquet": pq_rel if has_pq else None, "rows": res["rows"],
-                                   "columns": res["columns"], "types": res["kinds"],
-                                   "bytes": (tmp / csv_rel).stat().st_size,
-                                   "crc32": _file_crc(tmp / csv_rel),
-                                   "ranks": [u.rank for u in us]}
+            out[h] = {"kind": "csv", "csv": csv_rel, "parquet": pq_rel if has_pq else None,
+                      "rows": res["rows"], "columns": res["columns"], "types": res["kinds"],
+                      "bytes": (tmp / csv_rel).stat().st_size, "crc32": _file_crc(tmp / csv_rel),
+                      "ranks": [u.rank for u in us]}
+        return out, found
+
+    # the CSV logs are merged in a thread of their own, next to the Zarr groups: pyarrow parses
+    # and writes without the GIL, so the two overlap on two cores (measured)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-hooks-logs")
+    try:
+        csv_job = pool.submit(logs)
+        try:
+            for h, ss in sources.items():
+                bar.set_label(f"consolidate {h}")
+                info, more = _trajectory(data_root, store, f"hooks/{h}", ss, bar, fault,
+                                         checksums)
+                problems.extend(more)
+                summary["hooks"][h] = info
+            if conv_sources or merged_source is not None:
+                bar.set_label("consolidate converged")
+                ref = conv_sources[0][1] if conv_sources else merged_source
+                n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
+                          else merged_source.records)
+                sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref, n_conv))
+                stream = (merge_blocks(conv_sources, dedup=True) if conv_sources
+                          else iter(merged_source))
+                for block in prefetch(stream):
+                    sink.append(block)
+                    if fault is not None:
+                        fault()
+                for _, s in conv_sources:
+                    problems.extend(s.problems())
+                summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
+        finally:
+            if csv_hooks:
+                bar.set_label("consolidate logs")
+            csv_info, more = csv_job.result()
+        summary["hooks"].update(csv_info)
+        problems.extend(more)
     except DamageError as exc:
         raise DamageError(_refusal(run_dir, exc.places), exc.places) from exc
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     if problems:
         raise DamageError(_refusal(run_dir, problems), problems)
@@ -1006,7 +1030,7 @@ def _atom_bytes(src: ZarrSource) -> int:
 
 def _trajectory(data_root: Path, store: AtomicLocalStore, group: str,
                 sources: list[tuple[Unit, ZarrSource]], bar: Progress,
-                fault: Callable[[], None] | None) -> tuple[dict, list[str]]:
+                fault: Callable[[], None] | None, checksums: bool) -> tuple[dict, list[str]]:
     """One consolidated trajectory group in the indexed layout (docs/format.md): atom arrays
     as one segment per rank (:mod:`.atom_segments`), then records ordered by (step, rank,
     sample_id) with ``atoms_start`` and ``n_atoms`` pointing into those segments."""
@@ -1021,7 +1045,8 @@ def _trajectory(data_root: Path, store: AtomicLocalStore, group: str,
                                     if k in atom_fields})
                 for u, s in sources]
     atoms_out = SegmentWriter(data_root, store, group, atom_fields, segments, progress=bar,
-                              workers=min(4, os.cpu_count() or 1), on_piece=fault)
+                              workers=min(4, os.cpu_count() or 1), on_piece=fault,
+                              checksums=checksums)
 
     def located(s: ZarrSource, start: int) -> Iterator[CsrBlock]:
         base = 0
