@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-atoms", type=int, default=65536, metavar="N",
                    help="atom rows read per rank per block (default 65536)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
+                   help="for a run recorded with storage='local': a directory holding a "
+                        "node's local files (its --local-dir, copied or mounted); repeat for "
+                        "each node")
 
     i = sub.add_parser("info", formatter_class=fmt, epilog=EXIT_CODES,
                        help="summarise RUN: launcher, world size, boundaries, per-rank counts",
@@ -85,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress bar on stderr (auto: only when stderr is a terminal)")
+    v.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
+                   help="for a run recorded with storage='local': a directory holding a "
+                        "node's local files (its --local-dir, copied or mounted); repeat for "
+                        "each node")
 
     e = sub.add_parser("export", formatter_class=fmt, epilog=EXIT_CODES,
                        help="export structures of RUN to ASE-readable files",
@@ -97,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="PATH", required=True, help="output file")
     e.add_argument("--hook", default=None,
                    help="snapshot hook for --what trajectory (default: the only one)")
+    e.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
+                   help="for a run recorded with storage='local': a directory holding a "
+                        "node's local files (its --local-dir, copied or mounted); repeat for "
+                        "each node")
 
     pl = sub.add_parser("plot", formatter_class=fmt, epilog=EXIT_CODES,
                         help="plot energy, fmax and temperature of RUN versus step",
@@ -107,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", metavar="PNG", required=True, help="output PNG file")
     pl.add_argument("--hook", default="log", help="CSV log to plot (default: log)")
     pl.add_argument("--dpi", type=int, default=110)
+    pl.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
+                   help="for a run recorded with storage='local': a directory holding a "
+                        "node's local files (its --local-dir, copied or mounted); repeat for "
+                        "each node")
     return p
 
 
@@ -120,7 +136,7 @@ def _consolidate(args: argparse.Namespace) -> int:
     s = consolidate(args.run, args.out, skip_damaged=args.skip_damaged, force=args.force,
                     progress=_progress(args.progress), parquet=not args.no_parquet,
                     block_records=args.block_records, block_atoms=args.block_atoms,
-                    checksums=not args.no_checksums)
+                    checksums=not args.no_checksums, rank_roots=args.rank_roots)
     if args.json:
         _print_json({k: v for k, v in s.items() if k != "manifest"})
         return 0
@@ -153,7 +169,8 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .tools.verify import format_report, verify_run
 
-    report = verify_run(args.run, progress=_progress(args.progress))
+    report = verify_run(args.run, progress=_progress(args.progress),
+                        rank_roots=args.rank_roots)
     if args.json:
         _print_json(report)
     else:
@@ -164,7 +181,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .tools.export import export
 
-    r = export(args.run, what=args.what, fmt=args.fmt, out=args.out, hook=args.hook)
+    r = export(args.run, what=args.what, fmt=args.fmt, out=args.out, hook=args.hook,
+               rank_roots=args.rank_roots)
     print(f"{r['out']}: {r['structures']} structures ({r['what']}, {r['format']})")
     return 0
 
@@ -172,7 +190,7 @@ def _export(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .tools.plot import plot
 
-    r = plot(args.run, args.out, hook=args.hook, dpi=args.dpi)
+    r = plot(args.run, args.out, hook=args.hook, dpi=args.dpi, rank_roots=args.rank_roots)
     print(f"{r['out']}: {', '.join(r['metrics'])} over {r['rows']} rows")
     return 0
 

@@ -25,7 +25,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,7 @@ __all__ = [
     "RunReader",
     "Unit",
     "committed_units",
+    "find_rank_roots",
     "iter_csv_batches",
     "load_manifest",
     "manifest_crc32",
@@ -167,6 +168,48 @@ def committed_units(manifest: dict) -> list[Unit]:
             kind = info.get("kind", "zarr" if "group" in info else "csv")
             out.append(Unit(int(r["rank"]), str(name), kind, bool(info.get("converged")), info))
     return sorted(out, key=lambda u: (u.hook, u.rank))
+
+
+def find_rank_roots(run_dir: str | Path, manifest: dict,
+                    candidates: Sequence[str | os.PathLike] = ()) -> dict[int, Path]:
+    """Where each committed rank's files (logs, groups, saved state) are: its *rank root*.
+
+    With ``storage="shared"`` that is the run directory. With ``storage="local"`` every rank
+    wrote under its node's ``local_dir``; after the job those directories can be copied (or
+    mounted) anywhere and passed as ``candidates``: a rank's root is the first candidate that
+    holds its committed files (paths in the manifest are relative to the rank root). Ranks found
+    in no candidate are absent from the result.
+    """
+    run_dir = Path(run_dir)
+    last = manifest.get("last") or {}
+    ranks = [int(r["rank"]) for r in last.get("ranks", []) or []]
+    if manifest.get("storage") != "local":
+        return {r: run_dir for r in ranks}
+    units: dict[int, list[Unit]] = {}
+    for u in committed_units(manifest):
+        units.setdefault(u.rank, []).append(u)
+    states = {int(r["rank"]): (r.get("state") or {}).get("path")
+              for r in last.get("ranks", []) or []}
+    out: dict[int, Path] = {}
+    for r in ranks:
+        for c in (Path(c) for c in candidates):
+            marks = [c / u.rel / ("zarr.json" if u.kind == "zarr" else "")
+                     for u in units.get(r, [])]
+            if states.get(r):
+                marks.append(c / str(states[r]))
+            if any(m.exists() for m in marks):
+                out[r] = c
+                break
+    return out
+
+
+def local_storage_error(run_dir: Path, missing: Sequence[int]) -> RunError:
+    """The error for a node-local run whose rank roots were not given (or lack ranks)."""
+    return RunError(
+        f"{run_dir} was recorded with storage='local': the logs and groups of rank(s) "
+        f"{', '.join(map(str, missing))} are in the nodes' local directories, not in the run "
+        f"directory. Copy each node's local directory somewhere readable (as a whole: paths "
+        f"inside it are kept) and pass each with --rank-root DIR (Python: rank_roots=[...])")
 
 
 # ------------------------------------------------------------------------------------ CSV
@@ -334,7 +377,7 @@ class RunReader:
     """
 
     def __init__(self, path: Path | None, manifest: dict, consolidated: Path | None,
-                 summary: dict | None) -> None:
+                 summary: dict | None, rank_roots: Sequence[str | os.PathLike] = ()) -> None:
         self.path = path
         self.manifest = manifest
         self.consolidated = consolidated
@@ -342,6 +385,18 @@ class RunReader:
         self.units = committed_units(manifest)
         last = manifest.get("last") or {}
         self.ranks: list[int] = sorted(int(r["rank"]) for r in last.get("ranks", []) or [])
+        #: rank -> directory holding its files (see :func:`find_rank_roots`)
+        self.roots: dict[int, Path] = (find_rank_roots(path, manifest, rank_roots)
+                                       if path is not None else {})
+
+    def root_of(self, rank: int, what: str) -> Path:
+        """The rank root of ``rank`` (the run directory unless storage was node-local)."""
+        root = self._require_run_dir(what)
+        if rank in self.roots:
+            return self.roots[rank]
+        if self.manifest.get("storage") == "local":
+            raise local_storage_error(root, [rank])
+        return root
 
     # --- manifest views
     @property
@@ -386,8 +441,8 @@ class RunReader:
             if not units:
                 known = sorted({u.hook for u in self.units if u.kind == "csv"})
                 raise KeyError(f"no committed CSV log {hook!r}; logs: {known}")
-            root = self._require_run_dir("logs()")
-            parts = [read_csv_committed(u.path(root), int(u.info.get("bytes", 0)), narrow=False)
+            parts = [read_csv_committed(u.path(self.root_of(u.rank, "logs()")),
+                                        int(u.info.get("bytes", 0)), narrow=False)
                      for u in units]
             parts = [p for p in parts if p.num_columns]
             if not parts:
@@ -404,7 +459,7 @@ class RunReader:
         u = self.unit(rank, hook)
         if u.kind != "zarr":
             raise KeyError(f"hook {hook!r} is a CSV log; use logs({hook!r})")
-        root = self._require_run_dir("shard()")
+        root = self.root_of(rank, "shard()")
         u.path(root)  # refuses a group path outside the run
         return ShardReader(root / layout.DATA_DIR, u.group, limit_records=u.records)
 
@@ -452,12 +507,15 @@ def default_consolidated_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "consolidated"
 
 
-def open_run(path: str | os.PathLike) -> RunReader:
+def open_run(path: str | os.PathLike,
+             rank_roots: Sequence[str | os.PathLike] = ()) -> RunReader:
     """Open a run directory, or a consolidated output directory, for reading.
 
     For a run directory whose default consolidated output (``RUN/consolidated``) is complete and
     was made of the current ``run.json``, the merged logs and converged group come from there
-    (fast); otherwise from the per-rank files. Results are the same either way.
+    (fast); otherwise from the per-rank files. Results are the same either way. ``rank_roots``:
+    for a run recorded with ``storage="local"``, the directories holding the nodes' local
+    files (see :func:`find_rank_roots`).
     """
     p = Path(path)
     if (p / layout.MANIFEST).is_file():
@@ -467,7 +525,8 @@ def open_run(path: str | os.PathLike) -> RunReader:
         if summary is not None and summary.get("source", {}).get("manifest_crc32") != \
                 manifest_crc32(p):
             summary = None  # made of an older state of the run: stale
-        return RunReader(p, manifest, out if summary is not None else None, summary)
+        return RunReader(p, manifest, out if summary is not None else None, summary,
+                         rank_roots)
     summary = read_consolidated_summary(p)
     if summary is None:
         if (p / CONSOLIDATED_MARKER).exists():
@@ -483,4 +542,4 @@ def open_run(path: str | os.PathLike) -> RunReader:
                 source_dir = src
         except OSError:
             pass
-    return RunReader(source_dir, summary["manifest"], p, summary)
+    return RunReader(source_dir, summary["manifest"], p, summary, rank_roots)

@@ -18,16 +18,19 @@ def manifest(run: Path) -> dict:
     return json.loads((Path(run) / "run.json").read_text())
 
 
-def reference(run: Path, hook: str, *, dedup: bool = False) -> dict[str, np.ndarray]:
+def reference(run: Path, hook: str, *, dedup: bool = False,
+              roots: dict[int, Path] | None = None) -> dict[str, np.ndarray]:
     """All ranks' committed records of ``hook``, record by record with plain zarr, sorted by
-    (step, rank, sample_id) with Python's sort, optionally one per (rank, sample_id)."""
+    (step, rank, sample_id) with Python's sort, optionally one per (rank, sample_id).
+    ``roots``: where each rank's files are (node-local storage), else the run directory."""
     rows = []
     for rk in manifest(run)["last"]["ranks"]:
         info = rk["hooks"].get(hook)
         if not info or not info["records"]:
             continue
         n = info["records"]
-        g = zarr.open_group(str(run / "data.zarr" / info["group"]), mode="r",
+        root = (roots or {}).get(rk["rank"], run)
+        g = zarr.open_group(str(root / "data.zarr" / info["group"]), mode="r",
                             use_consolidated=False)
         levels = dict(g.attrs["level"])
         ptr = np.asarray(g["atoms_ptr"][: n + 1])

@@ -62,7 +62,8 @@ def runs(tmp_path_factory) -> dict:
     """Demo runs: 1, 2 and 4 ranks, and a 1-rank run SIGKILLed at step 55 (rank 0 commits a
     boundary in the background, so the last one in force is at step 40, or 20 on a slow day)."""
     base = tmp_path_factory.mktemp("runs")
-    jobs = {"r1": (1, ()), "r2": (2, ()), "r4": (4, ()), "crash": (1, ("--fail-at-step", "55"))}
+    jobs = {"r1": (1, ()), "r2": (2, ()), "r4": (4, ()), "crash": (1, ("--fail-at-step", "55")),
+            "local": (2, ("--storage", "local", "--local-dir", str(base / "local-dir")))}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futs = {k: pool.submit(_launch, n, base / k, extra) for k, (n, extra) in jobs.items()}
         res = {k: f.result() for k, f in futs.items()}
@@ -92,12 +93,13 @@ def group(path: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(a[:]) for k, a in g.arrays()}
 
 
-def csv_reference(run: Path, hook: str = "log"):
+def csv_reference(run: Path, hook: str = "log", roots: dict[int, Path] | None = None):
     import pandas as pd
     parts = []
     for rk in manifest(run)["last"]["ranks"]:
         info = rk["hooks"][hook]
-        data = (run / info["path"]).read_bytes()[: info["bytes"]]
+        root = (roots or {}).get(rk["rank"], run)
+        data = (root / info["path"]).read_bytes()[: info["bytes"]]
         parts.append(pd.read_csv(io.BytesIO(data)))
     df = pd.concat(parts, ignore_index=True)
     return df.sort_values(["step", "rank", "sample_id"], kind="stable").reset_index(drop=True)
@@ -142,6 +144,52 @@ def test_consolidate_equals_union_of_shards(runs, name):
     assert r.consolidated is not None
     assert_bit_identical({k: np.asarray(v) for k, v in r.logs().items()},
                          {k: ref[k].to_numpy() for k in ref.columns}, "logs()")
+
+
+def test_node_local_run_with_rank_roots(runs, tmp_path):
+    """storage="local": each node's directory, copied somewhere, is given with --rank-root; the
+    result is the union of what the nodes hold. Without them: a clear refusal, not "damage"."""
+    import pandas as pd
+    run = tmp_path / "run"
+    shutil.copytree(runs["local"], run)
+    assert manifest(run)["storage"] == "local"
+    local = runs["local"].parent / "local-dir"
+    # two "nodes": rank 0's files in one copied directory, rank 1's in another
+    node = {0: tmp_path / "node-a", 1: tmp_path / "node-b"}
+    for r, d in node.items():
+        shutil.copytree(local, d)
+        other = 1 - r
+        shutil.rmtree(d / f"data.zarr/ranks/rank-{other:05d}")
+        shutil.rmtree(d / f"state/rank-{other:05d}")
+        (d / f"logs/log/rank-{other:05d}.csv").unlink()
+    rc, _, err = cli("consolidate", run)
+    assert rc == 2 and "storage='local'" in err and "--rank-root" in err, err
+    rc, out, _ = cli("verify", run)
+    assert rc == 0 and "--rank-root" in out
+    roots = ["--rank-root", node[0], "--rank-root", node[1]]
+    rc, out, _ = cli("verify", run, *roots)
+    n_units = sum(len(rk["hooks"]) for rk in manifest(run)["last"]["ranks"])
+    assert rc == 0 and f"{n_units} committed files/groups" in out, out
+    rc, _, err = cli("consolidate", run, *roots)
+    assert rc == 0, err
+    c = run / "consolidated"
+    assert_bit_identical(trajectory(c / "data.zarr/hooks/snapshots"),
+                         reference(run, "snapshots", roots=node), "node-local snapshots")
+    pd.testing.assert_frame_equal(pd.read_csv(c / "logs/log.csv"),
+                                  csv_reference(run, roots=node), check_exact=True)
+    merged = manifest(run)["last"]["merged"]
+    conv, coord = group(c / "data.zarr/converged"), group(run / "data.zarr/converged")
+    assert len(conv["step"]) == merged["records"] > 0
+    for k, v in conv.items():
+        n = len(v) if k != "atoms_ptr" else merged["records"] + 1
+        assert coord[k][:n].tobytes() == v.tobytes(), k
+    # only one node given: its rank is consolidated, the other is named as missing
+    rc, _, err = cli("consolidate", run, "--force", "--rank-root", node[0])
+    assert rc == 1 and "rank-00001" in err and "none of the --rank-root" in err, err
+    # the reader takes the same roots
+    r = open_run(run, rank_roots=[node[0], node[1]])
+    assert len(r.shard(1, "snapshots")) == manifest(run)["last"]["ranks"][1]["hooks"][
+        "snapshots"]["records"]
 
 
 def test_consolidated_output_needs_only_zarr_and_pandas(runs):

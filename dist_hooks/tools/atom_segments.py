@@ -40,6 +40,8 @@ class Segment:
     """One rank's committed atom rows of one hook, and where they go in the output."""
 
     rank: int
+    data_root: Path          #: the Zarr root holding the rank's group (RUN/data.zarr, or a
+    #: node-local copy's)
     group: str               #: the rank's record group, relative to the data root
     place: str               #: that group, relative to the run (for messages)
     atoms: int               #: committed atom rows
@@ -82,10 +84,9 @@ class SegmentWriter:
     caller can write the records, which need the starts, while the atoms are copied.
     """
 
-    def __init__(self, data_root: Path, store: AtomicLocalStore, group: str, fields: list[str],
+    def __init__(self, store: AtomicLocalStore, group: str, fields: list[str],
                  segments: list[Segment], *, progress: Any = None, workers: int = 2,
                  on_piece: Callable[[], None] | None = None, checksums: bool = True) -> None:
-        self.data_root = Path(data_root)
         self.checksums = bool(checksums)
         self.copied: list[Path] = []
         self.store = store
@@ -102,7 +103,8 @@ class SegmentWriter:
             return
         for f in self.fields:
             try:
-                self.lays[f], self.metas[f] = ShardLayout.of(self.data_root / segments[0].group / f)
+                self.lays[f], self.metas[f] = ShardLayout.of(
+                    segments[0].data_root / segments[0].group / f)
             except FileNotFoundError:
                 raise DamageError(f"{segments[0].place}/{f}: array missing") from None
             except (OSError, ValueError) as exc:
@@ -130,12 +132,10 @@ class SegmentWriter:
                                 default_buffer_prototype().buffer.from_bytes(
                                     json.dumps(meta, indent=2).encode()))
             outs[f] = zarr.open_array(self.store, path=f"{self.group}/{f}", mode="r+")
-        src_store = AtomicLocalStore(self.data_root, read_only=True)
-
         def one(f: str, seg: Segment) -> str | None:
             where = f"{seg.place}/{f}"
             try:
-                src_lay, src_meta = ShardLayout.of(self.data_root / seg.group / f)
+                src_lay, src_meta = ShardLayout.of(seg.data_root / seg.group / f)
             except FileNotFoundError:
                 raise DamageError(f"{where}: array missing") from None
             except (OSError, ValueError) as exc:
@@ -145,12 +145,12 @@ class SegmentWriter:
                                   f"{seg.atoms}")
             lay = self.lays[f]
             if lay is not None and src_lay is not None and src_lay.signature == lay.signature:
-                crc = _copy_raw(f, seg, self.data_root / seg.group / f,
+                crc = _copy_raw(f, seg, seg.data_root / seg.group / f,
                                 int(src_meta["shape"][0]), lay,
                                 Path(self.store.root) / self.group / f, outs[f], self.counter,
                                 self.on_piece, self.checksums, self.copied)
             else:
-                crc = _copy_zarr(f, seg, src_store, outs[f], self.unit_rows, self.counter)
+                crc = _copy_zarr(f, seg, outs[f], self.unit_rows, self.counter)
             want = seg.expect_crc.get(f)
             if want is not None and crc is not None and crc != int(want):
                 return f"{where}: crc32 mismatch over atom rows [0, {seg.atoms})"
@@ -220,13 +220,13 @@ def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayo
     return crc
 
 
-def _copy_zarr(f: str, seg: Segment, src_store: AtomicLocalStore, out: Any, unit_rows: int,
-               counter: _Counter) -> int:
+def _copy_zarr(f: str, seg: Segment, out: Any, unit_rows: int, counter: _Counter) -> int:
     """The fallback for a source laid out unlike the output: decode, check, re-encode."""
     import zarr
 
     try:
-        src = zarr.open_array(src_store, path=f"{seg.group}/{f}", mode="r")
+        src = zarr.open_array(AtomicLocalStore(seg.data_root, read_only=True),
+                              path=f"{seg.group}/{f}", mode="r")
     except Exception as exc:  # noqa: BLE001
         raise DamageError(f"{seg.place}/{f}: cannot be opened ({type(exc).__name__}: {exc})") \
             from exc

@@ -48,7 +48,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -64,8 +64,10 @@ from ..reader import (
     Unit,
     committed_units,
     default_consolidated_dir,
+    find_rank_roots,
     iter_csv_batches,
     load_manifest,
+    local_storage_error,
     merge_kinds,
     read_consolidated_summary,
     text_kind,
@@ -646,17 +648,18 @@ def _csv_source(path: Path, nbytes: int, rows: int, rank: int, place: str, count
     return cols, gen()
 
 
-def merge_csv(units: list[Unit], run_dir: Path, csv_out: Path, *,
+def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path, *,
               progress: Progress | None = None, block_bytes: int = 1 << 22,
               on_window: Callable[[], None] | None = None) -> dict:
     """Merge the committed rows of one log's per-rank CSVs into ``csv_out``, ordered by (step,
     rank, sample_id), streaming. Returns ``{rows, columns, kinds, problems}``: ``kinds`` the
     narrowest type of each column (for the Parquet copy), ``problems`` checksum/row-count
-    mismatches against the manifest."""
+    mismatches against the manifest. ``roots``: the run directory, or each rank's root (a run
+    recorded with node-local storage)."""
     counters: list[dict] = []
     iters, columns = [], None
     for u in units:
-        path = u.path(run_dir)
+        path = u.path(roots if isinstance(roots, Path) else roots[u.rank])
         c: dict = {}
         counters.append(c)
         cols, it = _csv_source(path, int(u.info.get("bytes", 0)), int(u.info.get("rows", 0)),
@@ -797,20 +800,24 @@ def _fault_hook() -> Callable[[], None] | None:
     return hit
 
 
-def _structural_problems(run_dir: Path, units: list[Unit]) -> list[str]:
+def _structural_problems(roots: dict[int, Path], units: list[Unit]) -> list[str]:
     """Cheap checks that need no data read: paths inside the run, files present and long
     enough. Anything deeper is found while streaming (checksums)."""
     from .verify import quick_unit_problems
     out = []
     for u in units:
-        out.extend(quick_unit_problems(run_dir, u))
+        if u.rank not in roots:
+            out.append(f"{u.rel}: in none of the --rank-root directories (storage=local)")
+        else:
+            out.extend(quick_unit_problems(roots[u.rank], u))
     return out
 
 
 def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
                 skip_damaged: bool = False, force: bool = False, progress: bool | None = None,
                 parquet: bool = True, block_records: int = DEFAULT_BLOCK_RECORDS,
-                block_atoms: int = DEFAULT_BLOCK_ATOMS, checksums: bool = True) -> dict:
+                block_atoms: int = DEFAULT_BLOCK_ATOMS, checksums: bool = True,
+                rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
     """Consolidate ``run_dir`` into ``out`` (default ``RUN/consolidated``); see the module doc.
 
     Returns the summary (``status``: "written" or "up-to-date"). Raises :class:`DamageError`
@@ -822,6 +829,9 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     committed crc32 (whole shard files are then copied after only their index is checked;
     records, converged groups and CSVs are still checked in full): for a run already checked
     with ``dist-hooks verify``, or when the copy's speed matters more.
+
+    ``rank_roots``: for a run recorded with ``storage="local"``, the directories that hold the
+    nodes' local files (copied or mounted; see :func:`~dist_hooks.reader.find_rank_roots`).
     """
     run_dir = Path(run_dir)
     load_manifest(run_dir)  # "not a run" errors before anything is created
@@ -829,7 +839,8 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     _check_out(run_dir, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     options = {"skip_damaged": bool(skip_damaged), "parquet": bool(parquet),
-               "checksums": bool(checksums)}
+               "checksums": bool(checksums),
+               "rank_roots": [str(Path(r).resolve()) for r in rank_roots]}
     with run_lock(run_dir, out):
         _remove_stale(out)
         data = (run_dir / layout.MANIFEST).read_bytes()  # one read: parse and fingerprint agree
@@ -841,15 +852,19 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                 and old.get("source", {}).get("manifest_crc32") == mcrc):
             return {**old, "status": "up-to-date", "out": str(out)}
         units = committed_units(manifest)
+        roots = find_rank_roots(run_dir, manifest, rank_roots)
+        if manifest.get("storage") == "local" and not rank_roots and units:
+            raise local_storage_error(run_dir, sorted({u.rank for u in units}))
         skipped: list[str] = []
         if skip_damaged:
             from .verify import verify_run
-            report = verify_run(run_dir, manifest=manifest, check_merged=False)
+            report = verify_run(run_dir, manifest=manifest, check_merged=False,
+                                rank_roots=rank_roots)
             bad = {(p["rank"], p["hook"]) for p in report["problems"] if p.get("hook")}
             skipped = [p["message"] for p in report["problems"]]
             units = [u for u in units if (u.rank, u.hook) not in bad]
         else:
-            problems = _structural_problems(run_dir, units)
+            problems = _structural_problems(roots, units)
             if problems:
                 raise DamageError(_refusal(run_dir, problems), problems)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
@@ -857,7 +872,7 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         try:
             summary = _build(run_dir, manifest, units, tmp, progress=progress, parquet=parquet,
                              block_records=block_records, block_atoms=block_atoms,
-                             checksums=checksums)
+                             checksums=checksums, roots=roots)
             summary.update({
                 "format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION,
                 "complete": True, "options": options, "skipped": skipped,
@@ -893,7 +908,7 @@ def _refusal(run_dir: Path, problems: list[str]) -> str:
 
 def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
            progress: bool | None, parquet: bool, block_records: int, block_atoms: int,
-           checksums: bool = True) -> dict:
+           checksums: bool = True, roots: dict[int, Path] | None = None) -> dict:
     """Write every output into ``tmp``; raise DamageError on checksum mismatches."""
     import zarr
 
@@ -905,10 +920,13 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     bar = Progress(0, "consolidate", enabled=progress)
     fault = _fault_hook()
 
+    def root(u: Unit) -> Path:
+        return (roots or {}).get(u.rank, run_dir)
+
     def open_source(u: Unit, levels: tuple[str, ...] = ("record", "atom")) -> ZarrSource:
-        u.path(run_dir)
+        u.path(root(u))
         n = sum(1 for v in units if v.kind == "zarr" and v.hook == u.hook)
-        return ZarrSource(data_root, u.group, place=u.rel, records=u.records, atoms=u.atoms,
+        return ZarrSource(root(u) / layout.DATA_DIR, u.group, place=u.rel, records=u.records, atoms=u.atoms,
                           expect_crc=u.info.get("crc32") or {}, block_records=block_records,
                           block_atoms=block_atoms, progress=bar, fetch_bytes=fetch_bytes_for(n),
                           levels=levels)
@@ -938,9 +956,9 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     bar.total = total
 
     store = AtomicLocalStore(tmp / layout.DATA_DIR, fsync="never")
-    root = zarr.open_group(store, mode="w", zarr_format=3)
-    root.attrs.update({"format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION})
-    root.create_group("hooks")
+    zroot = zarr.open_group(store, mode="w", zarr_format=3)
+    zroot.attrs.update({"format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION})
+    zroot.create_group("hooks")
     summary: dict[str, Any] = {"hooks": {}, "converged": None}
 
     def logs() -> tuple[dict, list[str]]:
@@ -948,7 +966,8 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
         for h in csv_hooks:
             us = [u for u in units if u.kind == "csv" and u.hook == h]
             csv_rel = f"{layout.LOGS_DIR}/{h}.csv"
-            res = merge_csv(us, run_dir, tmp / csv_rel, progress=bar, on_window=fault)
+            res = merge_csv(us, {u.rank: root(u) for u in us}, tmp / csv_rel, progress=bar,
+                            on_window=fault)
             found.extend(res["problems"])
             pq_rel = f"{layout.LOGS_DIR}/{h}.parquet"
             has_pq = parquet and res["columns"] and _write_parquet(
@@ -967,8 +986,8 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
         try:
             for h, ss in sources.items():
                 bar.set_label(f"consolidate {h}")
-                info, more = _trajectory(data_root, store, f"hooks/{h}", ss, bar, fault,
-                                         checksums)
+                info, more = _trajectory(store, f"hooks/{h}", ss, bar, fault, checksums,
+                                         {u.rank: root(u) / layout.DATA_DIR for u, _ in ss})
                 problems.extend(more)
                 summary["hooks"][h] = info
             if conv_sources or merged_source is not None:
@@ -1028,9 +1047,9 @@ def _atom_bytes(src: ZarrSource) -> int:
     return total
 
 
-def _trajectory(data_root: Path, store: AtomicLocalStore, group: str,
-                sources: list[tuple[Unit, ZarrSource]], bar: Progress,
-                fault: Callable[[], None] | None, checksums: bool) -> tuple[dict, list[str]]:
+def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, ZarrSource]],
+                bar: Progress, fault: Callable[[], None] | None, checksums: bool,
+                data_roots: dict[int, Path]) -> tuple[dict, list[str]]:
     """One consolidated trajectory group in the indexed layout (docs/format.md): atom arrays
     as one segment per rank (:mod:`.atom_segments`), then records ordered by (step, rank,
     sample_id) with ``atoms_start`` and ``n_atoms`` pointing into those segments."""
@@ -1040,11 +1059,11 @@ def _trajectory(data_root: Path, store: AtomicLocalStore, group: str,
 
     ref = sources[0][1]
     atom_fields = [n for n, v in ref.fields.items() if v[0] == "atom"]
-    segments = [Segment(rank=u.rank, group=u.group, place=u.rel, atoms=s.atoms,
-                        expect_crc={k: v for k, v in (s.expect_crc or {}).items()
-                                    if k in atom_fields})
+    segments = [Segment(rank=u.rank, data_root=data_roots[u.rank], group=u.group, place=u.rel,
+                        atoms=s.atoms, expect_crc={k: v for k, v in (s.expect_crc or {}).items()
+                                                   if k in atom_fields})
                 for u, s in sources]
-    atoms_out = SegmentWriter(data_root, store, group, atom_fields, segments, progress=bar,
+    atoms_out = SegmentWriter(store, group, atom_fields, segments, progress=bar,
                               workers=min(4, os.cpu_count() or 1), on_piece=fault,
                               checksums=checksums)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -71,8 +71,9 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
     units = [u for u in run.units if u.kind == "zarr" and u.hook == hook]
     sources = []
     for u in units:
-        u.path(run.path)
-        sources.append((u.rank, ZarrSource(run.path / layout.DATA_DIR, u.group, place=u.rel,
+        root = run.root_of(u.rank, "export of an unconsolidated trajectory")
+        u.path(root)
+        sources.append((u.rank, ZarrSource(root / layout.DATA_DIR, u.group, place=u.rel,
                                            records=u.records, atoms=u.atoms, **kw)))
     return merge_blocks(sources)
 
@@ -124,9 +125,9 @@ def _atoms_of(block: Any, ase: Any) -> list[Any]:
 
 
 def export(run_dir: str | os.PathLike, *, what: str, fmt: str, out: str | os.PathLike,
-           hook: str | None = None) -> dict:
+           hook: str | None = None, rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
     """Write ``what`` of a run to ``out`` as ``fmt`` ("extxyz" or "ase-db"); returns
-    ``{"structures", "out"}``."""
+    ``{"structures", "out"}``. ``rank_roots``: as for :func:`~dist_hooks.reader.open_run`."""
     try:
         import ase
         import ase.io
@@ -135,7 +136,7 @@ def export(run_dir: str | os.PathLike, *, what: str, fmt: str, out: str | os.Pat
                                      "(or pip install ase)") from None
     if fmt not in ("extxyz", "ase-db"):
         raise RunError(f"--format must be 'extxyz' or 'ase-db', got {fmt!r}")
-    run = open_run(run_dir)
+    run = open_run(run_dir, rank_roots)
     blocks = iter_blocks(run, what, hook)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

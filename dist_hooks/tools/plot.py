@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -45,15 +46,16 @@ def step_quantiles(steps: np.ndarray, values: np.ndarray,
 
 
 def plot(run_dir: str | os.PathLike, out: str | os.PathLike, *, hook: str = "log",
-         dpi: int = 110) -> dict:
-    """Write the PNG; returns ``{"out", "metrics", "rows"}``."""
+         dpi: int = 110, rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
+    """Write the PNG; returns ``{"out", "metrics", "rows"}``. ``rank_roots``: as for
+    :func:`~dist_hooks.reader.open_run`."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise MissingDependencyError("plot needs matplotlib: pip install 'dist_hooks[plot]' "
                                      "(or pip install matplotlib)") from None
-    run = open_run(run_dir)
+    run = open_run(run_dir, rank_roots)
     try:
         cols = run.logs(hook)
     except KeyError as exc:

@@ -24,7 +24,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from ..reader import (
     DamageError,
     Unit,
     committed_units,
+    find_rank_roots,
     load_manifest,
     read_header,
     run_path,
@@ -190,7 +191,8 @@ def _check_boundaries(run_dir: Path, m: dict) -> list[str]:
 
 
 def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
-                  block_records: int, block_atoms: int) -> list[str]:
+                  block_records: int, block_atoms: int,
+                  roots: dict[int, Path] | None = None) -> list[str]:
     """The coordinator's merged group against the ranks' committed converged records."""
     from .consolidate import ZarrSource, merge_blocks
 
@@ -203,9 +205,10 @@ def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
                      records=n, atoms=a, block_records=block_records, block_atoms=block_atoms,
                      progress=bar)
     got = _stream_crc(iter(src))
-    if m.get("storage") == "local" or not conv_units:
-        return []
-    sources = [(u.rank, ZarrSource(run_dir / layout.DATA_DIR, u.group, place=u.rel,
+    roots = roots or {}
+    if not conv_units or any(u.rank not in roots for u in conv_units):
+        return []  # the ranks' converged groups are not all here (node-local storage)
+    sources = [(u.rank, ZarrSource(roots[u.rank] / layout.DATA_DIR, u.group, place=u.rel,
                                    records=u.records, atoms=u.atoms, block_records=block_records,
                                    block_atoms=block_atoms)) for u in conv_units]
     want = _stream_crc(merge_blocks(sources, dedup=True))
@@ -240,12 +243,14 @@ def _stream_crc(blocks: Any) -> dict:
 
 def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
                check_merged: bool = True, progress: bool | None = False,
-               block_records: int = 4096, block_atoms: int = 65536) -> dict:
+               block_records: int = 4096, block_atoms: int = 65536,
+               rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
     """Check a run; returns ``{"ok", "problems": [{message, rank, hook}], "checked": {...}}``.
 
     ``rank``/``hook`` name the unit a problem belongs to (``None`` for run-wide ones), which is
     what ``consolidate --skip-damaged`` leaves out. Raises :class:`RunError` only when the path
-    is not a run at all.
+    is not a run at all. ``rank_roots``: for a run recorded with ``storage="local"``, the
+    directories holding the nodes' files (without them only the run directory is checked).
     """
     run_dir = Path(run_dir)
     problems: list[dict] = []
@@ -257,28 +262,35 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
     for msg in _check_boundaries(run_dir, manifest):
         problems.append(_problem(msg))
     last = manifest.get("last") or {}
-    for r in last.get("ranks", []) or []:
-        for msg in _check_state(run_dir, r):
-            problems.append(_problem(msg))
-    units = committed_units(manifest)
     local = manifest.get("storage") == "local"
+    roots = find_rank_roots(run_dir, manifest, rank_roots)
+    for r in last.get("ranks", []) or []:
+        if int(r["rank"]) in roots:  # node-local state not given: nothing to read here
+            for msg in _check_state(roots[int(r["rank"])], r):
+                problems.append(_problem(msg))
+    units = committed_units(manifest)
     notes = []
     if not manifest.get("last"):
         notes.append("no checkpoint boundary committed yet: nothing is promised")
-    if local:
+    if local and not rank_roots:
         notes.append("storage=local: rank data stay on the nodes; only the merged group and "
-                     "the manifest are checked here")
+                     "the manifest are checked here (give the nodes' directories with "
+                     "--rank-root to check them too)")
     bar = Progress(sum(int(u.info.get("bytes", 0)) for u in units if u.kind == "csv"),
                    "verify", enabled=progress)
     schemas: dict[str, tuple[int, dict]] = {}
     damaged: set[tuple[int, str]] = set()
     checked = 0
-    for u in units if not local else []:
-        msgs = quick_unit_problems(run_dir, u)
+    for u in units if not (local and not rank_roots) else []:
+        root = roots.get(u.rank)
+        if root is None:
+            msgs = [f"{u.rel}: in none of the --rank-root directories (storage=local)"]
+        else:
+            msgs = quick_unit_problems(root, u)
         if not msgs:
             try:
-                msgs = (_check_csv(run_dir, u, bar) if u.kind == "csv" else
-                        _check_zarr(run_dir, u, bar, schemas, block_records, block_atoms))
+                msgs = (_check_csv(root, u, bar) if u.kind == "csv" else
+                        _check_zarr(root, u, bar, schemas, block_records, block_atoms))
             except DamageError as exc:
                 msgs = list(exc.places)
         checked += 1
@@ -292,7 +304,8 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
                          "data are damaged)")
             conv = []
         try:
-            for msg in _check_merged(run_dir, manifest, conv, bar, block_records, block_atoms):
+            for msg in _check_merged(run_dir, manifest, conv, bar, block_records, block_atoms,
+                                     roots):
                 problems.append(_problem(msg))
         except DamageError as exc:
             problems.extend(_problem(p) for p in exc.places)
