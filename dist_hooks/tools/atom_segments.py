@@ -5,12 +5,12 @@ run's bytes. Ordering them by (step, rank, sample) like the records would mean d
 reordering and re-encoding every one of them; measured, that ran at a twentieth of a file
 copy. Instead each rank's rows stay in the rank's own order, as one segment that starts on a
 shard boundary of the output array, and each record says where its atoms are
-(``atoms_start``, ``n_atoms``). Every source shard file that lies wholly inside the committed
-rows is then copied byte for byte (:mod:`~dist_hooks.store.raw_shards` checks its index and
-folds its decoded rows into the committed crc32 on the way); only a rank's last, partial shard
-is decoded and written again through zarr, so that no uncommitted or stale row is carried over.
-A source whose chunking or codecs differ from the output's is copied through zarr, in
-shard-sized pieces.
+(``atoms_start``, ``n_atoms``). Every source shard file that holds only committed rows is then
+copied byte for byte (:mod:`~dist_hooks.store.raw_shards` checks its index and folds its decoded
+rows into the committed crc32 on the way). A rank's last shard that also holds rows written
+after the last boundary is decoded, and only its committed rows are written again through zarr,
+so that no uncommitted row reaches the output. A source whose chunking or codecs differ from
+the output's is copied through zarr, in shard-sized pieces.
 
 Work runs in a few threads, one (field, rank) pair each: decoding and file I/O release the GIL.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,17 +64,6 @@ def _unit_rows(meta: dict) -> int:
     return int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
 
 
-class _Counter:
-    def __init__(self, progress: Any) -> None:
-        self.progress = progress
-        self.lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        if self.progress is not None:
-            with self.lock:
-                self.progress.update(n)
-
-
 class SegmentWriter:
     """Places ``segments`` (on construction: reads metadata only, sets each ``start``) and then,
     in :meth:`run`, creates ``group/<field>`` in ``store`` for each atom field and fills it.
@@ -95,7 +83,7 @@ class SegmentWriter:
         self.segments = segments
         self.workers = max(1, int(workers))
         self.on_piece = on_piece
-        self.counter = _Counter(progress)
+        self.progress = progress  # a tools.Progress (thread-safe) or None
         self.metas: dict[str, dict] = {}
         self.lays: dict[str, ShardLayout | None] = {}
         self.unit_rows = self.rows = 0
@@ -132,6 +120,7 @@ class SegmentWriter:
                                 default_buffer_prototype().buffer.from_bytes(
                                     json.dumps(meta, indent=2).encode()))
             outs[f] = zarr.open_array(self.store, path=f"{self.group}/{f}", mode="r+")
+
         def one(f: str, seg: Segment) -> str | None:
             where = f"{seg.place}/{f}"
             try:
@@ -147,10 +136,10 @@ class SegmentWriter:
             if lay is not None and src_lay is not None and src_lay.signature == lay.signature:
                 crc = _copy_raw(f, seg, seg.data_root / seg.group / f,
                                 int(src_meta["shape"][0]), lay,
-                                Path(self.store.root) / self.group / f, outs[f], self.counter,
-                                self.on_piece, self.checksums, self.copied)
+                                Path(self.store.root) / self.group / f, outs[f],
+                                self.progress, self.on_piece, self.checksums, self.copied)
             else:
-                crc = _copy_zarr(f, seg, outs[f], self.unit_rows, self.counter)
+                crc = _copy_zarr(f, seg, outs[f], self.unit_rows, self.progress)
             want = seg.expect_crc.get(f)
             if want is not None and crc is not None and crc != int(want):
                 return f"{where}: crc32 mismatch over atom rows [0, {seg.atoms})"
@@ -172,7 +161,7 @@ class SegmentWriter:
 
 
 def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayout,
-              out_dir: Path, out: Any, counter: _Counter, on_piece: Callable[[], None] | None,
+              out_dir: Path, out: Any, progress: Any, on_piece: Callable[[], None] | None,
               checksums: bool, copied: list[Path]) -> int | None:
     """Committed shards copied as files; returns the crc32 of the committed rows, or ``None``
     without ``checksums`` (then only each shard's index is read and checked).
@@ -192,7 +181,7 @@ def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayo
         where = f"{seg.place}/{f}/{key}"
         rows = min(S, seg.atoms - i * S)
         as_file = rows == S or src_rows == seg.atoms
-        kept = None
+        kept, data = None, None
         try:
             if as_file and not checksums:
                 present = lay.read_index(src, where) is not None
@@ -210,17 +199,20 @@ def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayo
             a = seg.start + i * S
             out[a: a + rows] = kept
         elif present:
-            # the kernel copies (sendfile), as a plain file copy would
             dst = out_dir / lay.shard_key(first + i)
-            shutil.copyfile(src, dst)
+            if data is not None:
+                dst.write_bytes(data)  # exactly the bytes checked above
+            else:
+                shutil.copyfile(src, dst)  # the kernel copies (sendfile), as a file copy would
             copied.append(dst)
-        counter.add(rows * lay.row_bytes)
+        if progress is not None:
+            progress.update(rows * lay.row_bytes)
         if on_piece is not None:
             on_piece()
     return crc
 
 
-def _copy_zarr(f: str, seg: Segment, out: Any, unit_rows: int, counter: _Counter) -> int:
+def _copy_zarr(f: str, seg: Segment, out: Any, unit_rows: int, progress: Any) -> int:
     """The fallback for a source laid out unlike the output: decode, check, re-encode."""
     import zarr
 
@@ -240,5 +232,6 @@ def _copy_zarr(f: str, seg: Segment, out: Any, unit_rows: int, counter: _Counter
                               f"({type(exc).__name__}: {exc})") from exc
         crc = zlib.crc32(rows, crc) if rows.size else crc
         out[seg.start + a: seg.start + b] = rows
-        counter.add(rows.nbytes)
+        if progress is not None:
+            progress.update(rows.nbytes)
     return crc

@@ -92,10 +92,11 @@ DEFAULT_BLOCK_RECORDS = 4096
 DEFAULT_BLOCK_ATOMS = 65536
 #: Bytes fetched per array and read (rounded to whole chunks, at most one shard file) ...
 FETCH_BYTES = 4 << 20
-#: Smallest record chunk of a consolidated group (128 KiB of an int64 column), and its shards
-#: (the writer stages one shard per column in memory: 2.4 MB of a 3x3 float32 cell).
-OUT_CHUNK_RECORDS = 16384
-OUT_SHARD_RECORDS = 65536
+#: Record chunks of a consolidated group (512 KiB of an int64 column; zarr's cost per chunk
+#: made 16384 two times slower, measured), 4 to a shard: the writer stages one shard per column
+#: in memory, 9.4 MB for a 3x3 float32 cell.
+OUT_CHUNK_RECORDS = 65536
+OUT_SHARD_RECORDS = 4 * OUT_CHUNK_RECORDS
 #: ... shrunk so that all sources of one merge together fetch about this much at a time.
 FETCH_TOTAL = 32 << 20
 
@@ -926,8 +927,9 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     def open_source(u: Unit, levels: tuple[str, ...] = ("record", "atom")) -> ZarrSource:
         u.path(root(u))
         n = sum(1 for v in units if v.kind == "zarr" and v.hook == u.hook)
-        return ZarrSource(root(u) / layout.DATA_DIR, u.group, place=u.rel, records=u.records, atoms=u.atoms,
-                          expect_crc=u.info.get("crc32") or {}, block_records=block_records,
+        return ZarrSource(root(u) / layout.DATA_DIR, u.group, place=u.rel, records=u.records,
+                          atoms=u.atoms, expect_crc=u.info.get("crc32") or {},
+                          block_records=block_records,
                           block_atoms=block_atoms, progress=bar, fetch_bytes=fetch_bytes_for(n),
                           levels=levels)
 
@@ -983,32 +985,31 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-hooks-logs")
     try:
         csv_job = pool.submit(logs)
-        try:
-            for h, ss in sources.items():
-                bar.set_label(f"consolidate {h}")
-                info, more = _trajectory(store, f"hooks/{h}", ss, bar, fault, checksums,
-                                         {u.rank: root(u) / layout.DATA_DIR for u, _ in ss})
-                problems.extend(more)
-                summary["hooks"][h] = info
-            if conv_sources or merged_source is not None:
-                bar.set_label("consolidate converged")
-                ref = conv_sources[0][1] if conv_sources else merged_source
-                n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
-                          else merged_source.records)
-                sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref, n_conv))
-                stream = (merge_blocks(conv_sources, dedup=True) if conv_sources
-                          else iter(merged_source))
-                for block in prefetch(stream):
-                    sink.append(block)
-                    if fault is not None:
-                        fault()
-                for _, s in conv_sources:
-                    problems.extend(s.problems())
-                summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
-        finally:
-            if csv_hooks:
-                bar.set_label("consolidate logs")
-            csv_info, more = csv_job.result()
+        for h, ss in sources.items():
+            bar.set_label(f"consolidate {h}")
+            info, more = _trajectory(store, f"hooks/{h}", ss, bar, fault, checksums,
+                                     {u.rank: root(u) / layout.DATA_DIR for u, _ in ss})
+            problems.extend(more)
+            summary["hooks"][h] = info
+        if conv_sources or merged_source is not None:
+            bar.set_label("consolidate converged")
+            ref = conv_sources[0][1] if conv_sources else merged_source
+            n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
+                      else merged_source.records)
+            sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref, n_conv))
+            stream = (merge_blocks(conv_sources, dedup=True) if conv_sources
+                      else iter(merged_source))
+            for block in prefetch(stream):
+                sink.append(block)
+                if fault is not None:
+                    fault()
+            for _, s in conv_sources:
+                problems.extend(s.problems())
+            summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
+        # an error above propagates as it is; the pool shutdown below waits for the logs
+        if csv_hooks:
+            bar.set_label("consolidate logs")
+        csv_info, more = csv_job.result()
         summary["hooks"].update(csv_info)
         problems.extend(more)
     except DamageError as exc:
@@ -1064,7 +1065,7 @@ def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, Z
                                                    if k in atom_fields})
                 for u, s in sources]
     atoms_out = SegmentWriter(store, group, atom_fields, segments, progress=bar,
-                              workers=min(4, os.cpu_count() or 1), on_piece=fault,
+                              workers=min(8, os.cpu_count() or 1), on_piece=fault,
                               checksums=checksums)
 
     def located(s: ZarrSource, start: int) -> Iterator[CsrBlock]:
