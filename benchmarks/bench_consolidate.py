@@ -121,15 +121,16 @@ def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 
         snap.sync()
         conv.sync()
         log.sync()
+        snap_files, conv_files = snap.take_file_checksums(), conv.take_file_checksums()
         log.close()
         hooks = {
             "log": {"path": str(layout.csv_path(path, "log", r).relative_to(path)),
                     "bytes": log.size, "rows": log.rows, "crc32": log.crc32, "kind": "csv",
                     "converged": False},
             "snapshots": {"group": snap.group_path, **snap.committed_lengths(), "crc32": crc_s,
-                          "kind": "zarr", "converged": False},
+                          "files": snap_files, "kind": "zarr", "converged": False},
             "converged": {"group": conv.group_path, **conv.committed_lengths(), "crc32": crc_c,
-                          "kind": "zarr", "converged": True},
+                          "files": conv_files, "kind": "zarr", "converged": True},
         }
         snap.close()
         conv.close()

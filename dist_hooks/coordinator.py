@@ -160,12 +160,23 @@ class Run:
                  self.launch.launcher, f"resumed at step {self.start_step}" if manifest else "new")
 
     def _create_hierarchy(self, root: Path) -> None:
+        """``data.zarr`` and its ``ranks`` group under ``root``. With node-local storage the
+        ranks of one node create them in the same ``local_dir`` at the same time: whoever loses
+        the race finds them made by another rank, which is as good."""
         import zarr
+        from zarr.errors import ContainsGroupError
         from .store.atomic_store import AtomicLocalStore
         store = AtomicLocalStore(root / layout.DATA_DIR)
-        g = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
-        if layout.RANKS_GROUP not in g:
-            g.create_group(layout.RANKS_GROUP)
+        for attempt in range(3):
+            try:
+                g = zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+                if layout.RANKS_GROUP not in g:
+                    g.create_group(layout.RANKS_GROUP)
+                return
+            except ContainsGroupError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
 
     # -- hooks placed in this run ------------------------------------------------------------------
     @property

@@ -535,7 +535,8 @@ class SnapshotHook(_RecordingHook):
         if self._writer is None:
             return {}
         self._writer.sync()
-        return {"group": self._writer.group_path, **self._writer.committed_lengths(), "crc32": dict(self._crc)}
+        return {"group": self._writer.group_path, **self._writer.committed_lengths(), "crc32": dict(self._crc),
+                "files": self._writer.take_file_checksums()}
 
     def _close_files(self) -> None:
         if self._writer is not None:

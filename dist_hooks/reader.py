@@ -43,6 +43,7 @@ __all__ = [
     "RunError",
     "RunReader",
     "Unit",
+    "committed_files",
     "committed_units",
     "find_rank_roots",
     "iter_csv_batches",
@@ -168,6 +169,30 @@ def committed_units(manifest: dict) -> list[Unit]:
             kind = info.get("kind", "zarr" if "group" in info else "csv")
             out.append(Unit(int(r["rank"]), str(name), kind, bool(info.get("converged")), info))
     return sorted(out, key=lambda u: (u.hook, u.rank))
+
+
+def committed_files(run_dir: str | Path, manifest: dict) -> dict[tuple[int, str], dict]:
+    """``{(rank, hook): {"<array>/<shard file>": (bytes, crc32)}}``: the file checksums that
+    the commit records of every boundary in force reported (format.md, commit records), the
+    latest entry of each file winning. A boundary file that cannot be read contributes nothing
+    (callers then check those files the slow way, by decoding them)."""
+    out: dict[tuple[int, str], dict] = {}
+    for b in manifest.get("boundaries") or []:
+        rel = b.get("file")
+        try:
+            entry = json.loads(run_path(run_dir, rel).read_bytes()) if rel else None
+        except (OSError, ValueError, DamageError):
+            continue
+        if not isinstance(entry, dict):
+            continue
+        for r in entry.get("ranks", []) or []:
+            for hook, info in (r.get("hooks") or {}).items():
+                files = info.get("files") if isinstance(info, dict) else None
+                if isinstance(files, dict):
+                    d = out.setdefault((int(r["rank"]), str(hook)), {})
+                    for k, v in files.items():
+                        d[str(k)] = (int(v[0]), int(v[1]))
+    return out
 
 
 def find_rank_roots(run_dir: str | Path, manifest: dict,

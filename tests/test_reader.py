@@ -230,6 +230,47 @@ def test_no_checksums_gives_the_same_bytes_and_still_checks_structure(run, tmp_p
             consolidate(run, tmp_path / "c", progress=False, checksums=checksums)
 
 
+def _strip_file_checksums(run: Path) -> None:
+    """What a run recorded before commit records carried shard-file checksums looks like."""
+    m = _manifest(run)
+    for entry in [m["last"]] + [json.loads((run / b["file"]).read_text()) for b in m["boundaries"]]:
+        for rk in entry["ranks"]:
+            for info in rk["hooks"].values():
+                info.pop("files", None)
+        if entry is not m["last"]:
+            (run / f"boundaries/b-{entry['index']:06d}.json").write_text(json.dumps(entry))
+    (run / "run.json").write_text(json.dumps(m))
+
+
+def test_shard_files_checked_against_their_writers_checksums(run, tmp_path):
+    """With the writers' file checksums in the commit records, shard files are checked whole
+    (no decoding); a file that does not match is checked row by row, so damage is still found;
+    without them (older runs), every row is decoded and checked."""
+    from dist_hooks.reader import DamageError
+
+    s = consolidate(run, tmp_path / "a", progress=False)
+    checked = s["hooks"]["snapshots"]["checked"]
+    assert {how for c in checked for how in c["checked"].values()} == {"files"}, checked
+    assert_bit_identical(trajectory(tmp_path / "a/data.zarr/hooks/snapshots"),
+                         reference(run, "snapshots"), "checked by file checksums")
+    # one flipped byte inside a chunk of a full shard (its index stays valid)
+    f = run / "data.zarr/ranks/rank-00001/snapshots/positions/c.1.0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 4] ^= 0x10
+    f.write_bytes(bytes(data))
+    with pytest.raises(DamageError, match="rank-00001/snapshots/positions"):
+        consolidate(run, tmp_path / "b", progress=False)
+
+
+def test_runs_without_file_checksums_are_checked_row_by_row(run, tmp_path):
+    _strip_file_checksums(run)
+    s = consolidate(run, tmp_path / "a", progress=False)
+    checked = s["hooks"]["snapshots"]["checked"]
+    assert {how for c in checked for how in c["checked"].values()} == {"rows"}, checked
+    assert_bit_identical(trajectory(tmp_path / "a/data.zarr/hooks/snapshots"),
+                         reference(run, "snapshots"), "checked row by row")
+
+
 def test_stale_or_partial_consolidation_is_not_used(run):
     consolidate(run, progress=False)
     assert open_run(run).consolidated is not None

@@ -42,6 +42,7 @@ import os
 import re
 import threading
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Literal, Self
@@ -189,6 +190,10 @@ class AtomicLocalStore(LocalStore):
         self.fsync_policy: FsyncPolicy = fsync
         self._dirty: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        #: key -> (bytes, crc32) of each file written through this store and not yet taken by
+        #: :meth:`take_checksums`: writers report them at checkpoint boundaries, so that a full
+        #: shard (written once, never changed) can later be checked without decoding it
+        self._checksums: dict[str, tuple[int, int]] = {}
 
     def with_read_only(self, read_only: bool = False) -> Self:
         # docstring inherited; keep the policy (zarr calls this when opening)
@@ -212,13 +217,15 @@ class AtomicLocalStore(LocalStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         policy = self.fsync_policy
         do_fsync = policy == "always" or (policy == "replace" and path.exists())
-        n = _replace_into(path, memoryview(value.as_buffer_like()), do_fsync=do_fsync,
-                          exclusive=exclusive)
+        view = memoryview(value.as_buffer_like())
+        n = _replace_into(path, view, do_fsync=do_fsync, exclusive=exclusive)
+        crc = zlib.crc32(view)
         if policy == "always":
             sync_dir(path.parent)  # the rename is durable now; sync() still covers new parents
         with self._dirty_lock:
             # after an fsync'd replace only the rename (the directory entry) is pending
             self._dirty.add(path.parent if do_fsync else path)
+            self._checksums[key] = (n, crc)
         return n
 
     def set_sync(self, key: str, value: Buffer) -> None:
@@ -239,6 +246,14 @@ class AtomicLocalStore(LocalStore):
     def _note_deleted(self, key: str) -> None:
         with self._dirty_lock:
             self._dirty.add((self.root / key).parent)
+            self._checksums.pop(key, None)
+
+    def take_checksums(self, prefix: str) -> dict[str, tuple[int, int]]:
+        """``(bytes, crc32)`` of the files under ``prefix`` written since the last call, as
+        written (the latest version of each); they are forgotten here."""
+        with self._dirty_lock:
+            keys = [k for k in self._checksums if k.startswith(prefix)]
+            return {k: self._checksums.pop(k) for k in keys}
 
     def delete_sync(self, key: str) -> None:
         # docstring inherited

@@ -236,28 +236,38 @@ class RawArrayReader:
     Why: record-level arrays have small chunks (1024 rows by default: a few KB each), and
     zarr's per-chunk cost dominated reading them (measured ~0.1 ms a chunk); decoding them
     here costs the codec and little else. The last shard file read is kept, so sequential
-    reads of neighbouring ranges open and check each file once.
+    reads of neighbouring ranges check each file once.
     """
 
     def __init__(self, array_dir: Path, lay: ShardLayout, place: str) -> None:
         self.dir = Path(array_dir)
         self.lay = lay
         self.place = place
-        self._cached: tuple[int, bytes, np.ndarray, np.ndarray] | None = None
+        self._cached: tuple[tuple, bytes, np.ndarray, np.ndarray] | None = None
 
     def _shard(self, i: int) -> tuple[bytes, np.ndarray, np.ndarray]:
-        if self._cached is not None and self._cached[0] == i:
-            return self._cached[1:]
+        """One shard file, read whole through one descriptor: a writer replaces files by
+        rename, so this is one consistent version of it (zarr reads the index and the chunks
+        with separate opens, and a rename in between mixed two versions). The file kept from
+        the previous call is reused only while it is still the same file (inode, size, mtime)."""
         key = self.lay.shard_key(i)
         try:
-            data = (self.dir / key).read_bytes()
+            fd = os.open(self.dir / key, os.O_RDONLY)
         except FileNotFoundError:
             # zarr leaves out shards that hold only the fill value: read as such (a lost file
             # then shows as a crc32 mismatch against the committed checksum)
-            data, off, nb = b"", *self.lay.empty_index()
-        else:
-            off, nb = self.lay.index(data, f"{self.place}/{key}")
-        self._cached = (i, data, off, nb)
+            return b"", *self.lay.empty_index()
+        try:
+            st = os.fstat(fd)
+            sig = (i, st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._cached is not None and self._cached[0] == sig:
+                return self._cached[1:]
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read()
+        finally:
+            os.close(fd)
+        off, nb = self.lay.index(data, f"{self.place}/{key}")
+        self._cached = (sig, data, off, nb)
         return data, off, nb
 
     def read(self, a: int, b: int) -> np.ndarray:

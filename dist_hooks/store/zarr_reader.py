@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 from .atomic_store import AtomicLocalStore
-from .raw_shards import RawArrayReader, ShardDamage, ShardLayout
+from .raw_shards import RawArrayReader, ShardLayout
 from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
                      parse_rank_name)
 
@@ -76,6 +76,7 @@ class ShardReader:
         self.fields: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {
             n: (levels[n], np.dtype(a.dtype), tuple(a.shape[1:])) for n, a in self._arrays.items()
         }
+        self._raw = {n: self._raw_reader(n) for n in self._arrays}
         self.indexed = self.attrs.get("atoms_layout") == INDEXED
         self._start: np.ndarray | None = None
         if self.indexed:
@@ -111,18 +112,33 @@ class ShardReader:
         self._n = max(n, 0)
         self._ptr = ptr[: self._n + 1]
 
-    def _whole(self, arr: Any, name: str) -> np.ndarray:
-        """A whole int64 layout array, from its shard files when their layout is understood:
-        these arrays have small chunks, and zarr's cost per chunk dominated reading them."""
+    def _raw_reader(self, name: str) -> RawArrayReader | None:
         d = Path(self._store.root) / self.group_path / name
         try:
             lay, _ = ShardLayout.of(d)
-            if lay is not None:
-                return RawArrayReader(d, lay, name).read(0, int(arr.shape[0])).astype(
-                    np.int64, copy=False)
-        except (OSError, ValueError, ShardDamage):
-            pass  # zarr below reads it or reports the damage
+        except (OSError, ValueError):
+            return None
+        return RawArrayReader(d, lay, f"{self.group_path}/{name}") if lay is not None else None
+
+    def _whole(self, arr: Any, name: str) -> np.ndarray:
+        """A whole int64 layout array (see :meth:`_rows`)."""
+        raw = self._raw_reader(name)
+        if raw is not None:
+            return raw.read(0, int(arr.shape[0])).astype(np.int64, copy=False)
         return np.asarray(arr[:], dtype=np.int64)
+
+    def _rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` of a field, from its shard files when their layout is understood.
+
+        Why not zarr: it reads a shard's index and its chunks with separate opens, so a writer
+        that replaces the file in between (this reader is meant for live runs) makes it decode
+        one version's chunk at the other's offsets; and its cost per chunk dominated reading
+        the small record chunks. Whole files read through one descriptor are consistent.
+        """
+        raw = self._raw.get(name)
+        if raw is not None:
+            return raw.read(a, b)
+        return np.asarray(self._arrays[name][a:b])
 
     def __len__(self) -> int:
         return self._n
@@ -150,7 +166,7 @@ class ShardReader:
         if self._level(name) == "atom" and self.indexed:
             return self._atom_rows(name, 0, self._n)
         stop = self._n if self._level(name) == "record" else self.n_atoms
-        return np.asarray(self._arrays[name][:stop])
+        return self._rows(name, 0, stop)
 
     def _atom_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Indexed layout: the atom rows of records ``[start, stop)`` in record order.
@@ -171,7 +187,7 @@ class ShardReader:
         for s in np.unique(seg).tolist():  # a loop over segments (ranks), not records
             m = seg == s
             lo, hi = int(st[m].min()), int((st[m] + cnt[m]).max())
-            bufs.append(np.asarray(arr[lo:hi]))
+            bufs.append(self._rows(name, lo, hi))
             pos[m] = st[m] - lo + off
             off += hi - lo
         buf = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
@@ -191,8 +207,8 @@ class ShardReader:
             a, b = int(self._start[i]), int(self._start[i]) + b - a
         out: dict[str, Any] = {}
         for name, (level, _, _) in self.fields.items():
-            arr = self._arrays[name]
-            out[name] = np.asarray(arr[i] if level == "record" else arr[a:b])
+            out[name] = self._rows(name, i, i + 1)[0] if level == "record" else \
+                self._rows(name, a, b)
         if as_torch:
             out = {k: _to_torch(v) for k, v in out.items()}
         return out
@@ -212,11 +228,11 @@ class ShardReader:
             if arr is None:
                 self._level(name)  # raises KeyError with the field list
             if self._level(name) == "record":
-                out[name] = np.asarray(arr[start:stop])
+                out[name] = self._rows(name, start, stop)
             elif self.indexed:
                 out[name] = self._atom_rows(name, start, stop)
             else:
-                out[name] = np.asarray(arr[a:b])
+                out[name] = self._rows(name, a, b)
         out[ATOMS_PTR] = self._ptr[start: stop + 1] - a
         if as_torch:
             out = {k: _to_torch(v) for k, v in out.items()}

@@ -45,7 +45,12 @@ class Segment:
     place: str               #: that group, relative to the run (for messages)
     atoms: int               #: committed atom rows
     expect_crc: dict[str, int] = field(default_factory=dict)
+    #: ``{"<field>/<shard file>": (bytes, crc32)}`` as the commit records reported them
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)
     start: int = 0           #: first output row (set by :func:`plan_starts`)
+    #: per field, how its rows were checked: "files" (each shard file against the checksum its
+    #: writer took), "rows" (decoded, against the committed crc32) or "index" (--no-checksums)
+    checked: dict[str, str] = field(default_factory=dict)
 
 
 def plan_starts(segments: list[Segment], unit_rows: int) -> int:
@@ -134,12 +139,20 @@ class SegmentWriter:
                                   f"{seg.atoms}")
             lay = self.lays[f]
             if lay is not None and src_lay is not None and src_lay.signature == lay.signature:
-                crc = _copy_raw(f, seg, seg.data_root / seg.group / f,
-                                int(src_meta["shape"][0]), lay,
-                                Path(self.store.root) / self.group / f, outs[f],
-                                self.progress, self.on_piece, self.checksums, self.copied)
+                args = (f, seg, seg.data_root / seg.group / f, int(src_meta["shape"][0]), lay,
+                        Path(self.store.root) / self.group / f, outs[f], self.progress,
+                        self.on_piece, self.checksums, self.copied)
+                listed = {k.partition("/")[2]: v for k, v in seg.files.items()
+                          if k.partition("/")[0] == f}
+                try:
+                    crc = _copy_raw(*args, listed=listed if self.checksums else {})
+                except _Unlisted:
+                    crc = _copy_raw(*args, listed={})  # check every row the slow way
+                seg.checked[f] = ("rows" if crc is not None else
+                                  "files" if self.checksums else "index")
             else:
                 crc = _copy_zarr(f, seg, outs[f], self.unit_rows, self.progress)
+                seg.checked[f] = "rows"
             want = seg.expect_crc.get(f)
             if want is not None and crc is not None and crc != int(want):
                 return f"{where}: crc32 mismatch over atom rows [0, {seg.atoms})"
@@ -160,11 +173,19 @@ class SegmentWriter:
         return problems
 
 
+class _Unlisted(Exception):
+    """A shard file differs from its checksum in the commit records (or has none)."""
+
+
 def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayout,
               out_dir: Path, out: Any, progress: Any, on_piece: Callable[[], None] | None,
-              checksums: bool, copied: list[Path]) -> int | None:
+              checksums: bool, copied: list[Path], *,
+              listed: dict[str, tuple[int, int]]) -> int | None:
     """Committed shards copied as files; returns the crc32 of the committed rows, or ``None``
-    without ``checksums`` (then only each shard's index is read and checked).
+    when the rows were not decoded: without ``checksums`` (then only each shard's index is read
+    and checked), or when every shard file matched its ``listed`` ``(bytes, crc32)``, the
+    checksum the writer took of it (then each file is checked whole at crc32 speed; a file
+    that does not match raises :class:`_Unlisted` and the caller checks the rows instead).
 
     The last, partial shard is copied too when the source array ends where the commit does
     (``src_rows == seg.atoms``: a run that stopped at a boundary); otherwise it holds rows
@@ -174,6 +195,9 @@ def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayo
     S = lay.shard_rows
     n_shards = -(-seg.atoms // S)
     first = seg.start // S
+    if listed and all(lay.shard_key(i) in listed for i in range(n_shards)) and (
+            seg.atoms % S == 0 or src_rows == seg.atoms):
+        return _copy_listed(f, seg, src_dir, lay, out_dir, progress, on_piece, copied, listed)
     crc: int | None = 0 if checksums else None
     for i in range(n_shards):
         key = lay.shard_key(i)
@@ -210,6 +234,32 @@ def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayo
         if on_piece is not None:
             on_piece()
     return crc
+
+
+def _copy_listed(f: str, seg: Segment, src_dir: Path, lay: ShardLayout, out_dir: Path,
+                 progress: Any, on_piece: Callable[[], None] | None, copied: list[Path],
+                 listed: dict[str, tuple[int, int]]) -> None:
+    """Every committed shard file of a segment, each checked whole against the checksum its
+    writer took (see :meth:`~dist_hooks.store.shard.ShardWriter.take_file_checksums`)."""
+    S = lay.shard_rows
+    first = seg.start // S
+    for i in range(-(-seg.atoms // S)):
+        key = lay.shard_key(i)
+        size, want = listed[key]  # (progress is counted once all match: a retry counts again)
+        try:
+            data = (src_dir / key).read_bytes()
+        except FileNotFoundError:
+            raise _Unlisted(key) from None
+        if len(data) != size or zlib.crc32(data) != want:
+            raise _Unlisted(key)
+        dst = out_dir / lay.shard_key(first + i)
+        dst.write_bytes(data)
+        copied.append(dst)
+        if on_piece is not None:
+            on_piece()
+    if progress is not None:
+        progress.update(seg.atoms * lay.row_bytes)
+    return None
 
 
 def _copy_zarr(f: str, seg: Segment, out: Any, unit_rows: int, progress: Any) -> int:

@@ -62,6 +62,7 @@ from ..reader import (
     DamageError,
     RunError,
     Unit,
+    committed_files,
     committed_units,
     default_consolidated_dir,
     find_rank_roots,
@@ -934,6 +935,7 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                           levels=levels)
 
     problems: list[str] = []
+    files = committed_files(run_dir, manifest) if checksums else {}
     sources: dict[str, list[tuple[Unit, ZarrSource]]] = {}
     try:
         for h in zarr_hooks:
@@ -988,7 +990,8 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
         for h, ss in sources.items():
             bar.set_label(f"consolidate {h}")
             info, more = _trajectory(store, f"hooks/{h}", ss, bar, fault, checksums,
-                                     {u.rank: root(u) / layout.DATA_DIR for u, _ in ss})
+                                     {u.rank: root(u) / layout.DATA_DIR for u, _ in ss},
+                                     files)
             problems.extend(more)
             summary["hooks"][h] = info
         if conv_sources or merged_source is not None:
@@ -1050,7 +1053,8 @@ def _atom_bytes(src: ZarrSource) -> int:
 
 def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, ZarrSource]],
                 bar: Progress, fault: Callable[[], None] | None, checksums: bool,
-                data_roots: dict[int, Path]) -> tuple[dict, list[str]]:
+                data_roots: dict[int, Path],
+                files: dict[tuple[int, str], dict]) -> tuple[dict, list[str]]:
     """One consolidated trajectory group in the indexed layout (docs/format.md): atom arrays
     as one segment per rank (:mod:`.atom_segments`), then records ordered by (step, rank,
     sample_id) with ``atoms_start`` and ``n_atoms`` pointing into those segments."""
@@ -1062,7 +1066,8 @@ def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, Z
     atom_fields = [n for n, v in ref.fields.items() if v[0] == "atom"]
     segments = [Segment(rank=u.rank, data_root=data_roots[u.rank], group=u.group, place=u.rel,
                         atoms=s.atoms, expect_crc={k: v for k, v in (s.expect_crc or {}).items()
-                                                   if k in atom_fields})
+                                                   if k in atom_fields},
+                        files=files.get((u.rank, u.hook), {}))
                 for u, s in sources]
     atoms_out = SegmentWriter(store, group, atom_fields, segments, progress=bar,
                               workers=min(8, os.cpu_count() or 1), on_piece=fault,
@@ -1100,6 +1105,7 @@ def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, Z
         levels["rank"] = "record"
     seg_info = [{"rank": sg.rank, "start": sg.start, "atoms": sg.atoms,
                  "crc32": sg.expect_crc} for sg in segments]
+    checked = [{"rank": sg.rank, "checked": dict(sorted(sg.checked.items()))} for sg in segments]
     zarr.open_group(store, path=group, mode="r+").attrs.update(
         {"level": levels, "atoms_layout": layout.INDEXED, "segments": seg_info})
     rec_crc = {k: v for k, v in info["crc32"].items()
@@ -1107,7 +1113,7 @@ def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, Z
     return ({"kind": "zarr", "group": group, "layout": layout.INDEXED,
              "records": info["records"], "atoms": sum(sg.atoms for sg in segments),
              "atom_rows": atoms_out.rows, "crc32": rec_crc, "segments": seg_info,
-             "ranks": [u.rank for u, _ in sources]}, problems)
+             "checked": checked, "ranks": [u.rank for u, _ in sources]}, problems)
 
 
 def _file_crc(path: Path) -> int:
