@@ -274,9 +274,12 @@ class RawArrayReader:
         """Rows ``[a, b)`` (native byte order); raises :class:`ShardDamage` naming the file."""
         lay, C = self.lay, self.lay.chunk_rows
         parts = []
+        shard = None
         for c in range(a // C, -(-b // C)):
             i, j = divmod(c, lay.chunks_per_shard)
-            data, off, nb = self._shard(i)
+            if shard is None or shard[0] != i:  # each shard file opened once per call
+                shard = (i, *self._shard(i))
+            _, data, off, nb = shard
             chunk = lay.decode_chunk(data, int(off[j]), int(nb[j]),
                                      f"{self.place}/{lay.shard_key(i)}")
             parts.append(chunk[max(a - c * C, 0): min(b - c * C, C)])
