@@ -935,30 +935,6 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                           levels=levels)
 
     problems: list[str] = []
-    files = committed_files(run_dir, manifest) if checksums else {}
-    sources: dict[str, list[tuple[Unit, ZarrSource]]] = {}
-    try:
-        for h in zarr_hooks:
-            # trajectories: records merged here, atom arrays copied per rank (atom_segments)
-            sources[h] = [(u, open_source(u, ("record",))) for u in units
-                          if u.kind == "zarr" and not u.converged and u.hook == h]
-        conv_sources = [(u.rank, open_source(u)) for u in conv_units]
-    except DamageError as exc:
-        raise DamageError(_refusal(run_dir, exc.places), exc.places) from exc
-    merged_source = None
-    merged = (manifest.get("last") or {}).get("merged") or {}
-    if not conv_units and manifest.get("storage") == "local" and int(merged.get("records", 0)):
-        # rank data stayed on the nodes: the coordinator's merged group is all there is here
-        merged_source = ZarrSource(data_root, layout.CONVERGED_GROUP,
-                                   place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}",
-                                   records=int(merged["records"]), atoms=int(merged["atoms"]),
-                                   block_records=block_records, block_atoms=block_atoms,
-                                   progress=bar)
-    total += sum(s.nbytes + _atom_bytes(s) for ss in sources.values() for _, s in ss)
-    total += sum(s.nbytes for _, s in conv_sources)
-    total += merged_source.nbytes if merged_source is not None else 0
-    bar.total = total
-
     store = AtomicLocalStore(tmp / layout.DATA_DIR, fsync="never")
     zroot = zarr.open_group(store, mode="w", zarr_format=3)
     zroot.attrs.update({"format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION})
@@ -982,16 +958,40 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                       "ranks": [u.rank for u in us]}
         return out, found
 
-    # the CSV logs are merged in a thread of their own, next to the Zarr groups: pyarrow parses
-    # and writes without the GIL, so the two overlap on two cores (measured)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-hooks-logs")
+    # Three kinds of work run side by side (each releases the GIL for most of its time): the
+    # CSV logs (pyarrow), the trajectories' atom files (copied, or decoded to be checked) and,
+    # here, the records. The atom copies need only the manifest and the groups' metadata, so
+    # they start before the record sources are even opened.
+    files = committed_files(run_dir, manifest) if checksums else {}
+    pool = ThreadPoolExecutor(max_workers=1 + len(zarr_hooks), thread_name_prefix="dist-hooks")
     try:
         csv_job = pool.submit(logs)
-        for h, ss in sources.items():
+        trajectories = {}
+        for h in zarr_hooks:
+            us = [u for u in units if u.kind == "zarr" and not u.converged and u.hook == h]
+            t = _Trajectory(store, f"hooks/{h}", us, root, files, bar, fault, checksums)
+            t.start(pool)
+            trajectories[h] = t
+        sources = {h: [(u, open_source(u, ("record",))) for u in t.units]
+                   for h, t in trajectories.items()}
+        conv_sources = [(u.rank, open_source(u)) for u in conv_units]
+        merged_source = None
+        merged = (manifest.get("last") or {}).get("merged") or {}
+        if not conv_units and manifest.get("storage") == "local" and int(merged.get("records", 0)):
+            # rank data stayed on the nodes: the coordinator's merged group is all there is here
+            merged_source = ZarrSource(data_root, layout.CONVERGED_GROUP,
+                                       place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}",
+                                       records=int(merged["records"]), atoms=int(merged["atoms"]),
+                                       block_records=block_records, block_atoms=block_atoms,
+                                       progress=bar)
+        total += sum(s.nbytes for ss in sources.values() for _, s in ss)
+        total += sum(t.atom_bytes for t in trajectories.values())
+        total += sum(s.nbytes for _, s in conv_sources)
+        total += merged_source.nbytes if merged_source is not None else 0
+        bar.total = total
+        for h, t in trajectories.items():
             bar.set_label(f"consolidate {h}")
-            info, more = _trajectory(store, f"hooks/{h}", ss, bar, fault, checksums,
-                                     {u.rank: root(u) / layout.DATA_DIR for u, _ in ss},
-                                     files)
+            info, more = t.finish(sources[h])
             problems.extend(more)
             summary["hooks"][h] = info
         if conv_sources or merged_source is not None:
@@ -999,7 +999,7 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
             ref = conv_sources[0][1] if conv_sources else merged_source
             n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
                       else merged_source.records)
-            sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref, n_conv))
+            sink = _GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref.chunking(), n_conv))
             stream = (merge_blocks(conv_sources, dedup=True) if conv_sources
                       else iter(merged_source))
             for block in prefetch(stream):
@@ -1009,7 +1009,7 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
             for _, s in conv_sources:
                 problems.extend(s.problems())
             summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
-        # an error above propagates as it is; the pool shutdown below waits for the logs
+        # an error above propagates as it is; the pool shutdown below waits for the others
         if csv_hooks:
             bar.set_label("consolidate logs")
         csv_info, more = csv_job.result()
@@ -1028,12 +1028,12 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
     return summary
 
 
-def _out_chunking(src: ZarrSource, records: int) -> dict[str, int]:
-    """The source's chunking, with larger record chunks for an output of ``records`` records:
-    a live run keeps record chunks small (they are rewritten as they fill), an output is
-    written once, and zarr's cost per chunk dominated writing small ones (measured). Chunks
+def _out_chunking(c: dict[str, int], records: int) -> dict[str, int]:
+    """A group's chunking ``c``, with larger record chunks for an output of ``records``
+    records: a live run keeps record chunks small (they are rewritten as they fill), an output
+    is written once, and zarr's cost per chunk dominated writing small ones (measured). Chunks
     stay within a 16th of the output, so a small output does not stage large buffers."""
-    c = src.chunking()
+    c = dict(c)
     want = min(OUT_CHUNK_RECORDS, max(records // 16, 1))
     if c["chunk_records"] < want:
         # the writer stages a whole shard per column: shards of 4 chunks
@@ -1042,78 +1042,122 @@ def _out_chunking(src: ZarrSource, records: int) -> dict[str, int]:
     return c
 
 
-def _atom_bytes(src: ZarrSource) -> int:
-    """Uncompressed bytes of a source's committed atom rows (the part it does not read)."""
-    total = 0
-    for n, (level, dtype, trailing) in src.fields.items():
-        if level == "atom":
-            total += src.atoms * int(np.prod(trailing, dtype=np.int64)) * dtype.itemsize
-    return total
+def _array_chunking(meta: dict) -> tuple[int, int]:
+    """``(rows per chunk, chunks per shard or 0)`` from an array's ``zarr.json``."""
+    grid = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    codecs = meta.get("codecs") or []
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        inner = int(codecs[0]["configuration"]["chunk_shape"][0])
+        return inner, grid // max(inner, 1)
+    return grid, 0
 
 
-def _trajectory(store: AtomicLocalStore, group: str, sources: list[tuple[Unit, ZarrSource]],
-                bar: Progress, fault: Callable[[], None] | None, checksums: bool,
-                data_roots: dict[int, Path],
-                files: dict[tuple[int, str], dict]) -> tuple[dict, list[str]]:
-    """One consolidated trajectory group in the indexed layout (docs/format.md): atom arrays
-    as one segment per rank (:mod:`.atom_segments`), then records ordered by (step, rank,
-    sample_id) with ``atoms_start`` and ``n_atoms`` pointing into those segments."""
-    import zarr
+class _Trajectory:
+    """One consolidated trajectory group in the indexed layout (docs/format.md).
 
-    from .atom_segments import Segment, SegmentWriter
+    On construction, from the manifest and the groups' metadata only: the atom fields, one
+    :class:`~.atom_segments.Segment` per rank (placed, so each record's ``atoms_start`` is
+    known) and the record writer. :meth:`start` copies the atom arrays in the background;
+    :meth:`finish` merges the records, ordered by (step, rank, sample_id), with
+    ``atoms_start`` and ``n_atoms`` pointing into the segments, and waits for the copy.
+    """
 
-    ref = sources[0][1]
-    atom_fields = [n for n, v in ref.fields.items() if v[0] == "atom"]
-    segments = [Segment(rank=u.rank, data_root=data_roots[u.rank], group=u.group, place=u.rel,
-                        atoms=s.atoms, expect_crc={k: v for k, v in (s.expect_crc or {}).items()
-                                                   if k in atom_fields},
-                        files=files.get((u.rank, u.hook), {}))
-                for u, s in sources]
-    atoms_out = SegmentWriter(store, group, atom_fields, segments, progress=bar,
-                              workers=min(8, os.cpu_count() or 1), on_piece=fault,
-                              checksums=checksums)
+    def __init__(self, store: AtomicLocalStore, group: str, units: list[Unit],
+                 root: Callable[[Unit], Path], files: dict[tuple[int, str], dict],
+                 bar: Progress, fault: Callable[[], None] | None, checksums: bool) -> None:
+        from .atom_segments import Segment, SegmentWriter
 
-    def located(s: ZarrSource, start: int) -> Iterator[CsrBlock]:
-        base = 0
-        for b in s:
-            rec = dict(b.rec)
-            rec[layout.ATOMS_START] = (start + base + b.ptr[:-1]).astype(np.int64)
-            rec[layout.N_ATOMS] = np.diff(b.ptr).astype(np.int64)
-            base += int(b.ptr[-1])
-            yield CsrBlock(rec, {}, np.zeros(len(b) + 1, np.int64))
+        self.store, self.group, self.units, self.fault = store, group, units, fault
+        levels: dict[str, str] = {}
+        for u in units:  # the schema, from the first rank whose group is there
+            meta_file = root(u) / layout.DATA_DIR / u.group / "zarr.json"
+            u.path(root(u))
+            if meta_file.is_file():
+                try:
+                    levels = dict(json.loads(meta_file.read_bytes())["attributes"]["level"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DamageError(f"{u.rel}/zarr.json: cannot be read ({exc})") from exc
+                ref = u
+                break
+        else:
+            raise DamageError(f"{units[0].rel}: group missing (committed {units[0].records} "
+                              f"records)")
+        self.levels = levels
+        self.atom_fields = [n for n, lvl in levels.items() if lvl == "atom"]
+        rec_fields = [n for n, lvl in levels.items() if lvl == "record"]
+        self.segments = [
+            Segment(rank=u.rank, data_root=root(u) / layout.DATA_DIR, group=u.group,
+                    place=u.rel, atoms=u.atoms,
+                    expect_crc={k: v for k, v in (u.info.get("crc32") or {}).items()
+                                if k in self.atom_fields},
+                    files=files.get((u.rank, u.hook), {}))
+            for u in units]
+        self.atoms = SegmentWriter(store, group, self.atom_fields, self.segments, progress=bar,
+                                   workers=min(8, os.cpu_count() or 1), on_piece=fault,
+                                   checksums=checksums)
+        chunking = {"chunk_records": 1024, "chunk_atoms": 65536, "records_per_shard_chunks": 0}
+        if rec_fields:
+            try:
+                meta = json.loads((root(ref) / layout.DATA_DIR / ref.group / rec_fields[0]
+                                   / "zarr.json").read_bytes())
+                rows, per_shard = _array_chunking(meta)
+            except (OSError, ValueError, KeyError) as exc:
+                raise DamageError(f"{ref.rel}/{rec_fields[0]}: metadata cannot be read "
+                                  f"({exc})") from exc
+            chunking.update(chunk_records=rows, records_per_shard_chunks=per_shard)
+        # created before the atom arrays exist: the writer refuses a group holding arrays
+        # it did not write
+        self.sink = _GroupSink(store, group, _out_chunking(chunking, sum(u.records for u in units)))
+        self.atom_bytes = sum(
+            u.atoms * int(np.prod(self.atoms.metas[f]["shape"][1:], dtype=np.int64))
+            * np.dtype(self.atoms.lays[f].dtype if self.atoms.lays[f] is not None
+                       else self.atoms.metas[f]["data_type"]).itemsize
+            for u in units for f in self.atom_fields)
+        self._copying: Any = None
 
-    merged = [(u.rank, located(s, sg.start)) for (u, s), sg in zip(sources, segments)]
-    sink = _GroupSink(store, group, _out_chunking(ref, sum(s.records for _, s in sources)))
-    # atoms are copied in worker threads while the records are merged here
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-hooks-atoms") as pool:
-        copying = pool.submit(atoms_out.run)
+    def start(self, pool: ThreadPoolExecutor) -> None:
+        self._copying = pool.submit(self.atoms.run)
+
+    def finish(self, sources: list[tuple[Unit, ZarrSource]]) -> tuple[dict, list[str]]:
+        import zarr
+
+        def located(s: ZarrSource, start: int) -> Iterator[CsrBlock]:
+            base = 0
+            for b in s:
+                rec = dict(b.rec)
+                rec[layout.ATOMS_START] = (start + base + b.ptr[:-1]).astype(np.int64)
+                rec[layout.N_ATOMS] = np.diff(b.ptr).astype(np.int64)
+                base += int(b.ptr[-1])
+                yield CsrBlock(rec, {}, np.zeros(len(b) + 1, np.int64))
+
+        merged = [(u.rank, located(s, sg.start)) for (u, s), sg in zip(sources, self.segments)]
         try:
             for block in prefetch(merge_blocks(merged)):
-                sink.append(block)
-                if fault is not None:
-                    fault()
+                self.sink.append(block)
+                if self.fault is not None:
+                    self.fault()
         finally:
-            problems = copying.result()
-    info = sink.close()
-    for _, s in sources:
-        problems.extend(s.problems())
-    # the writer's atoms_ptr (all zeros: records carry no atoms of their own) is not part of
-    # this layout; atoms_start/n_atoms are layout arrays, not fields
-    shutil.rmtree(Path(store.root) / group / layout.ATOMS_PTR, ignore_errors=True)
-    levels = {n: v[0] for n, v in ref.fields.items()}
-    if "rank" not in levels:
-        levels["rank"] = "record"
-    seg_info = [{"rank": sg.rank, "start": sg.start, "atoms": sg.atoms,
-                 "crc32": sg.expect_crc} for sg in segments]
-    checked = [{"rank": sg.rank, "checked": dict(sorted(sg.checked.items()))} for sg in segments]
-    zarr.open_group(store, path=group, mode="r+").attrs.update(
-        {"level": levels, "atoms_layout": layout.INDEXED, "segments": seg_info})
-    rec_crc = {k: v for k, v in info["crc32"].items()
-               if k not in (layout.ATOMS_START, layout.N_ATOMS)}
-    return ({"kind": "zarr", "group": group, "layout": layout.INDEXED,
-             "records": info["records"], "atoms": sum(sg.atoms for sg in segments),
-             "atom_rows": atoms_out.rows, "crc32": rec_crc, "segments": seg_info,
-             "checked": checked, "ranks": [u.rank for u, _ in sources]}, problems)
+            problems = self._copying.result()
+        info = self.sink.close()
+        for _, s in sources:
+            problems.extend(s.problems())
+        # the writer's atoms_ptr (all zeros: records carry no atoms of their own) is not part
+        # of this layout; atoms_start/n_atoms are layout arrays, not fields
+        shutil.rmtree(Path(self.store.root) / self.group / layout.ATOMS_PTR, ignore_errors=True)
+        levels = dict(self.levels)
+        levels.setdefault("rank", "record")
+        seg_info = [{"rank": sg.rank, "start": sg.start, "atoms": sg.atoms,
+                     "crc32": sg.expect_crc} for sg in self.segments]
+        checked = [{"rank": sg.rank, "checked": dict(sorted(sg.checked.items()))}
+                   for sg in self.segments]
+        zarr.open_group(self.store, path=self.group, mode="r+").attrs.update(
+            {"level": levels, "atoms_layout": layout.INDEXED, "segments": seg_info})
+        rec_crc = {k: v for k, v in info["crc32"].items()
+                   if k not in (layout.ATOMS_START, layout.N_ATOMS)}
+        return ({"kind": "zarr", "group": self.group, "layout": layout.INDEXED,
+                 "records": info["records"], "atoms": sum(sg.atoms for sg in self.segments),
+                 "atom_rows": self.atoms.rows, "crc32": rec_crc, "segments": seg_info,
+                 "checked": checked, "ranks": [u.rank for u in self.units]}, problems)
 
 
 def _file_crc(path: Path) -> int:
