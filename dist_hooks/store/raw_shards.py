@@ -1,18 +1,20 @@
-"""Shard files of Zarr v3 sharded arrays, checked, decoded and copied without zarr's per-chunk
+"""Shard files of Zarr v3 sharded arrays, checked and decoded without zarr's per-chunk
 machinery.
 
-Why: ``dist-hooks consolidate`` has to move every atom row of a trajectory (almost all of a
-run's bytes) into the consolidated group. Going through zarr means decoding and re-encoding
-each chunk; measured on 2 cores that ran at ~50 MB/s, a twentieth of a plain file copy. A shard
-file that lies wholly inside a rank's committed rows can instead be copied byte for byte, as
-long as the output array has the same chunk grid and codecs and the copy starts at a shard
-boundary (the consolidated format places each rank's segment so). What zarr did for us on
-the way is done here, cheaply and in worker threads:
+Why, three reasons measured or seen:
 
-* the shard index is checked (its crc32c, and every chunk inside the file), so a truncated or
-  overwritten shard is refused and named;
-* every chunk is decoded once (numcodecs releases the GIL) and folded into the field's crc32,
-  so a committed checksum still covers every row that is copied.
+* **Consolidate speed.** Moving every atom row of a trajectory through zarr (decode, reorder,
+  re-encode) ran at ~50 MB/s on 2 cores, a twentieth of a file copy. A shard file wholly inside
+  a rank's committed rows can instead be copied as a file (the consolidated format places each
+  rank's segment on a shard boundary, see ``tools/atom_segments.py``); what zarr did on the way
+  is done here: the index is checked (crc32c, every chunk inside the file), and the chunks are
+  decoded (numcodecs releases the GIL) when the rows must be checked against a committed crc32.
+* **Small chunks.** Record arrays have 1024-row chunks of a few KB; zarr's cost per chunk
+  (~0.1 ms) dominated reading them. Decoding them here costs the codec and little else.
+* **Consistency with a live writer.** zarr reads a shard's index and its chunks with separate
+  opens; a writer replacing the file in between made it decode one version's chunk at the
+  other's offsets (seen: the coordinator's merge failing with a zstd error). Here a shard file
+  is read whole through one descriptor.
 
 Only what :class:`~dist_hooks.store.shard.ShardWriter` writes is understood: a regular grid,
 one ``sharding_indexed`` codec whose inner chunks span the trailing dimensions, inner codecs
@@ -233,10 +235,8 @@ def read_shard_rows(data: bytes, lay: ShardLayout, rows: int, where: str, crc: i
 class RawArrayReader:
     """Rows of one sharded array read straight from its shard files (see module docstring).
 
-    Why: record-level arrays have small chunks (1024 rows by default: a few KB each), and
-    zarr's per-chunk cost dominated reading them (measured ~0.1 ms a chunk); decoding them
-    here costs the codec and little else. The last shard file read is kept, so sequential
-    reads of neighbouring ranges check each file once.
+    Used by every bulk reader of record groups (``ShardReader``, consolidate, verify). The last
+    shard file read is kept, so sequential reads of neighbouring ranges check each file once.
     """
 
     def __init__(self, array_dir: Path, lay: ShardLayout, place: str) -> None:
