@@ -6,14 +6,21 @@ merges them, reading only what the last checkpoint boundary committed.
 
 How, and why:
 
-* Streaming k-way merge ordered by step. Each rank's records (and CSV rows) were appended in
+* Records (and CSV rows) are merged as sorted streams. Each rank's records were appended in
   step order, so the ranks are merged like sorted runs: a window holds every buffered row whose
   step is below the *frontier* (the smallest last-buffered step of any rank not yet exhausted),
   is ordered by (step, rank, sample_id) with one ``np.lexsort`` and written out. Memory is
   bounded by one read block per rank plus one step's records, whatever the run's size.
-* Reads are aligned to the source's chunks (each chunk is decoded once) and every field's
-  crc32 is computed on the way, so damage is found without a second pass; a mismatch aborts
-  before anything is published.
+* A trajectory's atom rows (nearly all the bytes) are not reordered: the consolidated group
+  keeps each rank's rows as one segment, and records point into it (``atoms_start``,
+  ``n_atoms``; format in docs/format.md). Whole shard files are copied, each checked against the
+  checksum its writer recorded at the boundaries, or decoded and checked against the committed
+  crc32 when it has none (:mod:`.atom_segments`). That is what brought consolidate from a
+  twentieth of a file copy's speed to about half (docs/performance.md).
+* Everything read is checked on the way: every field's crc32, every CSV's checksum and row
+  count; a mismatch aborts before anything is published.
+* The CSV logs, the atom files and the records run side by side in threads (each releases the
+  GIL for most of its time).
 * Crash safety: everything is written into a hidden temporary directory next to the output,
   fsynced, completed with ``consolidated.json`` (the marker readers require) and renamed into
   place; a killed consolidate leaves only the temporary, which the next one removes.
@@ -21,12 +28,13 @@ How, and why:
   options is left untouched; a forced rebuild writes the same bytes (no timestamps inside).
 * One consolidate per run at a time: ``fcntl.flock`` on ``RUN/.consolidate.lock``.
 * The output is plain Zarr v3 + CSV (+ Parquet): readable with ``zarr`` and ``pandas`` alone.
+* Node-local runs: each rank's files are read from its *rank root* (``rank_roots``).
 
 Output layout (``OUT``, default ``RUN/consolidated``)::
 
     OUT/consolidated.json          completion marker and summary (written last)
-    OUT/data.zarr/hooks/<hook>     every snapshot hook: all ranks, with a ``rank`` column
-    OUT/data.zarr/converged        converged records, one per (rank, sample_id)
+    OUT/data.zarr/hooks/<hook>     every snapshot hook: all ranks, indexed layout, ``rank`` column
+    OUT/data.zarr/converged        converged records, one per (rank, sample_id), CSR layout
     OUT/logs/<hook>.csv            every CSV log: all ranks, committed rows
     OUT/logs/<hook>.parquet        the same, typed (when pyarrow.parquet is importable)
 """
