@@ -16,7 +16,7 @@ How, and why:
   ``n_atoms``; format in docs/format.md). Whole shard files are copied, each checked against the
   checksum its writer recorded at the boundaries, or decoded and checked against the committed
   crc32 when it has none (:mod:`.atom_segments`). That is what brought consolidate from a
-  twentieth of a file copy's speed to about half (docs/performance.md).
+  twentieth of a file copy's speed to 0.3-0.5x of it (docs/performance.md).
 * Everything read is checked on the way: every field's crc32, every CSV's checksum and row
   count; a mismatch aborts before anything is published.
 * The CSV logs, the atom files and the records run side by side in threads (each releases the
