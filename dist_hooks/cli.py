@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run", metavar="RUN", help="run directory")
     i.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     i.add_argument("--no-disk", action="store_true", help="skip the disk-use walk")
+    i.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
+                   help="for a run recorded with storage='local': a directory holding a "
+                        "node's local files (for the step range); repeat for each node")
 
     v = sub.add_parser("verify", formatter_class=fmt, epilog=EXIT_CODES,
                        help="check RUN's committed lengths, checksums and pointers against the "
@@ -158,7 +161,7 @@ def _consolidate(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from .tools.info import format_info, run_info
 
-    info = run_info(args.run, disk=not args.no_disk)
+    info = run_info(args.run, disk=not args.no_disk, rank_roots=args.rank_roots)
     if args.json:
         _print_json(info)
     else:

@@ -186,6 +186,13 @@ def test_node_local_run_with_rank_roots(runs, tmp_path):
     # only one node given: its rank is consolidated, the other is named as missing
     rc, _, err = cli("consolidate", run, "--force", "--rank-root", node[0])
     assert rc == 1 and "rank-00001" in err and "none of the --rank-root" in err, err
+    # info reads the step range from the nodes' files only when it is given them
+    rc, out, _ = cli("info", run, "--json", "--no-disk")
+    assert rc == 0 and json.loads(out)["step_range"] is None
+    rc, out, _ = cli("info", run, "--json", "--no-disk", *roots)
+    last_step = max(rk["step"] for rk in manifest(run)["last"]["ranks"])
+    lo, hi = json.loads(out)["step_range"]
+    assert rc == 0 and lo == 0 and 0 < hi < last_step
     # the reader takes the same roots
     r = open_run(run, rank_roots=[node[0], node[1]])
     assert len(r.shard(1, "snapshots")) == manifest(run)["last"]["ranks"][1]["hooks"][

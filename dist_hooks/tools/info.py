@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..reader import (
     Unit,
     committed_units,
     default_consolidated_dir,
+    find_rank_roots,
     load_manifest,
     manifest_crc32,
     read_consolidated_summary,
@@ -75,10 +76,13 @@ def _csv_steps(run_dir: Path, u: Unit) -> tuple[int, int] | None:
         return None
 
 
-def run_info(run_dir: str | os.PathLike, *, disk: bool = True) -> dict[str, Any]:
-    """The summary of a run as a dict with stable keys (see ``docs/cli.md``)."""
+def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
+             rank_roots: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
+    """The summary of a run as a dict with stable keys (see ``docs/cli.md``). ``rank_roots``:
+    for a run recorded with ``storage="local"``, the nodes' directories (for the step range)."""
     run_dir = Path(run_dir)
     m = load_manifest(run_dir)
+    roots = find_rank_roots(run_dir, m, rank_roots)
     last = m.get("last") or {}
     units = committed_units(m)
     ranks = []
@@ -102,9 +106,10 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True) -> dict[str, Any]
             t["records"] = t.get("records", 0) + u.records
             t["atoms"] = t.get("atoms", 0) + u.atoms
     lo = hi = None
-    if m.get("storage") != "local":
-        for u in units:
-            s = _csv_steps(run_dir, u) if u.kind == "csv" else _zarr_steps(run_dir, u)
+    for u in units:
+        if u.rank in roots:  # node-local files not given: no step range from them
+            root = roots[u.rank]
+            s = _csv_steps(root, u) if u.kind == "csv" else _zarr_steps(root, u)
             if s is not None:
                 lo = s[0] if lo is None else min(lo, s[0])
                 hi = s[1] if hi is None else max(hi, s[1])
