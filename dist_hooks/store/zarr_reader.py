@@ -207,7 +207,7 @@ class ShardReader:
             a, b = int(self._start[i]), int(self._start[i]) + b - a
         out: dict[str, Any] = {}
         for name, (level, _, _) in self.fields.items():
-            out[name] = self._rows(name, i, i + 1)[0] if level == "record" else \
+            out[name] = np.asarray(self._rows(name, i, i + 1)[0]) if level == "record" else \
                 self._rows(name, a, b)
         if as_torch:
             out = {k: _to_torch(v) for k, v in out.items()}
