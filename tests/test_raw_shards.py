@@ -86,6 +86,7 @@ def check_against_zarr(path: Path, arr: zarr.Array) -> None:
         assert got.dtype == ref.dtype and got.dtype.isnative, (a, b)
         np.testing.assert_array_equal(got, ref[a:b], err_msg=f"rows [{a}, {b})")
         assert got.shape == ref[a:b].shape
+        assert got.flags.writeable, (a, b)  # like zarr's result, never a view of a decoded buffer
     crc, rows = raw_crc(path, lay, ref.shape[0])
     np.testing.assert_array_equal(rows, ref)
     assert crc == zlib.crc32(np.ascontiguousarray(ref).tobytes())

@@ -283,6 +283,7 @@ class RawArrayReader:
             chunk = lay.decode_chunk(data, int(off[j]), int(nb[j]),
                                      f"{self.place}/{lay.shard_key(i)}")
             parts.append(chunk[max(a - c * C, 0): min(b - c * C, C)])
+        # a fresh, writable array (as zarr returns), never a view of a decoded buffer
         out = np.concatenate(parts) if len(parts) > 1 else (
-            parts[0] if parts else np.empty((0, *lay.trailing), lay.dtype))
+            parts[0].copy() if parts else np.empty((0, *lay.trailing), lay.dtype))
         return out.astype(lay.dtype.newbyteorder("="), copy=False)
