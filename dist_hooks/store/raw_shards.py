@@ -245,6 +245,17 @@ class RawArrayReader:
         self.place = place
         self._cached: tuple[tuple, bytes, np.ndarray, np.ndarray] | None = None
 
+    @classmethod
+    def open(cls, array_dir: Path, place: str) -> "RawArrayReader | None":
+        """A reader of the array in ``array_dir``, or ``None`` when its metadata cannot be read
+        or its layout is not one handled here (the caller then reads through zarr, which
+        reports any damage)."""
+        try:
+            lay, _ = ShardLayout.of(array_dir)
+        except (OSError, ValueError):
+            return None
+        return cls(array_dir, lay, place) if lay is not None else None
+
     def _shard(self, i: int) -> tuple[bytes, np.ndarray, np.ndarray]:
         """One shard file, read whole through one descriptor: a writer replaces files by
         rename, so this is one consistent version of it (zarr reads the index and the chunks

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 from .atomic_store import AtomicLocalStore
-from .raw_shards import RawArrayReader, ShardLayout
+from .raw_shards import RawArrayReader
 from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
                      parse_rank_name)
 
@@ -113,12 +113,13 @@ class ShardReader:
         self._ptr = ptr[: self._n + 1]
 
     def _raw_reader(self, name: str) -> RawArrayReader | None:
-        d = Path(self._store.root) / self.group_path / name
-        try:
-            lay, _ = ShardLayout.of(d)
-        except (OSError, ValueError):
-            return None
-        return RawArrayReader(d, lay, f"{self.group_path}/{name}") if lay is not None else None
+        return RawArrayReader.open(Path(self._store.root) / self.group_path / name,
+                                   f"{self.group_path}/{name}")
+
+    def raw(self, name: str) -> RawArrayReader | None:
+        """The direct shard-file reader of field ``name`` (see :meth:`_rows`), or ``None``
+        when zarr reads it."""
+        return self._raw.get(name)
 
     def _whole(self, arr: Any, name: str) -> np.ndarray:
         """A whole int64 layout array (see :meth:`_rows`)."""
@@ -203,7 +204,8 @@ class ShardReader:
         if not 0 <= i < n:
             raise IndexError(f"record {i} out of range for {n} records")
         a, b = int(self._ptr[i]), int(self._ptr[i + 1])
-        if self._start is not None:  # indexed layout: where record i's atoms are stored
+        if self.indexed:  # where record i's atoms are stored
+            assert self._start is not None
             a, b = int(self._start[i]), int(self._start[i]) + b - a
         out: dict[str, Any] = {}
         for name, (level, _, _) in self.fields.items():

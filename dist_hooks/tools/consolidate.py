@@ -83,7 +83,7 @@ from ..reader import (
 )
 from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
-from ..store.raw_shards import RawArrayReader, ShardDamage, ShardLayout
+from ..store.raw_shards import RawArrayReader, ShardDamage
 from ..store.shard import ShardWriter
 from ..store.zarr_reader import ShardReader
 from zarr.core.sync import sync as _zsync
@@ -238,12 +238,9 @@ class _SeqArray:
             self.read(self.hi, self.stop)
 
 
-def _raw_reader(array_dir: Path, place: str) -> RawArrayReader | None:
-    try:
-        lay, _ = ShardLayout.of(array_dir)
-    except (OSError, ValueError):
-        return None  # zarr reports it
-    return RawArrayReader(array_dir, lay, place) if lay is not None else None
+def _placed(raw: RawArrayReader | None, place: str) -> RawArrayReader | None:
+    """The reader's shard-file reader (layout parsed once), naming files as the run does."""
+    return None if raw is None else RawArrayReader(raw.dir, raw.lay, place)
 
 
 async def _gather_reads(jobs: list[tuple[_SeqArray, tuple[int, int]]]) -> list[Any]:
@@ -336,7 +333,7 @@ class ZarrSource:
         self.arrays = {n: arrays[n] for n in self.fields if self.fields[n][0] in self.levels}
         self._seq = {n: _SeqArray(a, self.records if self.fields[n][0] == "record"
                                   else self.atoms, f"{place}/{n}", progress, fetch_bytes,
-                                  raw=_raw_reader(gdir / n, f"{place}/{n}"))
+                                  raw=_placed(reader.raw(n), f"{place}/{n}"))
                      for n, a in self.arrays.items()}
 
     def _short(self, arrays: dict, reader: ShardReader) -> None:
@@ -816,10 +813,7 @@ def _structural_problems(roots: dict[int, Path], units: list[Unit]) -> list[str]
     from .verify import quick_unit_problems
     out = []
     for u in units:
-        if u.rank not in roots:
-            out.append(f"{u.rel}: in none of the --rank-root directories (storage=local)")
-        else:
-            out.extend(quick_unit_problems(roots[u.rank], u))
+        out.extend(quick_unit_problems(roots.get(u.rank), u))
     return out
 
 
@@ -1118,8 +1112,7 @@ class _Trajectory:
         self.sink = _GroupSink(store, group, _out_chunking(chunking, sum(u.records for u in units)))
         self.atom_bytes = sum(
             u.atoms * int(np.prod(self.atoms.metas[f]["shape"][1:], dtype=np.int64))
-            * np.dtype(self.atoms.lays[f].dtype if self.atoms.lays[f] is not None
-                       else self.atoms.metas[f]["data_type"]).itemsize
+            * np.dtype(self.atoms.metas[f]["data_type"]).itemsize
             for u in units for f in self.atom_fields)
         self._copying: Any = None
 

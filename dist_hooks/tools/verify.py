@@ -43,9 +43,12 @@ from . import Progress
 __all__ = ["format_report", "quick_unit_problems", "verify_run"]
 
 
-def quick_unit_problems(run_dir: Path, u: Unit) -> list[str]:
+def quick_unit_problems(run_dir: Path | None, u: Unit) -> list[str]:
     """Checks of one unit that read no data: path inside the run, file or group present and
-    long enough, group where the layout puts it."""
+    long enough, group where the layout puts it. ``run_dir``: the unit's rank root, ``None``
+    when none of the given ``--rank-root`` directories holds it (node-local storage)."""
+    if run_dir is None:
+        return [f"{u.rel}: in none of the --rank-root directories (storage=local)"]
     try:
         path = u.path(run_dir)
     except DamageError as exc:
@@ -283,10 +286,7 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
     checked = 0
     for u in units if not (local and not rank_roots) else []:
         root = roots.get(u.rank)
-        if root is None:
-            msgs = [f"{u.rel}: in none of the --rank-root directories (storage=local)"]
-        else:
-            msgs = quick_unit_problems(root, u)
+        msgs = quick_unit_problems(root, u)
         if not msgs:
             try:
                 msgs = (_check_csv(root, u, bar) if u.kind == "csv" else
