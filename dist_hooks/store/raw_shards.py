@@ -33,7 +33,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-__all__ = ["ShardDamage", "ShardLayout", "read_shard_rows"]
+__all__ = ["ArrayMeta", "ShardDamage", "ShardLayout", "RawArrayReader", "read_shard_rows"]
 
 _EMPTY = np.uint64(2**64 - 1)
 
@@ -202,6 +202,27 @@ class ShardLayout:
         except Exception as exc:  # noqa: BLE001 - any decode failure is damage here
             raise ShardDamage(f"{where}: chunk at bytes [{offset}, {offset + nbytes}) does not "
                               f"decode ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """What readers use of a ``zarr.Array`` (shape, dtype, chunking), taken from a sharded
+    array's ``zarr.json`` without building zarr's metadata objects."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype          #: native byte order, as the rows are returned
+    chunks: tuple[int, ...]  #: inner chunk shape
+    shards: tuple[int, ...]  #: shard (file) shape
+
+    @classmethod
+    def of(cls, meta: dict, lay: ShardLayout) -> "ArrayMeta":
+        return cls(shape=tuple(int(x) for x in meta["shape"]),
+                   dtype=lay.dtype.newbyteorder("="), chunks=(lay.chunk_rows, *lay.trailing),
+                   shards=(lay.shard_rows, *lay.trailing))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 def read_shard_rows(data: bytes, lay: ShardLayout, rows: int, where: str, crc: int,

@@ -10,6 +10,7 @@ past it is returned.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 from .atomic_store import AtomicLocalStore
-from .raw_shards import RawArrayReader
+from .raw_shards import ArrayMeta, RawArrayReader, ShardLayout
 from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
                      parse_rank_name)
 
@@ -66,17 +67,23 @@ class ShardReader:
 
     def refresh(self) -> None:
         """Re-read metadata and ``atoms_ptr`` to see records appended since opening."""
-        self.group = zarr.open_group(self._store, path=self.group_path, mode="r",
-                                     use_consolidated=False)
-        self.attrs = dict(self.group.attrs)
-        arrays = dict(self.group.arrays())
+        opened = self._open_json()
+        if opened is None:  # a layout not handled here (or damage): zarr reads it, and reports
+            group = zarr.open_group(self._store, path=self.group_path, mode="r",
+                                    use_consolidated=False)
+            attrs, arrays = dict(group.attrs), dict(group.arrays())
+            raws = {n: self._raw_reader(n) for n in arrays}
+        else:
+            attrs, arrays, raws = opened
+        self.attrs = attrs
         self.all_arrays = arrays  #: every array of the group, layout arrays included
+        self._raw_all = raws
         levels: dict[str, str] = dict(self.attrs.get("level", {}) or {})
         self._arrays = {n: arrays[n] for n in levels if n in arrays}
         self.fields: dict[str, tuple[str, np.dtype, tuple[int, ...]]] = {
             n: (levels[n], np.dtype(a.dtype), tuple(a.shape[1:])) for n, a in self._arrays.items()
         }
-        self._raw = {n: self._raw_reader(n) for n in self._arrays}
+        self._raw = {n: raws.get(n) for n in self._arrays}
         self.indexed = self.attrs.get("atoms_layout") == INDEXED
         self._start: np.ndarray | None = None
         if self.indexed:
@@ -116,6 +123,40 @@ class ShardReader:
         return RawArrayReader.open(Path(self._store.root) / self.group_path / name,
                                    f"{self.group_path}/{name}")
 
+    def _open_json(self) -> tuple[dict, dict[str, ArrayMeta], dict[str, RawArrayReader]] | None:
+        """``(attributes, arrays, shard readers)`` from the group's and its arrays' ``zarr.json``
+        alone, or ``None`` unless every array is sharded in a layout read here directly.
+
+        Why not zarr: building zarr's metadata objects (and its event loop round trips) was
+        most of the cost of opening a group (measured: consolidate opens one per rank and hook,
+        verify and info as many), and none of them is used when the files are read directly.
+        """
+        gdir = Path(self._store.root) / self.group_path
+        try:
+            gmeta = json.loads((gdir / "zarr.json").read_bytes())
+            if gmeta.get("zarr_format") != 3 or gmeta.get("node_type") != "group":
+                return None
+            arrays: dict[str, ArrayMeta] = {}
+            raws: dict[str, RawArrayReader] = {}
+            with os.scandir(gdir) as entries:
+                for e in entries:
+                    if e.name.startswith(".") or not e.is_dir():
+                        continue
+                    try:
+                        meta = json.loads(Path(e.path, "zarr.json").read_bytes())
+                    except FileNotFoundError:
+                        continue  # not a node (zarr lists no member there either)
+                    if meta.get("node_type") != "array":
+                        continue
+                    lay = ShardLayout.parse(meta)
+                    if lay is None:
+                        return None
+                    arrays[e.name] = ArrayMeta.of(meta, lay)
+                    raws[e.name] = RawArrayReader(Path(e.path), lay, f"{self.group_path}/{e.name}")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+        return dict(gmeta.get("attributes") or {}), dict(sorted(arrays.items())), raws
+
     def raw(self, name: str) -> RawArrayReader | None:
         """The direct shard-file reader of field ``name`` (see :meth:`_rows`), or ``None``
         when zarr reads it."""
@@ -123,7 +164,7 @@ class ShardReader:
 
     def _whole(self, arr: Any, name: str) -> np.ndarray:
         """A whole int64 layout array (see :meth:`_rows`)."""
-        raw = self._raw_reader(name)
+        raw = self._raw_all.get(name)
         if raw is not None:
             return raw.read(0, int(arr.shape[0])).astype(np.int64, copy=False)
         return np.asarray(arr[:], dtype=np.int64)

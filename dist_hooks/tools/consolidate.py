@@ -191,7 +191,8 @@ class _SeqArray:
 
     def _damage(self, a: int, b: int, exc: BaseException) -> DamageError:
         first = a // self.file_rows
-        key = self.arr.metadata.encode_chunk_key((first,) + (0,) * (self.arr.ndim - 1))
+        key = (self.raw.lay.shard_key(first) if self.raw is not None else
+               self.arr.metadata.encode_chunk_key((first,) + (0,) * (self.arr.ndim - 1)))
         return DamageError(f"{self.place}/{key}: cannot be read ({type(exc).__name__}: {exc}) "
                            f"over rows [{a}, {b})")
 
