@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     try:
         run = base / "run"
+        shutil.rmtree(run, ignore_errors=True)  # a run left in --dir would be appended to
         t0 = time.perf_counter()
         make_synthetic_run(run, ranks=args.ranks, steps=steps, systems=args.systems,
                            min_atoms=8, max_atoms=64, steps_per_append=16)

@@ -213,11 +213,17 @@ class AtomicLocalStore(LocalStore):
             raise TypeError(
                 f"AtomicLocalStore.set(): `value` must be a Buffer instance, got {type(value)}"
             )
+        return self.put_bytes(key, value.as_buffer_like(), exclusive=exclusive)
+
+    def put_bytes(self, key: str, data: bytes | memoryview, *, exclusive: bool = False) -> int:
+        """Write ``data`` as the file ``key`` under the store's policy (atomic replace, fsync,
+        checksum, :meth:`sync`), as zarr's writes through this store are; returns its size.
+        For writers that build whole files themselves (:mod:`.raw_writer`)."""
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         policy = self.fsync_policy
         do_fsync = policy == "always" or (policy == "replace" and path.exists())
-        view = memoryview(value.as_buffer_like())
+        view = memoryview(data)
         n = _replace_into(path, view, do_fsync=do_fsync, exclusive=exclusive)
         crc = zlib.crc32(view)
         if policy == "always":

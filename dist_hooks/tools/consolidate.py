@@ -84,6 +84,7 @@ from ..reader import (
 from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
 from ..store.raw_shards import RawArrayReader, ShardDamage
+from ..store.raw_writer import RawGroupWriter
 from ..store.shard import ShardWriter
 from ..store.zarr_reader import ShardReader
 from zarr.core.sync import sync as _zsync
@@ -601,11 +602,21 @@ def prefetch(it: Iterable[B], depth: int = 1) -> Iterator[B]:
 
 
 class _GroupSink:
-    """Appends merged blocks to one output group and keeps each field's crc32."""
+    """Appends merged blocks to one output group and keeps each field's crc32.
 
-    def __init__(self, store: AtomicLocalStore, group: str, chunking: dict[str, int]) -> None:
+    A sharded output (every output the benchmark sees) is written by
+    :class:`~dist_hooks.store.raw_writer.RawGroupWriter`: the same files zarr writes, at a
+    fraction of its cost per array and chunk; an unsharded one through zarr (ShardWriter)."""
+
+    def __init__(self, store: AtomicLocalStore, group: str, chunking: dict[str, int], *,
+                 atoms_ptr: bool = True) -> None:
         self.group = group
-        self.writer = ShardWriter(store, group, compressor="zstd", **chunking)
+        self.writer: RawGroupWriter | ShardWriter
+        if int(chunking.get("records_per_shard_chunks") or 0) >= 1:
+            self.writer = RawGroupWriter(store, group, atoms_ptr=atoms_ptr, **chunking)
+        else:
+            self.writer = ShardWriter(store, group, compressor="zstd", **chunking)
+        self.atoms_ptr = atoms_ptr
         self.crc: dict[str, int] = {}
         self.records = 0
         self.atoms = 0
@@ -619,8 +630,18 @@ class _GroupSink:
         self.records += len(block)
         self.atoms += int(block.ptr[-1])
 
-    def close(self) -> dict:
-        self.writer.close()
+    def close(self, attrs: dict | None = None) -> dict:
+        """Finish the group, with ``attrs`` added to its attributes."""
+        if isinstance(self.writer, RawGroupWriter):
+            self.writer.close(attrs)
+        else:
+            self.writer.close()
+            if attrs:
+                import zarr
+                zarr.open_group(self.writer.store, path=self.group, mode="r+").attrs.update(attrs)
+            if not self.atoms_ptr:
+                shutil.rmtree(Path(self.writer.store.root) / self.group / layout.ATOMS_PTR,
+                              ignore_errors=True)
         return {"kind": "zarr", "group": self.group, "records": self.records,
                 "atoms": self.atoms, "crc32": self.crc}
 
@@ -1110,7 +1131,9 @@ class _Trajectory:
             chunking.update(chunk_records=rows, records_per_shard_chunks=per_shard)
         # created before the atom arrays exist: the writer refuses a group holding arrays
         # it did not write
-        self.sink = _GroupSink(store, group, _out_chunking(chunking, sum(u.records for u in units)))
+        # records carry no atoms of their own: no atoms_ptr in this layout
+        self.sink = _GroupSink(store, group, _out_chunking(chunking, sum(u.records for u in units)),
+                               atoms_ptr=False)
         self.atom_bytes = sum(
             u.atoms * int(np.prod(self.atoms.metas[f]["shape"][1:], dtype=np.int64))
             * np.dtype(self.atoms.metas[f]["data_type"]).itemsize
@@ -1121,8 +1144,6 @@ class _Trajectory:
         self._copying = pool.submit(self.atoms.run)
 
     def finish(self, sources: list[tuple[Unit, ZarrSource]]) -> tuple[dict, list[str]]:
-        import zarr
-
         def located(s: ZarrSource, start: int) -> Iterator[CsrBlock]:
             base = 0
             for b in s:
@@ -1140,20 +1161,18 @@ class _Trajectory:
                     self.fault()
         finally:
             problems = self._copying.result()
-        info = self.sink.close()
         for _, s in sources:
             problems.extend(s.problems())
-        # the writer's atoms_ptr (all zeros: records carry no atoms of their own) is not part
-        # of this layout; atoms_start/n_atoms are layout arrays, not fields
-        shutil.rmtree(Path(self.store.root) / self.group / layout.ATOMS_PTR, ignore_errors=True)
         levels = dict(self.levels)
         levels.setdefault("rank", "record")
         seg_info = [{"rank": sg.rank, "start": sg.start, "atoms": sg.atoms,
                      "crc32": sg.expect_crc} for sg in self.segments]
         checked = [{"rank": sg.rank, "checked": dict(sorted(sg.checked.items()))}
                    for sg in self.segments]
-        zarr.open_group(self.store, path=self.group, mode="r+").attrs.update(
-            {"level": levels, "atoms_layout": layout.INDEXED, "segments": seg_info})
+        # the group's level map names the atom fields (written by the segment writer) too;
+        # atoms_start/n_atoms are layout arrays, not fields
+        info = self.sink.close({"level": levels, "atoms_layout": layout.INDEXED,
+                                "segments": seg_info})
         rec_crc = {k: v for k, v in info["crc32"].items()
                    if k not in (layout.ATOMS_START, layout.N_ATOMS)}
         return ({"kind": "zarr", "group": self.group, "layout": layout.INDEXED,
