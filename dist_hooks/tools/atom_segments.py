@@ -31,7 +31,7 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 
 from ..reader import DamageError
-from ..store.atomic_store import AtomicLocalStore, fsync_tree
+from ..store.atomic_store import AtomicLocalStore, fsync_file, fsync_tree
 from ..store.raw_shards import ShardDamage, ShardLayout, read_shard_rows
 
 __all__ = ["Segment", "SegmentWriter", "plan_starts"]
@@ -171,8 +171,10 @@ class SegmentWriter:
                 for fu in futures:
                     fu.cancel()
                 raise
-        # files copied past the store: made durable here (zarr's writes by the store's sync())
-        fsync_tree(self.copied, stop_at=self.store.root)
+        # files copied past the store were synced as they were written (so the disk writes
+        # overlap the copying: one sync at the end measured a third of the copy's time);
+        # their directories here (zarr's writes: by the store's sync())
+        fsync_tree({p.parent for p in self.copied}, stop_at=self.store.root)
         return problems
 
 
@@ -231,6 +233,7 @@ def _copy_raw(f: str, seg: Segment, src_dir: Path, src_rows: int, lay: ShardLayo
                 dst.write_bytes(data)  # exactly the bytes checked above
             else:
                 shutil.copyfile(src, dst)  # the kernel copies (sendfile), as a file copy would
+            fsync_file(dst)
             copied.append(dst)
         if progress is not None:
             progress.update(rows * lay.row_bytes)
@@ -278,7 +281,8 @@ def _copy_listed(f: str, seg: Segment, src_dir: Path, lay: ShardLayout, out_dir:
 
 
 def _copy_fd(fd: int, dst: Path, size: int) -> None:
-    """``size`` bytes from ``fd`` into a new file ``dst``, in the kernel where it can."""
+    """``size`` bytes from ``fd`` into a new file ``dst``, in the kernel where it can; the
+    new file is synced to disk before returning."""
     out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         off = 0
@@ -296,6 +300,7 @@ def _copy_fd(fd: int, dst: Path, size: int) -> None:
             if not chunk:
                 raise OSError(errno.EIO, f"{dst}: source ended at byte {off} of {size}")
             off += _write_all(out, chunk)
+        os.fsync(out)
     finally:
         os.close(out)
 

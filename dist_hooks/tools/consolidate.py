@@ -84,7 +84,7 @@ from ..reader import (
 from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
 from ..store.raw_shards import RawArrayReader, ShardDamage
-from ..store.raw_writer import RawGroupWriter
+from ..store.raw_writer import RawGroupWriter, consolidate_metadata
 from ..store.shard import ShardWriter
 from ..store.zarr_reader import ShardReader
 from zarr.core.sync import sync as _zsync
@@ -1018,6 +1018,9 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
             info, more = t.finish(sources[h])
             problems.extend(more)
             summary["hooks"][h] = info
+        # the trajectories' files go to disk while the rest is written (the pool's atom-copy
+        # workers are free now); the final sync below covers what is written after this
+        early_sync = pool.submit(store.sync) if trajectories else None
         if conv_sources or merged_source is not None:
             bar.set_label("consolidate converged")
             ref = conv_sources[0][1] if conv_sources else merged_source
@@ -1048,6 +1051,8 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
         raise DamageError(_refusal(run_dir, problems), problems)
     _consolidate_metadata(store)
     store.sync()
+    if early_sync is not None and not early_sync.cancelled():
+        early_sync.result()  # done (the pool has shut down); its errors are raised here
     sync_dir(tmp / layout.LOGS_DIR) if (tmp / layout.LOGS_DIR).is_dir() else None
     return summary
 
@@ -1117,7 +1122,7 @@ class _Trajectory:
                     files=files.get((u.rank, u.hook), {}))
             for u in units]
         self.atoms = SegmentWriter(store, group, self.atom_fields, self.segments, progress=bar,
-                                   workers=min(8, os.cpu_count() or 1), on_piece=fault,
+                                   workers=4, on_piece=fault,
                                    checksums=checksums)
         chunking = {"chunk_records": 1024, "chunk_atoms": 65536, "records_per_shard_chunks": 0}
         if rec_fields:
@@ -1191,10 +1196,7 @@ def _file_crc(path: Path) -> int:
 
 def _consolidate_metadata(store: AtomicLocalStore) -> None:
     """Consolidated Zarr metadata at the output root: the output never changes after it is
-    written, so (unlike a live run's) it cannot go stale, and ``zarr.open_group`` is one read."""
-    import warnings
-
-    import zarr
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(store)
+    written, so (unlike a live run's) it cannot go stale, and ``zarr.open_group`` is one read.
+    Written from the nodes' documents (:func:`~dist_hooks.store.raw_writer.consolidate_metadata`:
+    the bytes zarr writes, without its cost)."""
+    consolidate_metadata(store)
