@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import shutil
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from zarr.core.buffer import default_buffer_prototype
 
 from ..reader import DamageError
 from ..store.atomic_store import AtomicLocalStore, fsync_file, fsync_tree
@@ -116,18 +116,14 @@ class SegmentWriter:
     def run(self) -> list[str]:
         """Copy every segment; returns crc32 mismatches. Damage that stops a read (a missing,
         truncated or undecodable file) raises :class:`DamageError` naming the file."""
-        import zarr
-
         if not self.fields or not self.segments:
             return []
         outs = {}
         for f in self.fields:
             meta = {**self.metas[f], "shape": [self.rows, *self.metas[f]["shape"][1:]],
                     "attributes": {}}
-            self.store.set_sync(f"{self.group}/{f}/zarr.json",
-                                default_buffer_prototype().buffer.from_bytes(
-                                    json.dumps(meta, indent=2).encode()))
-            outs[f] = zarr.open_array(self.store, path=f"{self.group}/{f}", mode="r+")
+            self.store.put_bytes(f"{self.group}/{f}/zarr.json", json.dumps(meta, indent=2).encode())
+            outs[f] = _LazyArray(self.store, f"{self.group}/{f}")
 
         def one(f: str, seg: Segment) -> str | None:
             where = f"{seg.place}/{f}"
@@ -176,6 +172,25 @@ class SegmentWriter:
         # their directories here (zarr's writes: by the store's sync())
         fsync_tree({p.parent for p in self.copied}, stop_at=self.store.root)
         return problems
+
+
+class _LazyArray:
+    """An output array as zarr sees it, opened on the first write through it: most segments
+    are copied as files and never need it (opening costs ~1 ms of zarr's metadata work)."""
+
+    def __init__(self, store: AtomicLocalStore, path: str) -> None:
+        self._store, self._path = store, path
+        self._arr: Any = None
+        self._lock = threading.Lock()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        import zarr
+
+        with self._lock:
+            if self._arr is None:
+                self._arr = zarr.open_array(self._store, path=self._path, mode="r+")
+        # segments start on shard boundaries: threads writing here never share a shard
+        self._arr[key] = value
 
 
 class _Unlisted(Exception):
