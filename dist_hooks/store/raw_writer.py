@@ -4,15 +4,18 @@ Why: ``dist-hooks consolidate`` writes every output group once and never changes
 :class:`~.shard.ShardWriter`, zarr's per-array and per-chunk machinery (metadata objects, its
 event loop, the sharding codec's partial-shard logic) was about a third of consolidate's
 Python time on the benchmark (measured on 2 cores), for arrays of a few MB. Here a shard is
-staged, its chunks compressed (numcodecs' zstd, which releases the GIL), its index built and the
-file written in one piece; ``zarr.json`` is written last, with the final shape.
+staged, its chunks compressed (numcodecs' zstd), its index built and the file written in one
+piece; ``zarr.json`` is written last, with the final shape.
 
-The files are exactly the layout :class:`~.shard.ShardWriter` writes (docs/format.md): regular
+The files have exactly the layout :class:`~.shard.ShardWriter` writes (docs/format.md): regular
 grid, one ``sharding_indexed`` codec with ``bytes`` + ``zstd`` (level 1) inside and a ``bytes``
 + ``crc32c`` index at the end, ``c.<i>.0...`` keys, fill value 0. zarr and
-:mod:`~.raw_shards` both read them; ``tests/test_raw_writer.py`` checks the metadata against
-what zarr itself writes. Chunks past the last row are left out of the shard (empty in the
-index), as zarr does; a partial last chunk is padded with the fill value, as zarr does.
+:mod:`~.raw_shards` both read them. ``tests/test_raw_writer.py`` compares them with zarr's
+files for the same appends: the metadata and every shard file are byte-identical, except that
+zarr leaves out a chunk whose values all equal the fill value, where this writer keeps it (so a
+chunk of ``-0.0`` reads back as written; zarr's reads back as ``0.0``). Chunks past the last row
+are left out (empty in the index) and a partial last chunk is padded with the fill value, as
+zarr does.
 """
 from __future__ import annotations
 
