@@ -340,23 +340,30 @@ def cast_text_column(name: str, col: Any, kind: str | None = None) -> Any:
 
 
 _KIND_ORDER = ("int", "float", "bool", "str")
+#: the Arrow type of each kind of :func:`text_kind`
+KIND_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
 
 
 def text_kind(name: str, col: Any) -> str:
     """The narrowest kind ("int", "float", "bool", "str") that every value of ``col`` parses as."""
+    return text_kind_cast(name, col)[0]
+
+
+def text_kind_cast(name: str, col: Any) -> tuple[str, Any]:
+    """:func:`text_kind` and ``col`` cast to it (``col`` itself for "str"): finding the kind
+    casts the column anyway, and the cast values are what a typed copy needs."""
     if name in FLOAT_COLUMNS:
         candidates: tuple[str, ...] = ("float", "str")
     else:
         candidates = _KIND_ORDER
     for kind in candidates:
         if kind == "str":
-            return kind
+            return kind, col
         try:
-            pc.cast(col, {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}[kind])
-            return kind
+            return kind, pc.cast(col, KIND_TYPES[kind])
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             continue
-    return "str"
+    return "str", col
 
 
 def merge_kinds(a: str | None, b: str) -> str:

@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..reader import (
@@ -79,7 +80,8 @@ from ..reader import (
     local_storage_error,
     merge_kinds,
     read_consolidated_summary,
-    text_kind,
+    KIND_TYPES,
+    text_kind_cast,
 )
 from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
@@ -679,12 +681,16 @@ def _csv_source(path: Path, nbytes: int, rows: int, rank: int, place: str, count
 
 def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path, *,
               progress: Progress | None = None, block_bytes: int = 1 << 22,
-              on_window: Callable[[], None] | None = None) -> dict:
+              on_window: Callable[[], None] | None = None,
+              parquet_out: Path | None = None) -> dict:
     """Merge the committed rows of one log's per-rank CSVs into ``csv_out``, ordered by (step,
-    rank, sample_id), streaming. Returns ``{rows, columns, kinds, problems}``: ``kinds`` the
-    narrowest type of each column (for the Parquet copy), ``problems`` checksum/row-count
-    mismatches against the manifest. ``roots``: the run directory, or each rank's root (a run
-    recorded with node-local storage)."""
+    rank, sample_id), streaming. Returns ``{rows, columns, kinds, crc32, parquet,
+    problems}``: ``kinds`` the narrowest type of each column (for the Parquet copy), ``crc32``
+    that of ``csv_out``, ``problems`` checksum/row-count mismatches against the manifest.
+    ``roots``: the run directory, or each rank's root (a run recorded with node-local storage).
+
+    ``parquet_out``: also write the typed Parquet copy there (``parquet`` says whether it
+    was written; see :class:`_ParquetSink` for when it is not)."""
     counters: list[dict] = []
     iters, columns = [], None
     for u in units:
@@ -704,7 +710,9 @@ def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path
     kinds: dict[str, str | None] = {c: ("int" if c in INT_COLUMNS else None) for c in columns}
     rows = 0
     csv_out.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_out, "wb") as fh:
+    pq = _ParquetSink(parquet_out, columns) if parquet_out is not None and columns else None
+    with open(csv_out, "wb") as raw:
+        fh = _CrcWriter(raw)
         writer = None
         if columns:
             schema = pa.schema([(c, pa.int64() if c in INT_COLUMNS else pa.string())
@@ -717,17 +725,21 @@ def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path
             table = pa.concat_tables([t.select(columns) for _, t in parts])
             keys = [table.column(k).to_numpy(zero_copy_only=False) for k in KEY_COLUMNS]
             table = table.take(pa.array(np.lexsort(keys[::-1])))
+            cast = {}  # each text column's kind in this window, and its values in that type
             for c in columns:
-                if kinds[c] != "int" and kinds[c] != "str":
-                    kinds[c] = merge_kinds(kinds[c], text_kind(c, table.column(c)))
+                if c not in INT_COLUMNS and kinds[c] != "str":
+                    cast[c] = text_kind_cast(c, table.column(c))
+                    kinds[c] = merge_kinds(kinds[c], cast[c][0])
             writer.write_table(table)
+            if pq is not None:
+                pq.write(table, cast)
             rows += table.num_rows
             if on_window is not None:
                 on_window()
         if writer is not None:
             writer.close()
-        fh.flush()
-        os.fsync(fh.fileno())
+        raw.flush()
+        os.fsync(raw.fileno())
     problems = []
     for u, c in zip(units, counters):
         want_b, want_rows = int(u.info.get("bytes", 0)), int(u.info.get("rows", 0))
@@ -737,8 +749,83 @@ def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path
             problems.append(f"{u.rel}: crc32 mismatch over bytes [0, {want_b})")
         elif c.get("rows", 0) != want_rows:
             problems.append(f"{u.rel}: {c.get('rows', 0)} data rows, committed {want_rows}")
-    return {"rows": rows, "columns": columns,
-            "kinds": {c: (k or "float") for c, k in kinds.items()}, "problems": problems}
+    final = {c: (k or "float") for c, k in kinds.items()}
+    return {"rows": rows, "columns": columns, "kinds": final, "crc32": fh.crc32,
+            "parquet": pq.close(final) if pq is not None else False, "problems": problems}
+
+
+class _CrcWriter:
+    """A binary file for pyarrow's CSV writer that keeps the crc32 of what is written (the
+    summary records it; reading the file back for it cost a second pass)."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.crc32 = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def writable(self) -> bool:
+        return True
+
+
+class _ParquetSink:
+    """The typed Parquet copy of a merged CSV, written window by window beside it.
+
+    Each text column takes the type its first window's values have (:func:`text_kind_cast`:
+    the values cast on the way to finding the kind are the ones written). A column's final
+    type is only known at the end: :meth:`close` keeps the file when every column ended with
+    the type it started with, and otherwise removes it and returns False, and the caller
+    writes the copy from the merged CSV with the final types (:func:`_write_parquet`).
+    Why not always that: parsing the merged CSV again cost as much as merging it (measured).
+    """
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path = path
+        self.columns = columns
+        self.kinds: dict[str, str] | None = None
+        self.schema: pa.Schema | None = None
+        self.writer: Any = None
+        self.ok = True
+
+    def write(self, table: pa.Table, cast: dict[str, tuple[str, Any]]) -> None:
+        if not self.ok:
+            return
+        if self.kinds is None:
+            try:
+                import pyarrow.parquet as papq
+            except ImportError:
+                self.ok = False
+                return
+            self.kinds = {c: "int" if c in INT_COLUMNS else cast.get(c, ("str",))[0]
+                          for c in self.columns}
+            self.schema = pa.schema([(c, KIND_TYPES[self.kinds[c]]) for c in self.columns])
+            self.writer = papq.ParquetWriter(self.path, self.schema)
+        cols = []
+        for c in self.columns:
+            want = self.kinds[c]
+            got, values = cast.get(c, ("int" if c in INT_COLUMNS else "str", table.column(c)))
+            if got != want:
+                if want == "str" or merge_kinds(want, got) != want:
+                    self.ok = False  # this column needs a wider type: see close()
+                    return
+                values = pc.cast(table.column(c), KIND_TYPES[want])  # e.g. 1 as a float
+            cols.append(values)
+        self.writer.write_table(pa.table(cols, schema=self.schema))
+
+    def close(self, final: dict[str, str]) -> bool:
+        if self.writer is not None:
+            self.writer.close()
+        if self.ok and self.kinds is not None and self.kinds == final:
+            fsync_file(self.path)
+            return True
+        self.path.unlink(missing_ok=True)
+        return False
 
 
 def _write_parquet(csv_path: Path, pq_path: Path, columns: list[str], kinds: dict[str, str]) -> bool:
@@ -970,15 +1057,15 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
         for h in csv_hooks:
             us = [u for u in units if u.kind == "csv" and u.hook == h]
             csv_rel = f"{layout.LOGS_DIR}/{h}.csv"
-            res = merge_csv(us, {u.rank: root(u) for u in us}, tmp / csv_rel, progress=bar,
-                            on_window=fault)
-            found.extend(res["problems"])
             pq_rel = f"{layout.LOGS_DIR}/{h}.parquet"
-            has_pq = parquet and res["columns"] and _write_parquet(
-                tmp / csv_rel, tmp / pq_rel, res["columns"], res["kinds"])
+            res = merge_csv(us, {u.rank: root(u) for u in us}, tmp / csv_rel, progress=bar,
+                            on_window=fault, parquet_out=tmp / pq_rel if parquet else None)
+            found.extend(res["problems"])
+            has_pq = parquet and res["columns"] and (res["parquet"] or _write_parquet(
+                tmp / csv_rel, tmp / pq_rel, res["columns"], res["kinds"]))
             out[h] = {"kind": "csv", "csv": csv_rel, "parquet": pq_rel if has_pq else None,
                       "rows": res["rows"], "columns": res["columns"], "types": res["kinds"],
-                      "bytes": (tmp / csv_rel).stat().st_size, "crc32": _file_crc(tmp / csv_rel),
+                      "bytes": (tmp / csv_rel).stat().st_size, "crc32": res["crc32"],
                       "ranks": [u.rank for u in us]}
         return out, found
 
@@ -1184,14 +1271,6 @@ class _Trajectory:
                  "records": info["records"], "atoms": sum(sg.atoms for sg in self.segments),
                  "atom_rows": self.atoms.rows, "crc32": rec_crc, "segments": seg_info,
                  "checked": checked, "ranks": [u.rank for u in self.units]}, problems)
-
-
-def _file_crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _consolidate_metadata(store: AtomicLocalStore) -> None:
