@@ -4,15 +4,19 @@ A synthetic run (W ranks, each with a snapshot trajectory, a converged group and
 committed by a manifest exactly like ``Run`` writes it) is built on the benchmark's disk; then
 
 * ``copytree``: ``shutil.copytree`` of the run's data and logs (the bytes consolidate reads) to a
-  new directory on the same disk: the floor any reorganisation of the data has to pay;
-* ``consolidate``: ``dist-hooks consolidate`` in a fresh subprocess (so that peak RSS and the
-  tracemalloc peak belong to it alone), with and without Parquet.
+  new directory on the same disk, then a sync: the floor any reorganisation of the data has to
+  pay;
+* ``consolidate``: ``dist-hooks consolidate`` (which syncs its output too).
 
-Throughput is reported over the run's bytes on disk (what both read); the target is
-consolidate >= 0.5x copytree. Page caches are warm for both (each is run once before timing;
-consolidate's warm-up runs in the same process, so imports are not timed, as for the copy).
-Three consolidate variants: the default (every committed checksum checked), ``--no-checksums``
-(trajectory shard files copied after an index check only) and the default plus Parquet.
+Each variant runs in a fresh process (so that peak RSS and the tracemalloc peak belong to it
+alone), which first runs one untimed copy and one untimed consolidate (imports and first-use
+costs paid, page cache warm), then ``--repeat`` pairs: a copy, then a consolidate, timed side by
+side, so that both see the same state of a shared machine. Throughput is over the run's bytes
+on disk (what both read). Reported: the best time of each, and the median and range of the
+per-pair ratios copy/consolidate; the target is consolidate >= 0.5x copytree. Three
+variants: the default (every committed checksum checked), ``--no-checksums`` (trajectory shard
+files copied after an index check only) and the default plus Parquet (what the command does
+by default when pyarrow is installed).
 
     python benchmarks/bench_consolidate.py                  # ~200 MB of raw data, 4 ranks
     python benchmarks/bench_consolidate.py --raw-mb 50 --ranks 2 --repeat 1
@@ -168,37 +172,65 @@ def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 
     return path
 
 
+def _span(values: list[float], digits: int = 3) -> str:
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
 def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 _CHILD = r"""
-import json, resource, sys, time, tracemalloc
+import json, os, resource, shutil, sys, time, tracemalloc
 sys.path.insert(0, {root!r})
 trace = {trace!r}
 from dist_hooks.tools.consolidate import consolidate
-import shutil
-# one untimed run first: imports and first-use costs are paid once per process, and the copy
-# it is compared with runs in an interpreter that has them already
-consolidate({run!r}, {out!r}, force=True, progress=False, parquet={parquet!r},
-            checksums={checksums!r})
-shutil.rmtree({out!r}, ignore_errors=True)  # as for the copy: removing old output is not timed
+run, out, copy_dst = {run!r}, {out!r}, {copy_dst!r}
+
+def clean(path):
+    # untimed, before either timed operation: the previous output removed and every pending
+    # write (its deletion included) on disk, so that neither pays for the other's leftovers
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+def copy():
+    clean(copy_dst)
+    t = time.perf_counter()
+    shutil.copytree(os.path.join(run, "data.zarr"), os.path.join(copy_dst, "data.zarr"))
+    shutil.copytree(os.path.join(run, "logs"), os.path.join(copy_dst, "logs"))
+    os.sync()
+    dt = time.perf_counter() - t
+    clean(copy_dst)
+    return dt
+
+def once():
+    clean(out)
+    t = time.perf_counter()
+    consolidate(run, out, force=True, progress=False, parquet={parquet!r},
+                checksums={checksums!r})
+    return time.perf_counter() - t
+
+# one untimed run of each first: imports and first-use costs are paid once per process, and
+# the page cache is warm for both
+copy()
+once()
+pairs = []
 if trace:
     tracemalloc.start()
-t0 = time.perf_counter()
-consolidate({run!r}, {out!r}, force=True, progress=False, parquet={parquet!r},
-            checksums={checksums!r})
-dt = time.perf_counter() - t0
+for _ in range({repeat!r}):
+    pairs.append((copy(), once()))  # side by side: the machine's state is the same for both
 peak = tracemalloc.get_traced_memory()[1] if trace else None
-print("RESULT " + json.dumps({{"seconds": dt, "tracemalloc_peak": peak,
+print("RESULT " + json.dumps({{"pairs": pairs, "tracemalloc_peak": peak,
       "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """
 
 
-def run_child(run: Path, out: Path, *, parquet: bool, trace: bool,
-              checksums: bool = True) -> dict:
+def run_child(run: Path, out: Path, *, parquet: bool, trace: bool, checksums: bool = True,
+              repeat: int = 1) -> dict:
+    """``repeat`` pairs of (copytree seconds, consolidate seconds), each copy timed right
+    before its consolidate, in a fresh process (so that peak memory belongs to it alone)."""
     code = _CHILD.format(root=str(ROOT), run=str(run), out=str(out), parquet=parquet, trace=trace,
-                         checksums=checksums)
+                         checksums=checksums, repeat=repeat, copy_dst=str(out) + ".copy")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        check=False)
@@ -222,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-mb", type=float, default=200.0, help="uncompressed snapshot data")
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--systems", type=int, default=64, help="systems per rank")
-    p.add_argument("--repeat", type=int, default=2, help="timed repetitions (best is reported)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed (copytree, consolidate) pairs per variant")
     p.add_argument("--dir", default=None, help="where to build (default: a temp dir)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -242,29 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t0
         src_bytes = tree_bytes(run / "data.zarr") + tree_bytes(run / "logs")
 
-        def copy() -> float:
-            dst = base / "copy"
-            shutil.rmtree(dst, ignore_errors=True)
-            t = time.perf_counter()
-            shutil.copytree(run / "data.zarr", dst / "data.zarr")
-            shutil.copytree(run / "logs", dst / "logs")
-            os.sync()
-            dt = time.perf_counter() - t
-            shutil.rmtree(dst)
-            return dt
-
-        copy()  # warm the page cache
-        copy_s = min(copy() for _ in range(args.repeat))
         res = {}
         variants = {"consolidate": dict(parquet=False, checksums=True),
                     "consolidate --no-checksums": dict(parquet=False, checksums=False),
                     "consolidate+parquet": dict(parquet=True, checksums=True)}
         for key, kw in variants.items():
-            best = None
-            for _ in range(args.repeat):
-                r = run_child(run, base / "out", trace=False, **kw)
-                best = r if best is None or r["seconds"] < best["seconds"] else best
-            res[key] = best
+            res[key] = run_child(run, base / "out", trace=False, repeat=args.repeat, **kw)["pairs"]
         traced = run_child(run, base / "out", parquet=True, trace=True)
         out_bytes = tree_bytes(base / "out")
         base_rss = baseline_rss()
@@ -275,13 +291,20 @@ def main(argv: list[str] | None = None) -> int:
             "source_on_disk_mb": round(src_bytes / 1e6, 1),
             "output_on_disk_mb": round(out_bytes / 1e6, 1),
             "build_s": round(build_s, 2),
-            "copytree_s": round(copy_s, 3),
-            "copytree_mb_s": round(src_bytes / 1e6 / copy_s, 1),
         }
-        for key, r in res.items():
-            report[f"{key}_s"] = round(r["seconds"], 3)
-            report[f"{key}_mb_s"] = round(src_bytes / 1e6 / r["seconds"], 1)
-            report[f"{key}_vs_copytree"] = round(copy_s / r["seconds"], 2)
+        copies = [c for pairs in res.values() for c, _ in pairs]
+        copy_s = min(copies)
+        report.update({"copytree_s": round(copy_s, 3), "copytree_s_range": _span(copies),
+                       "copytree_mb_s": round(src_bytes / 1e6 / copy_s, 1)})
+        for key, pairs in res.items():
+            best = min(t for _, t in pairs)
+            ratios = sorted(c / t for c, t in pairs)
+            report[f"{key}_s"] = round(best, 3)
+            report[f"{key}_s_range"] = _span([t for _, t in pairs])
+            report[f"{key}_mb_s"] = round(src_bytes / 1e6 / best, 1)
+            # each consolidate against the copy timed just before it; the median of those
+            report[f"{key}_vs_copytree"] = round(float(np.median(ratios)), 2)
+            report[f"{key}_vs_copytree_range"] = _span(ratios, 2)
         report["peak_rss_mb"] = round(traced["maxrss"] / 1e6, 1)
         report["baseline_rss_mb (imports only)"] = round(base_rss / 1e6, 1)
         report["tracemalloc_peak_mb"] = round(traced["tracemalloc_peak"] / 1e6, 1)
