@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             # each consolidate against the copy timed just before it; the median of those
             report[f"{key}_vs_copytree"] = round(float(np.median(ratios)), 2)
             report[f"{key}_vs_copytree_range"] = _span(ratios, 2)
+            if args.json:  # the raw (copytree s, consolidate s) pairs
+                report[f"{key}_pairs"] = [[round(c, 3), round(t, 3)] for c, t in pairs]
         report["peak_rss_mb"] = round(traced["maxrss"] / 1e6, 1)
         report["baseline_rss_mb (imports only)"] = round(base_rss / 1e6, 1)
         report["tracemalloc_peak_mb"] = round(traced["tracemalloc_peak"] / 1e6, 1)
