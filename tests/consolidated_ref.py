@@ -62,6 +62,12 @@ def reference(run: Path, hook: str, *, dedup: bool = False,
     return out
 
 
+def group(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a group, whole, read with plain zarr (a CSR group such as converged/)."""
+    g = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    return {k: np.asarray(a[:]) for k, a in g.arrays()}
+
+
 def trajectory(path: Path) -> dict[str, np.ndarray]:
     """A consolidated trajectory group (indexed layout) read with plain zarr and turned into the
     CSR form of :func:`reference`: atom rows gathered record by record through atoms_start and

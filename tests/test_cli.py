@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from mp.runner import REPO_ROOT, clean_env, mpi_available, mpiexec_path, run_command
 
-from consolidated_ref import assert_bit_identical, reference, trajectory
+from consolidated_ref import assert_bit_identical, group, reference, trajectory
 from dist_hooks.cli import build_parser, main
 from dist_hooks.reader import open_run
 from dist_hooks.tools import Progress
@@ -86,11 +85,6 @@ def cli(*args: str) -> tuple[int, str, str]:
 # ------------------------------------------------------------------ independent reference
 def manifest(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
-
-
-def group(path: Path) -> dict[str, np.ndarray]:
-    g = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    return {k: np.asarray(a[:]) for k, a in g.arrays()}
 
 
 def csv_reference(run: Path, hook: str = "log", roots: dict[int, Path] | None = None):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import zarr
 
-from consolidated_ref import assert_bit_identical, reference, trajectory
+from consolidated_ref import assert_bit_identical, group, reference, trajectory
 from dist_hooks.reader import RunError, open_run
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import CsvLog
@@ -292,3 +292,23 @@ def test_not_a_run(tmp_path):
         open_run(tmp_path / "missing")
     with pytest.raises(RunError, match="not a dist_hooks run"):
         open_run(tmp_path)
+
+
+def test_unsharded_run(tmp_path):
+    """Ranks that wrote unsharded arrays: the output's record groups are then written through
+    zarr (ShardWriter), not by the raw writer, and hold the same records."""
+    run = tmp_path / "run"
+    _bench().make_synthetic_run(run, ranks=2, steps=10, systems=5, chunk_records=64,
+                                chunk_atoms=128, shards=0, steps_per_append=3)
+    meta = json.loads((run / "data.zarr/ranks/rank-00000/snapshots/step/zarr.json").read_text())
+    assert meta["codecs"][0]["name"] != "sharding_indexed"
+    consolidate(run, progress=False)
+    out = run / "consolidated/data.zarr"
+    assert_bit_identical(trajectory(out / "hooks/snapshots"), reference(run, "snapshots"),
+                         "unsharded snapshots")
+    g = zarr.open_group(str(out), path="hooks/snapshots", mode="r", use_consolidated=False)
+    assert "atoms_ptr" not in set(g.array_keys())
+    assert g.attrs["atoms_layout"] == "indexed" and len(g.attrs["segments"]) == 2
+    assert g["step"].shards is None  # written as the ranks' groups are: unsharded
+    assert_bit_identical(group(out / "converged"), reference(run, "converged", dedup=True),
+                         "unsharded converged")
