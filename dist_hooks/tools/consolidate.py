@@ -1069,12 +1069,12 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                       "ranks": [u.rank for u in us]}
         return out, found
 
-    # Three kinds of work run side by side (each releases the GIL for most of its time): the
-    # CSV logs (pyarrow), the trajectories' atom files (copied, or decoded to be checked) and,
-    # here, the records. The atom copies need only the manifest and the groups' metadata, so
-    # they start before the record sources are even opened.
+    # Four kinds of work run side by side (each releases the GIL for most of its time): the
+    # CSV logs (pyarrow), the trajectories' atom files (copied, or decoded to be checked), the
+    # converged group and, here, the trajectories' records. The atom copies need only the
+    # manifest and the groups' metadata, so they start before any record source is opened.
     files = committed_files(run_dir, manifest) if checksums else {}
-    pool = ThreadPoolExecutor(max_workers=1 + len(zarr_hooks), thread_name_prefix="dist-hooks")
+    pool = ThreadPoolExecutor(max_workers=2 + len(zarr_hooks), thread_name_prefix="dist-hooks")
     try:
         csv_job = pool.submit(logs)
         trajectories = {}
@@ -1083,8 +1083,6 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
             t = _Trajectory(store, f"hooks/{h}", us, root, files, bar, fault, checksums)
             t.start(pool)
             trajectories[h] = t
-        sources = {h: [(u, open_source(u, ("record",))) for u in t.units]
-                   for h, t in trajectories.items()}
         conv_sources = [(u.rank, open_source(u)) for u in conv_units]
         merged_source = None
         merged = (manifest.get("last") or {}).get("merged") or {}
@@ -1095,21 +1093,12 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                                        records=int(merged["records"]), atoms=int(merged["atoms"]),
                                        block_records=block_records, block_atoms=block_atoms,
                                        progress=bar)
-        total += sum(s.nbytes for ss in sources.values() for _, s in ss)
-        total += sum(t.atom_bytes for t in trajectories.values())
-        total += sum(s.nbytes for _, s in conv_sources)
-        total += merged_source.nbytes if merged_source is not None else 0
-        bar.total = total
-        for h, t in trajectories.items():
-            bar.set_label(f"consolidate {h}")
-            info, more = t.finish(sources[h])
-            problems.extend(more)
-            summary["hooks"][h] = info
-        # the trajectories' files go to disk while the rest is written (the pool's atom-copy
-        # workers are free now); the final sync below covers what is written after this
-        early_sync = pool.submit(store.sync) if trajectories else None
-        if conv_sources or merged_source is not None:
-            bar.set_label("consolidate converged")
+
+        def converged() -> tuple[dict | None, list[str]]:
+            """The converged group; in the pool, beside the trajectories (it was a sixth of a
+            small run's time when it came after them, with the other threads idle)."""
+            if not conv_sources and merged_source is None:
+                return None, []
             ref = conv_sources[0][1] if conv_sources else merged_source
             n_conv = (sum(s.records for _, s in conv_sources) if conv_sources
                       else merged_source.records)
@@ -1120,9 +1109,30 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
                 sink.append(block)
                 if fault is not None:
                     fault()
-            for _, s in conv_sources:
-                problems.extend(s.problems())
-            summary["converged"] = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
+            found = [p for _, s in conv_sources for p in s.problems()]
+            info = {**sink.close(), "ranks": [r for r, _ in conv_sources]}
+            # to disk now, with whatever else was written so far: the last sync, on the
+            # critical path after the trajectories, then has less to do
+            store.sync()
+            return info, found
+
+        conv_job = pool.submit(converged)
+        sources = {h: [(u, open_source(u, ("record",))) for u in t.units]
+                   for h, t in trajectories.items()}
+        total += sum(s.nbytes for ss in sources.values() for _, s in ss)
+        total += sum(t.atom_bytes for t in trajectories.values())
+        total += sum(s.nbytes for _, s in conv_sources)
+        total += merged_source.nbytes if merged_source is not None else 0
+        bar.total = total
+        for h, t in trajectories.items():
+            bar.set_label(f"consolidate {h}")
+            info, more = t.finish(sources[h])
+            problems.extend(more)
+            summary["hooks"][h] = info
+        if conv_sources or merged_source is not None:
+            bar.set_label("consolidate converged")
+        summary["converged"], more = conv_job.result()
+        problems.extend(more)
         # an error above propagates as it is; the pool shutdown below waits for the others
         if csv_hooks:
             bar.set_label("consolidate logs")
@@ -1138,8 +1148,6 @@ def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
         raise DamageError(_refusal(run_dir, problems), problems)
     _consolidate_metadata(store)
     store.sync()
-    if early_sync is not None and not early_sync.cancelled():
-        early_sync.result()  # done (the pool has shut down); its errors are raised here
     sync_dir(tmp / layout.LOGS_DIR) if (tmp / layout.LOGS_DIR).is_dir() else None
     return summary
 
