@@ -30,7 +30,8 @@ def _write_rank(run: Path, rank: int, blocks: list[dict]) -> Unit:
 def _block(rank: int, steps: range, extra: dict) -> dict:
     n = len(steps) * 3
     step = np.repeat(np.array(steps, dtype=np.int64), 3)
-    cols = {"step": step, "sample_id": np.tile(np.arange(3, dtype=np.int64), len(steps)) + 10 * rank,
+    cols = {"step": step,
+            "sample_id": np.tile(np.arange(3, dtype=np.int64), len(steps)) + 10 * rank,
             "graph_idx": np.tile(np.arange(3, dtype=np.int64), len(steps)),
             "status": np.zeros(n, np.int64), "energy": -1.0 - 0.25 * step.astype(np.float64)}
     cols.update({k: (v(n) if callable(v) else v) for k, v in extra.items()})

@@ -293,9 +293,11 @@ _buffers = threading.local()
 def _fd_crc32(fd: int, size: int) -> int:
     """zlib crc32 of the first ``size`` bytes of ``fd``, read in 256 KiB pieces into one
     buffer per thread (as fast as 1 or 4 MiB pieces, measured; the buffers count towards
-    consolidate's bounded memory). Why not a memory map: summing a map of the page cache took more CPU than
-    reading into a buffer that stays in the CPU cache and summing that (measured on 670 MB of
-    cached shard files, check and copy together: 0.52-0.60 s against 0.49 s)."""
+    consolidate's bounded memory).
+
+    Why not a memory map: summing a map of the page cache took more CPU than reading into a
+    buffer that stays in the CPU cache and summing that (measured on 670 MB of cached shard
+    files, check and copy together: 0.52-0.60 s against 0.49 s)."""
     buf = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = memoryview(bytearray(1 << 18))
