@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from .checksums import file_crc32
+
 
 class CsvSchemaError(ValueError):
     """A block whose columns differ from the file's header."""
@@ -83,19 +85,6 @@ class CsvLog:
         if not self._fh.closed:
             self._fh.flush()
             self._fh.close()
-
-
-def file_crc32(path: str | os.PathLike, size: int) -> int:
-    """CRC-32 of the first ``size`` bytes of a file (0 for none)."""
-    crc, left = 0, size
-    if size:
-        with open(path, "rb") as fh:
-            while left:
-                chunk = fh.read(min(left, 1 << 22))
-                if not chunk:
-                    raise ValueError(f"{path}: shorter than {size} bytes")
-                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-    return crc
 
 
 def _read_header(path: Path) -> list[str]:

@@ -33,9 +33,11 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-__all__ = ["ArrayMeta", "ShardDamage", "ShardLayout", "RawArrayReader", "read_shard_rows"]
+__all__ = ["EMPTY", "ArrayMeta", "ShardDamage", "ShardLayout", "RawArrayReader", "read_shard_rows",
+           "shard_key"]
 
-_EMPTY = np.uint64(2**64 - 1)
+#: an index entry (offset and size) of a chunk the shard does not hold
+EMPTY = np.uint64(2**64 - 1)
 
 
 class ShardDamage(Exception):
@@ -54,6 +56,12 @@ def _decoder(spec: dict) -> Any | None:
     if name == "gzip":
         return numcodecs.GZip()
     return None
+
+
+def shard_key(i: int, trailing_dims: int, separator: str = ".") -> str:
+    """File name of shard ``i`` along the row axis of an array whose trailing dimensions are
+    whole (zarr's default key encoding)."""
+    return separator.join(["c", str(int(i)), *(["0"] * trailing_dims)])
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,7 @@ class ShardLayout:
 
     def shard_key(self, i: int) -> str:
         """File name (relative to the array) of shard ``i`` along the row axis."""
-        return self.separator.join(["c", str(int(i)), *(["0"] * len(self.trailing))])
+        return shard_key(i, len(self.trailing), self.separator)
 
     @property
     def index_bytes(self) -> int:
@@ -170,7 +178,7 @@ class ShardLayout:
             raise ShardDamage(f"{where}: shard index checksum mismatch (file truncated or "
                               f"overwritten)")
         pairs = np.frombuffer(body, dtype="<u8").reshape(n, 2)
-        empty = (pairs[:, 0] == _EMPTY) & (pairs[:, 1] == _EMPTY)
+        empty = (pairs[:, 0] == EMPTY) & (pairs[:, 1] == EMPTY)
         lo, hi = (0, total - size) if self.index_at_end else (size, total)
         off = pairs[:, 0].astype(np.int64)
         nb = pairs[:, 1].astype(np.int64)

@@ -32,10 +32,10 @@ import numpy as np
 
 from .atomic_store import AtomicLocalStore
 from .layout import ATOMS_PTR, FORMAT_NAME, FORMAT_VERSION
+from .raw_shards import EMPTY, shard_key
 
 __all__ = ["RawArrayWriter", "RawGroupWriter", "array_metadata", "consolidate_metadata"]
 
-_EMPTY = np.uint64(2**64 - 1)
 ZSTD_LEVEL = 1  # as make_compressors("zstd"): see there for why level 1
 
 
@@ -125,7 +125,7 @@ class RawArrayWriter:
             self._shard += 1
             self._fill = 0
             return
-        index = np.full((self.per_shard, 2), _EMPTY, dtype="<u8")
+        index = np.full((self.per_shard, 2), EMPTY, dtype="<u8")
         parts: list[bytes] = []
         off = 0
         for j in range(-(-n // self.chunk_rows)):
@@ -140,8 +140,8 @@ class RawArrayWriter:
             off += len(enc)
         body = index.tobytes()
         parts.append(body + google_crc32c.value(body).to_bytes(4, "little"))
-        name = ".".join(["c", str(self._shard), *(["0"] * len(self.trailing))])
-        self.store.put_bytes(f"{self.key}/{name}", b"".join(parts))
+        self.store.put_bytes(f"{self.key}/{shard_key(self._shard, len(self.trailing))}",
+                             b"".join(parts))
         self._shard += 1
         self._fill = 0
 

@@ -143,12 +143,11 @@ class ShardReader:
                     if e.name.startswith(".") or not e.is_dir():
                         continue
                     try:
-                        meta = json.loads(Path(e.path, "zarr.json").read_bytes())
+                        lay, meta = ShardLayout.of(Path(e.path))
                     except FileNotFoundError:
                         continue  # not a node (zarr lists no member there either)
                     if meta.get("node_type") != "array":
                         continue
-                    lay = ShardLayout.parse(meta)
                     if lay is None:
                         return None
                     arrays[e.name] = ArrayMeta.of(meta, lay)

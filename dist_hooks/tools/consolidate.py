@@ -743,22 +743,25 @@ class _ParquetSink:
         self.ok = True
 
     def write(self, table: pa.Table, cast: dict[str, tuple[str, Any]]) -> None:
+        """One window; ``cast``: ``(kind, values)`` of its text columns that were looked at
+        (key columns are int64 already; a column already known to be text is not cast)."""
         if not self.ok:
             return
+        window = {c: cast.get(c, ("int" if c in INT_COLUMNS else "str", table.column(c)))
+                  for c in self.columns}
         if self.kinds is None:
             try:
                 import pyarrow.parquet as papq
             except ImportError:
                 self.ok = False
                 return
-            self.kinds = {c: "int" if c in INT_COLUMNS else cast.get(c, ("str",))[0]
-                          for c in self.columns}
+            self.kinds = {c: kind for c, (kind, _) in window.items()}
             self.schema = pa.schema([(c, KIND_TYPES[self.kinds[c]]) for c in self.columns])
             self.writer = papq.ParquetWriter(self.path, self.schema)
         cols = []
         for c in self.columns:
             want = self.kinds[c]
-            got, values = cast.get(c, ("int" if c in INT_COLUMNS else "str", table.column(c)))
+            got, values = window[c]
             if got != want:
                 if want == "str" or merge_kinds(want, got) != want:
                     self.ok = False  # this column needs a wider type: see close()
