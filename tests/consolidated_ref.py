@@ -18,6 +18,21 @@ def manifest(run: Path) -> dict:
     return json.loads((Path(run) / "run.json").read_text())
 
 
+def in_merged_order(rows: list[dict], *, dedup: bool) -> list[dict]:
+    """Records (one dict each) in (step, rank, sample_id) order; with ``dedup``, only the first
+    of each (rank, sample_id): what a merged converged group holds."""
+    rows = sorted(rows, key=lambda r: (int(r["step"]), int(r["rank"]), int(r["sample_id"])))
+    if not dedup:
+        return rows
+    seen, keep = set(), []
+    for r in rows:
+        key = (int(r["rank"]), int(r["sample_id"]))
+        if key not in seen:
+            seen.add(key)
+            keep.append(r)
+    return keep
+
+
 def reference(run: Path, hook: str, *, dedup: bool = False,
               roots: dict[int, Path] | None = None) -> dict[str, np.ndarray]:
     """All ranks' committed records of ``hook``, record by record with plain zarr, sorted by
@@ -40,15 +55,7 @@ def reference(run: Path, hook: str, *, dedup: bool = False,
                    for k, v in cols.items()}
             rec["rank"] = np.int64(rk["rank"])
             rows.append(rec)
-    rows.sort(key=lambda r: (int(r["step"]), int(r["rank"]), int(r["sample_id"])))
-    if dedup:
-        seen, keep = set(), []
-        for r in rows:
-            key = (int(r["rank"]), int(r["sample_id"]))
-            if key not in seen:
-                seen.add(key)
-                keep.append(r)
-        rows = keep
+    rows = in_merged_order(rows, dedup=dedup)
     if not rows:
         return {}
     out = {}

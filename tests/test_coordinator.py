@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
+from consolidated_ref import in_merged_order
 from mp.runner import REPO_ROOT, clean_env, mpiexec_path, run_command
 
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
@@ -84,14 +85,7 @@ def union_of_ranks(run: Path, m: dict) -> dict[str, np.ndarray]:
                    for k, v in g.items() if k != "atoms_ptr"}
             rec["rank"] = np.int64(rk["rank"])
             rows.append(rec)
-    rows.sort(key=lambda r: (int(r["step"]), int(r["rank"]), int(r["sample_id"])))
-    seen, uniq = set(), []
-    for r in rows:
-        key = (int(r["rank"]), int(r["sample_id"]))
-        if key not in seen:
-            seen.add(key)
-            uniq.append(r)
-    return uniq
+    return in_merged_order(rows, dedup=True)
 
 
 def assert_merged_is_union(run: Path) -> int:
