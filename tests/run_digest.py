@@ -1,0 +1,39 @@
+"""Digests of a run directory's files, for comparing runs made by different versions of the code.
+
+Independent of dist_hooks on purpose (hashlib and json only): the reference digests of the
+committed v1 fixture (``tests/data/``) were computed with this module beside the code of that
+time, and the test computes them again beside today's code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+#: What differs between two equal runs: wall-clock times, the manifest that holds them, the
+#: pickled simulation states.
+_SKIP_DIRS = ("state", "boundaries")
+_SKIP_FILES = ("run.json", ".consolidate.lock")
+
+
+def _marker(data: bytes) -> str:
+    """consolidated.json without the parts that name the run's manifest (it holds times)."""
+    doc = json.loads(data)
+    doc.pop("manifest", None)
+    doc.get("source", {}).pop("manifest_crc32", None)
+    doc.get("options", {}).pop("rank_roots", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def tree_digest(root: str | Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root`` that two equal runs share."""
+    root = Path(root)
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root)
+        if rel.parts[0] in _SKIP_DIRS or rel.name in _SKIP_FILES:
+            continue
+        data = f.read_bytes()
+        out[str(rel)] = _marker(data) if rel.name == "consolidated.json" else \
+            hashlib.sha256(data).hexdigest()
+    return out
