@@ -49,7 +49,7 @@ def _crc(arrays: dict[str, np.ndarray], crc: dict[str, int]) -> None:
 
 def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 40,
                        systems: int = 16, min_atoms: int = 8, max_atoms: int = 32,
-                       chunk_records: int = 1024, chunk_atoms: int = 65536, shards: int = 16,
+                       chunk_records: int = 1024, chunk_atoms: int = 65536, chunks_per_shard: int = 16,
                        seed: int = 0, steps_per_append: int = 8, final: bool = True) -> Path:
     """Write a committed run as ``Run`` would: per-rank snapshot groups (every step), converged
     groups (each system once), CSV logs, the merged converged group, boundary file and manifest.
@@ -59,13 +59,14 @@ def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 
     """
     from dist_hooks.store import layout
     from dist_hooks.store.csv_log import CsvLog
-    from dist_hooks.store.shard import ShardWriter, ZarrSink
-    from dist_hooks.tools.consolidate import ZarrSource, merge_blocks
+    from dist_hooks.store.group_writer import GroupWriter, ZarrSink
+    from dist_hooks.records import merge_blocks
+    from dist_hooks.tools.consolidate import ZarrSource
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sink = ZarrSink(path / layout.DATA_DIR, chunk_records=chunk_records, chunk_atoms=chunk_atoms,
-                    shards=shards, fsync="never")
+                    chunks_per_shard=chunks_per_shard, fsync="never")
     sink.root.require_group(layout.RANKS_GROUP)
     rank_entries = []
     for r in range(ranks):
@@ -144,7 +145,7 @@ def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 
     sources = [(e["rank"], ZarrSource(path / layout.DATA_DIR, e["hooks"]["converged"]["group"],
                                       place="x", records=e["hooks"]["converged"]["records"]))
                for e in rank_entries]
-    mw = ShardWriter(path / layout.DATA_DIR, layout.CONVERGED_GROUP,
+    mw = GroupWriter(path / layout.DATA_DIR, layout.CONVERGED_GROUP,
                      chunk_records=chunk_records, chunk_atoms=chunk_atoms, fsync="never")
     for b in merge_blocks(sources, dedup=True):
         mw.append(b.rec, b.atoms, np.diff(b.ptr))

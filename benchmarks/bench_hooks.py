@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, ZarrSink  # noqa: E402
-from dist_hooks.demo.engine import VelocityVerlet  # noqa: E402
+from dist_hooks.demo.dynamics import VelocityVerlet  # noqa: E402
 from dist_hooks.demo.workload import LennardJones, make_batch  # noqa: E402
 from dist_hooks.hooks import KB_EV_PER_K  # noqa: E402
 from dist_hooks.stages import Stage  # noqa: E402

@@ -18,11 +18,12 @@ _EXPORTS = {
     "Stage": ".stages",
     "LoggingHook": ".hooks", "SnapshotHook": ".hooks", "ConvergedSnapshotHook": ".hooks",
     "FieldChangedError": ".hooks",
-    "RecorderError": ".engine",
+    "DistHooksError": ".errors", "DamageError": ".errors", "RecorderError": ".errors",
+    "RunError": ".errors", "SchemaChangedError": ".errors",
     "ZarrSink": ".store",
-    "LaunchError": ".launch", "LaunchInfo": ".launch", "detect_launch": ".launch",
-    "CommTimeoutError": ".comm", "Communicator": ".comm", "get_communicator": ".comm",
-    "Preempted": ".coordinator", "ResumeError": ".coordinator", "Run": ".coordinator",
+    "LaunchError": ".errors", "LaunchInfo": ".launch", "detect_launch": ".launch",
+    "CommTimeoutError": ".errors", "Communicator": ".comm", "get_communicator": ".comm",
+    "Preempted": ".coordinator", "ResumeError": ".errors", "Run": ".coordinator",
     "open_run": ".reader",
 }
 

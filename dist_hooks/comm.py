@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
+from .errors import CommTimeoutError
 from .launch import LaunchInfo, detect_launch
 
 __all__ = [
@@ -61,35 +62,6 @@ _POLL_MAX = 0.02
 # MPI polling is local (no server to protect), so it can afford a tighter cap.
 _MPI_POLL_MIN = 0.0001
 _MPI_POLL_MAX = 0.01
-
-
-class CommTimeoutError(TimeoutError):
-    """A collective could not complete because some ranks did not take part in time.
-
-    Attributes:
-        missing_ranks: the ranks whose contribution never arrived (sorted); the message names them
-            too, e.g. ``"rank 0: timed out after 5.0 s in 'gather' waiting for ranks [1]"``.
-        rank: the rank raising the error.
-        op: the collective (``"barrier"``, ``"gather"``, ``"allgather"``, ``"broadcast"``, ...).
-        timeout: the timeout of the call, in seconds.
-    """
-
-    def __init__(self, message: str, missing_ranks: Sequence[int] = (), *, rank: int | None = None,
-                 op: str | None = None, timeout: float | None = None):
-        super().__init__(message)
-        self.missing_ranks: list[int] = sorted(int(r) for r in missing_ranks)
-        self.rank = rank
-        self.op = op
-        self.timeout = timeout
-
-    def __reduce__(self):  # keep the attributes when the error crosses a process boundary
-        return (_rebuild_timeout_error,
-                (str(self), self.missing_ranks, self.rank, self.op, self.timeout))
-
-
-def _rebuild_timeout_error(message: str, missing: list[int], rank: int | None, op: str | None,
-                           timeout: float | None) -> CommTimeoutError:
-    return CommTimeoutError(message, missing, rank=rank, op=op, timeout=timeout)
 
 
 def _timeout_error(rank: int, op: str, timeout: float, missing: Sequence[int],

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import ResumeError
 from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, _RecordingHook
 from .stages import Stage, stage_matches
 from .store import layout
@@ -54,10 +55,6 @@ class Preempted(SystemExit):
     def __init__(self, signum: int):
         super().__init__(143)
         self.signum = signum
-
-
-class ResumeError(RuntimeError):
-    """The run directory cannot be continued as asked (other world size, damaged committed data)."""
 
 
 class Run:
@@ -354,7 +351,7 @@ class Run:
             f.unlink(missing_ok=True)
 
     def _new_converged_payload(self, hooks: dict[str, dict]) -> dict:
-        from .store.zarr_reader import ShardReader
+        from .store.group_reader import GroupReader
         out = {}
         prev = self._prev_hooks
         for name, info in hooks.items():
@@ -362,7 +359,7 @@ class Run:
                 continue
             start = prev.get(name, {}).get("records", 0)
             if info["records"] > start:
-                reader = ShardReader(self.rank_root / layout.DATA_DIR, layout.hook_group(self.rank, name))
+                reader = GroupReader(self.rank_root / layout.DATA_DIR, layout.hook_group(self.rank, name))
                 block = reader.records(start, info["records"])
                 out[name] = {"levels": {k: v[0] for k, v in reader.fields.items()}, **_encode_arrays(block)}
         self._prev_hooks = hooks
@@ -392,7 +389,7 @@ class Run:
 
     def _merge_converged(self, records: list[dict], prev: dict | None) -> dict:
         """Append the converged records committed since ``prev`` by all ranks to the merged group."""
-        from .store.zarr_reader import ShardReader
+        from .store.group_reader import GroupReader
         prev_ranks = {r["rank"]: r for r in (prev or {}).get("ranks", [])}
         parts, levels = [], {}
         for rec in records:
@@ -409,7 +406,7 @@ class Run:
                     block = _decode_arrays(payload)
                     levels.update(payload["levels"])
                 else:
-                    reader = ShardReader(self.path / layout.DATA_DIR, layout.hook_group(r, name),
+                    reader = GroupReader(self.path / layout.DATA_DIR, layout.hook_group(r, name),
                                          limit_records=stop)
                     if len(reader) < stop:
                         raise RuntimeError(f"rank {r} committed {stop} records in {name!r} but only "
@@ -438,8 +435,8 @@ class Run:
 
     def _merged(self):
         if self._merged_writer is None:
-            from .store.shard import ShardWriter
-            self._merged_writer = ShardWriter(self.path / layout.DATA_DIR, layout.CONVERGED_GROUP,
+            from .store.group_writer import GroupWriter
+            self._merged_writer = GroupWriter(self.path / layout.DATA_DIR, layout.CONVERGED_GROUP,
                                               **{k: v for k, v in self._sink_options.items()
                                                  if k in ("chunk_records", "chunk_atoms", "compressor")})
         return self._merged_writer
@@ -492,8 +489,8 @@ class Run:
             w = self._merged()
             w.truncate(merged.get("records", 0), merged.get("atoms", 0))
             if merged.get("records", 0):
-                from .store.zarr_reader import ShardReader
-                rd = ShardReader(self.path / layout.DATA_DIR, layout.CONVERGED_GROUP)
+                from .store.group_reader import GroupReader
+                rd = GroupReader(self.path / layout.DATA_DIR, layout.CONVERGED_GROUP)
                 self._merged_keys = set(zip(rd.column("rank").tolist(), rd.column("sample_id").tolist()))
 
     # -- signals -------------------------------------------------------------------------------------

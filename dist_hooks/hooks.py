@@ -6,7 +6,7 @@ engine calls a hook when the stage matches and ``step_count % frequency == 0``. 
 their hooks are covered by lazy start on the first call, explicit ``flush()``/``close()`` and an
 ``atexit`` close.
 
-The per-step call issues device work only (see ``engine.py``): no loop over systems, no host sync,
+The per-step call issues device work only (see ``writer_runtime.py``): no loop over systems, no host sync,
 no text formatting. Encoding and disk I/O happen in the process's writer thread.
 """
 from __future__ import annotations
@@ -21,22 +21,15 @@ import numpy as np
 import torch
 
 from . import packing
+from .errors import DamageError, SchemaChangedError
 from .batch import BatchView
-from .engine import Channel, HostBufferPool, Streams, register_for_exit
+from .writer_runtime import Channel, HostBufferPool, Streams, register_for_exit
 from .stages import Stage, as_stage, stage_matches
 
 log = logging.getLogger("dist_hooks")
 
 KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
 DEFAULT_SCALARS = ("energy", "fmax", "temperature")
-
-
-class FieldChangedError(ValueError):
-    """A recorded field changed dtype or per-row shape between firings, or disappeared."""
-
-
-class CommittedDataError(RuntimeError):
-    """Data a checkpoint boundary committed no longer matches its recorded length or checksum."""
 
 
 def resolve_rank(explicit: int | None) -> int:
@@ -50,6 +43,10 @@ def resolve_rank(explicit: int | None) -> int:
     except ImportError:  # pragma: no cover - launch module always ships
         return int(os.environ.get("RANK", 0))
     return detect_launch().rank
+
+
+#: the earlier name of :class:`~dist_hooks.errors.SchemaChangedError`
+FieldChangedError = SchemaChangedError
 
 
 class _RecordingHook:
@@ -231,7 +228,7 @@ class LoggingHook(_RecordingHook):
             if rp is not None:  # a resumed run: cut back to what the last boundary committed
                 self._sink.truncate(int(rp.get("bytes", 0)), int(rp.get("rows", 0)))
                 if "crc32" in rp and self._sink.crc32 != rp["crc32"]:
-                    raise CommittedDataError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
+                    raise DamageError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
                                              "their checksum in run.json; the file was changed after the checkpoint")
         elif self.backend == "tensorboard":
             try:
@@ -447,11 +444,11 @@ class SnapshotHook(_RecordingHook):
         got = {name: (lvl, t) for lvl, name, t in self._fields(view)}
         for name, (lvl, dtype, shape) in self._schema.items():
             if name not in got:
-                raise FieldChangedError(f"{self.name}: field {name!r} ({lvl} level, {dtype}, per-row shape "
+                raise SchemaChangedError(f"{self.name}: field {name!r} ({lvl} level, {dtype}, per-row shape "
                                         f"{shape}) was recorded before but is missing from this batch")
             t = got[name][1]
             if t.dtype != dtype or tuple(t.shape[1:]) != shape:
-                raise FieldChangedError(
+                raise SchemaChangedError(
                     f"{self.name}: field {name!r} changed from {dtype} per-row shape {shape} to {t.dtype} "
                     f"per-row shape {tuple(t.shape[1:])}")
         for name in got.keys() - self._schema.keys():
@@ -576,6 +573,6 @@ def _existing_sample_ids(writer: Any) -> np.ndarray:
     """Sample ids already in this rank's converged group (a resumed run must not write them again)."""
     if not writer.lengths.get("records"):
         return np.empty(0, dtype=np.int64)
-    from .store import ShardReader
+    from .store import GroupReader
     writer.flush()
-    return np.unique(ShardReader(writer.store.root, writer.group_path).column("sample_id"))
+    return np.unique(GroupReader(writer.store.root, writer.group_path).column("sample_id"))

@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .errors import LaunchError
+
 __all__ = ["LAUNCHERS", "LaunchError", "LaunchInfo", "detect_launch"]
 
 logger = logging.getLogger("dist_hooks")
@@ -42,14 +44,6 @@ LAUNCHERS: tuple[str, ...] = ("torchrun", "slurm", "mpich", "openmpi", "single")
 # seeing one of these is not a task of an srun step.
 _SLURM_PSEUDO_STEP_MIN = 0xFFFFFFF0
 _SLURM_PSEUDO_STEP_NAMES = frozenset({"batch", "extern", "interactive", "pending"})
-
-
-class LaunchError(RuntimeError):
-    """The launch environment is partial or self-contradictory.
-
-    Raised instead of guessing, because a wrong guess (two rank-0 processes, a rank outside the
-    world) corrupts the on-disk layout silently.  The message names the variables involved.
-    """
 
 
 @dataclass(frozen=True)

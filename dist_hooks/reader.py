@@ -1,6 +1,6 @@
 """Read a recorded run back: ``open_run(path)``, committed data only, consolidated or not.
 
-Why a reader on top of :class:`~dist_hooks.store.ShardReader`: a run directory holds more than
+Why a reader on top of :class:`~dist_hooks.store.GroupReader`: a run directory holds more than
 what is trustworthy. After a crash the per-rank CSVs and Zarr groups may hold rows past the last
 checkpoint boundary; only the lengths that the manifest (``run.json``) committed are promised
 across ranks. Every accessor here is limited to those lengths, and reads the same whether
@@ -14,8 +14,8 @@ and reading the committed prefix of a per-rank CSV.
     run = open_run("runs/x")              # or "runs/x/consolidated"
     run.manifest["world_size"], run.ranks
     cols = run.logs("log")                # dict of numpy arrays, ordered by (step, rank, sample_id)
-    snap = run.shard(1, "snapshots")      # ShardReader limited to rank 1's committed records
-    conv = run.converged()                # ShardReader of the merged converged records
+    snap = run.group(1, "snapshots")      # GroupReader limited to rank 1's committed records
+    conv = run.converged()                # GroupReader of the merged converged records
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from .errors import DamageError, RunError
 from .store import layout
-from .store.zarr_reader import ShardReader
+from .store.group_reader import GroupReader
 
 __all__ = [
     "CONSOLIDATED_FORMAT",
@@ -62,22 +63,6 @@ CONSOLIDATED_FORMAT = "dist_hooks-consolidated"
 KEY_COLUMNS = ("step", "rank", "sample_id")
 INT_COLUMNS = ("step", "rank", "sample_id", "graph_idx", "status")
 FLOAT_COLUMNS = ("energy", "fmax", "temperature")
-
-
-class RunError(Exception):
-    """The path is not a run (or a consolidated run), or cannot be used as asked."""
-
-    exit_code = 2
-
-
-class DamageError(RunError):
-    """Committed data do not match the bytes on disk. ``places`` name each damaged spot."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, places: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.places = list(places) if places is not None else [message]
 
 
 # ------------------------------------------------------------------------------------ manifest
@@ -486,35 +471,35 @@ class RunReader:
         return {n: c.to_numpy(zero_copy_only=False) for n, c in zip(table.column_names,
                                                                      table.columns)}
 
-    def shard(self, rank: int, hook: str) -> ShardReader:
+    def group(self, rank: int, hook: str) -> GroupReader:
         """Rank ``rank``'s group of ``hook``, limited to its committed records."""
         u = self.unit(rank, hook)
         if u.kind != "zarr":
             raise KeyError(f"hook {hook!r} is a CSV log; use logs({hook!r})")
-        root = self.root_of(rank, "shard()")
+        root = self.root_of(rank, "group()")
         u.path(root)  # refuses a group path outside the run
-        return ShardReader(root / layout.DATA_DIR, u.group, limit_records=u.records)
+        return GroupReader(root / layout.DATA_DIR, u.group, limit_records=u.records)
 
-    def converged(self) -> ShardReader:
+    def converged(self) -> GroupReader:
         """The merged converged records of all ranks (ordered by step, rank, sample_id; one per
         (rank, sample_id)), committed ones only."""
         if self.consolidated is not None and (self.summary or {}).get("converged"):
             c = self.summary["converged"]
-            return ShardReader(self.consolidated / layout.DATA_DIR, c["group"],
+            return GroupReader(self.consolidated / layout.DATA_DIR, c["group"],
                                limit_records=int(c["records"]))
         root = self._require_run_dir("converged()")
         merged = (self.manifest.get("last") or {}).get("merged") or {}
-        return ShardReader(root / layout.DATA_DIR, layout.CONVERGED_GROUP,
+        return GroupReader(root / layout.DATA_DIR, layout.CONVERGED_GROUP,
                            limit_records=int(merged.get("records", 0)))
 
-    def trajectory(self, hook: str) -> ShardReader:
+    def trajectory(self, hook: str) -> GroupReader:
         """The consolidated group of a snapshot hook (all ranks, ordered by step, rank,
         sample_id, with a ``rank`` column). Needs ``dist-hooks consolidate`` first."""
         info = (self.summary or {}).get("hooks", {}).get(hook) if self.consolidated else None
         if info is None or info.get("kind") != "zarr":
             raise RunError(f"no consolidated trajectory of hook {hook!r}: run `dist-hooks "
-                           f"consolidate` first, or read the ranks with shard(rank, {hook!r})")
-        return ShardReader(self.consolidated / layout.DATA_DIR, info["group"],
+                           f"consolidate` first, or read the ranks with group(rank, {hook!r})")
+        return GroupReader(self.consolidated / layout.DATA_DIR, info["group"],
                            limit_records=int(info["records"]))
 
     def __repr__(self) -> str:

@@ -189,7 +189,7 @@ def test_node_local_run_with_rank_roots(runs, tmp_path):
     assert rc == 0 and lo == 0 and 0 < hi < last_step
     # the reader takes the same roots
     r = open_run(run, rank_roots=[node[0], node[1]])
-    assert len(r.shard(1, "snapshots")) == manifest(run)["last"]["ranks"][1]["hooks"][
+    assert len(r.group(1, "snapshots")) == manifest(run)["last"]["ranks"][1]["hooks"][
         "snapshots"]["records"]
 
 
@@ -494,7 +494,7 @@ def test_memory_stays_bounded(tmp_path):
     bench = _bench_module()
     small, large = tmp_path / "small", tmp_path / "large"
     kw = dict(ranks=2, systems=32, min_atoms=8, max_atoms=32, chunk_records=256,
-              chunk_atoms=4096, shards=4)
+              chunk_atoms=4096, chunks_per_shard=4)
     bench.make_synthetic_run(small, steps=20, **kw)
     bench.make_synthetic_run(large, steps=320, **kw)
     code = f"""

@@ -9,7 +9,7 @@ import torch
 
 from dist_hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, ZarrSink
 from dist_hooks.stages import Stage
-from dist_hooks.store import ShardReader, layout
+from dist_hooks.store import GroupReader, layout
 
 from batches import Ctx, make_batch, perturb
 from test_logging_hook import compare, read_csv, reference_rows
@@ -50,7 +50,7 @@ def test_in_place_updates_on_the_compute_stream_do_not_race_the_side_stream(tmp_
         b.velocities.mul_(0.99)
     hook.close()
     log.close()
-    rd = ShardReader(tmp_path / "d.zarr", layout.hook_group(0, "snapshots"))
+    rd = GroupReader(tmp_path / "d.zarr", layout.hook_group(0, "snapshots"))
     assert np.array_equal(rd.column("positions"), np.concatenate(want_pos))
     compare(read_csv(tmp_path / "log.rank-00000.csv"), want_rows)
 
@@ -62,5 +62,5 @@ def test_converged_on_cuda_written_once(tmp_path):
         mask = torch.tensor([step >= 1, step >= 3, False], device="cuda")
         hook(Ctx(b, step_count=step, converged_mask=mask), Stage.ON_CONVERGE)
     hook.close()
-    rd = ShardReader(tmp_path / "d.zarr", layout.hook_group(0, "converged"))
+    rd = GroupReader(tmp_path / "d.zarr", layout.hook_group(0, "converged"))
     assert rd.column("sample_id").tolist() == [0, 1] and rd.column("step").tolist() == [1, 3]

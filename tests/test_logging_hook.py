@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_hooks.hooks import KB_EV_PER_K, LoggingHook
-from dist_hooks.engine import RecorderError
+from dist_hooks.writer_runtime import RecorderError
 from dist_hooks.stages import Stage
 
 from batches import Ctx, make_batch, perturb

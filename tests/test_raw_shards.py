@@ -1,7 +1,7 @@
 """Raw shard reading (``dist_hooks.store.raw_shards``) against an independent reference.
 
 Arrays are created with plain zarr v3 (``zarr.create_array`` on a ``LocalStore``), never through
-ShardWriter. The reference for rows is zarr reading the same array (``arr[a:b]``); the reference
+GroupWriter. The reference for rows is zarr reading the same array (``arr[a:b]``); the reference
 for checksums is ``zlib.crc32`` of those rows' numpy bytes. Tested: ``RawArrayReader.read`` and
 ``read_shard_rows`` over dtypes, trailing shapes, compressors, key separators, index location
 and byte order; shards/chunks zarr left out (fill value only); layouts ``ShardLayout.parse``
@@ -104,7 +104,7 @@ def test_reads_equal_zarr(tmp_path, dtype, trailing, comp):
 @pytest.mark.parametrize("variant", ["dot-separator", "gzip", "index-start", "big-endian"])
 def test_layout_variants_read_equal_zarr(tmp_path, variant):
     kw: dict = {}
-    if variant == "dot-separator":  # what ShardWriter uses
+    if variant == "dot-separator":  # what GroupWriter uses
         kw = dict(chunk_key_encoding={"name": "default", "separator": "."})
     elif variant in ("index-start", "big-endian"):
         start = variant == "index-start"

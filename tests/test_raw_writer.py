@@ -1,4 +1,4 @@
-"""RawGroupWriter against zarr: the same appends through ShardWriter (zarr's write path) and
+"""RawGroupWriter against zarr: the same appends through GroupWriter (zarr's write path) and
 through the raw writer must give the same files, byte for byte, and read back through plain
 zarr to the appended data."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import zarr
 from dist_hooks.store.atomic_store import AtomicLocalStore
 from dist_hooks.store.layout import ATOMS_PTR
 from dist_hooks.store.raw_writer import RawArrayWriter, RawGroupWriter
-from dist_hooks.store.shard import ShardWriter
-from dist_hooks.store.zarr_reader import ShardReader
+from dist_hooks.store.group_writer import GroupWriter
+from dist_hooks.store.group_reader import GroupReader
 
 
 def _data(rng: np.random.Generator, n_rec: int) -> tuple[dict, dict, np.ndarray]:
@@ -38,7 +38,7 @@ def _files(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def _append_both(zw: ShardWriter, rw: RawGroupWriter, rec: dict, atoms: dict,
+def _append_both(zw: GroupWriter, rw: RawGroupWriter, rec: dict, atoms: dict,
                  counts: np.ndarray, sizes: list[int]) -> None:
     ptr = np.concatenate([[0], np.cumsum(counts)])
     a = 0
@@ -57,8 +57,8 @@ def test_same_files_as_zarr(tmp_path: Path, sizes: list[int]) -> None:
     rng = np.random.default_rng(len(sizes))
     n = sum(sizes)
     rec, atoms, counts = _data(rng, n)
-    chunking = dict(chunk_records=256, chunk_atoms=1024, records_per_shard_chunks=4)
-    zw = ShardWriter(tmp_path / "zarr", "g", **chunking, fsync="never")
+    chunking = dict(chunk_records=256, chunk_atoms=1024, chunks_per_shard=4)
+    zw = GroupWriter(tmp_path / "zarr", "g", **chunking, fsync="never")
     rw = RawGroupWriter(AtomicLocalStore(tmp_path / "raw", fsync="never"), "g", **chunking)
     _append_both(zw, rw, rec, atoms, counts, sizes)
     zw.close()
@@ -83,12 +83,12 @@ def test_read_back_and_attrs(tmp_path: Path) -> None:
     rec, atoms, counts = _data(rng, 3000)
     store = AtomicLocalStore(tmp_path, fsync="never")
     w = RawGroupWriter(store, "out/g", chunk_records=100, chunk_atoms=500,
-                       records_per_shard_chunks=3, attrs={"note": "x"})
+                       chunks_per_shard=3, attrs={"note": "x"})
     w.append(rec, atoms, counts)
     assert not (tmp_path / "out" / "g" / "zarr.json").exists()  # nothing visible before close
     w.close({"extra": 1})
     assert (w.records, w.atoms) == (3000, int(counts.sum()))
-    r = ShardReader(tmp_path, "out/g")
+    r = GroupReader(tmp_path, "out/g")
     assert r.attrs["note"] == "x" and r.attrs["extra"] == 1
     assert r.attrs["level"] == {**{n: "record" for n in rec}, **{n: "atom" for n in atoms}}
     assert len(r) == 3000
@@ -100,15 +100,15 @@ def test_read_back_and_attrs(tmp_path: Path) -> None:
 
 def test_without_atoms_ptr_and_empty(tmp_path: Path) -> None:
     store = AtomicLocalStore(tmp_path, fsync="never")
-    w = RawGroupWriter(store, "a", chunk_records=8, chunk_atoms=8, records_per_shard_chunks=2,
+    w = RawGroupWriter(store, "a", chunk_records=8, chunk_atoms=8, chunks_per_shard=2,
                        atoms_ptr=False)
     w.append({"x": np.arange(5, dtype=np.int64)}, {}, np.zeros(5, np.int64))
     w.close()
     g = zarr.open_group(str(tmp_path), path="a", mode="r")
     assert sorted(g.array_keys()) == ["x"]
     np.testing.assert_array_equal(g["x"][:], np.arange(5))
-    e = RawGroupWriter(store, "e", chunk_records=8, chunk_atoms=8, records_per_shard_chunks=2)
-    e.close()  # no append: a group without arrays, as ShardWriter leaves it
+    e = RawGroupWriter(store, "e", chunk_records=8, chunk_atoms=8, chunks_per_shard=2)
+    e.close()  # no append: a group without arrays, as GroupWriter leaves it
     assert list(zarr.open_group(str(tmp_path), path="e", mode="r").array_keys()) == []
 
 
@@ -121,12 +121,12 @@ def test_bad_input(tmp_path: Path) -> None:
     w = RawArrayWriter(store, "s", np.dtype("f4"), (3,), 4, 2)
     with pytest.raises(ValueError, match=r"rows of shape \(2,\)"):
         w.append(np.zeros((1, 2), np.float32))
-    g = RawGroupWriter(store, "g", chunk_records=4, chunk_atoms=4, records_per_shard_chunks=1)
+    g = RawGroupWriter(store, "g", chunk_records=4, chunk_atoms=4, chunks_per_shard=1)
     g.append({"a": np.zeros(1)}, {}, np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="fields"):
         g.append({"b": np.zeros(1)}, {}, np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="sharded"):
-        RawGroupWriter(store, "h", chunk_records=4, chunk_atoms=4, records_per_shard_chunks=0)
+        RawGroupWriter(store, "h", chunk_records=4, chunk_atoms=4, chunks_per_shard=0)
 
 
 def test_consolidated_metadata_as_zarr_writes_it(tmp_path: Path) -> None:
@@ -144,13 +144,13 @@ def test_consolidated_metadata_as_zarr_writes_it(tmp_path: Path) -> None:
     root = zarr.open_group(AtomicLocalStore(base), mode="w", zarr_format=3)
     root.attrs.update({"format": "x", "n": 1})
     root.create_group("hooks")
-    w = ShardWriter(base, "hooks/zarr", chunk_records=64, chunk_atoms=256,
-                    records_per_shard_chunks=2, fsync="never")
+    w = GroupWriter(base, "hooks/zarr", chunk_records=64, chunk_atoms=256,
+                    chunks_per_shard=2, fsync="never")
     w.append(rec, atoms, counts)
     w.close()
     for group in ("hooks/raw", "top/raw"):  # "top" is implicit (no zarr.json): not a member
         r = RawGroupWriter(AtomicLocalStore(base, fsync="never"), group, chunk_records=64,
-                           chunk_atoms=256, records_per_shard_chunks=2)
+                           chunk_atoms=256, chunks_per_shard=2)
         r.append(rec, atoms, counts)
         r.close({"segments": [{"rank": 0}]})
     other = tmp_path / "b"

@@ -1,6 +1,6 @@
 """``dist_hooks.reader.open_run``: committed data only, the same before and after consolidate.
 
-Runs are synthetic (written with the real ShardWriter/CsvLog and a manifest as ``Run`` writes
+Runs are synthetic (written with the real GroupWriter/CsvLog and a manifest as ``Run`` writes
 it, by ``benchmarks/bench_consolidate.py``), so this file needs no launcher and runs in seconds.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from consolidated_ref import assert_bit_identical, group, reference, trajectory
 from dist_hooks.reader import RunError, open_run
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import CsvLog
-from dist_hooks.store.shard import ZarrSink
+from dist_hooks.store.group_writer import ZarrSink
 from dist_hooks.tools.consolidate import consolidate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _bench():
 def base_run(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("reader") / "run"
     _bench().make_synthetic_run(path, ranks=3, steps=12, systems=6, chunk_records=16,
-                                chunk_atoms=128, shards=2, steps_per_append=3)
+                                chunk_atoms=128, chunks_per_shard=2, steps_per_append=3)
     return path
 
 
@@ -76,7 +76,7 @@ def _append_uncommitted(run: Path) -> None:
                 "energy": np.array([1.0]), "fmax": np.array([1.0]),
                 "temperature": np.array([1.0])})
     log.close()
-    w = ZarrSink(run / "data.zarr", chunk_records=16, chunk_atoms=128, shards=2).writer(0, "snapshots")
+    w = ZarrSink(run / "data.zarr", chunk_records=16, chunk_atoms=128, chunks_per_shard=2).writer(0, "snapshots")
     g = zarr.open_group(str(run / "data.zarr/ranks/rank-00000/snapshots"), mode="r",
                         use_consolidated=False)
     n = _manifest(run)["last"]["ranks"][0]["hooks"]["snapshots"]["records"]
@@ -102,7 +102,7 @@ def test_open_unconsolidated(run):
     for k in want:
         np.testing.assert_array_equal(logs[k], want[k])
     for rk in m["last"]["ranks"]:
-        s = r.shard(rk["rank"], "snapshots")
+        s = r.group(rk["rank"], "snapshots")
         assert len(s) == rk["hooks"]["snapshots"]["records"]
         assert s.n_atoms == rk["hooks"]["snapshots"]["atoms"]
     assert len(r.converged()) == m["last"]["merged"]["records"] > 0
@@ -116,10 +116,10 @@ def test_open_unconsolidated(run):
 def test_uncommitted_data_are_ignored(run):
     before = open_run(run)
     logs0 = before.logs()
-    n0 = len(before.shard(0, "snapshots"))
+    n0 = len(before.group(0, "snapshots"))
     _append_uncommitted(run)
     after = open_run(run)
-    assert len(after.shard(0, "snapshots")) == n0
+    assert len(after.group(0, "snapshots")) == n0
     logs1 = after.logs()
     assert logs1["step"].max() < 999
     for k in logs0:
@@ -149,12 +149,12 @@ def test_same_before_and_after_consolidate(run, tmp_path):
     for f in conv_raw.fields:
         np.testing.assert_array_equal(conv.column(f), conv_raw.column(f))
     np.testing.assert_array_equal(conv.atoms_ptr(), conv_raw.atoms_ptr())
-    assert len(done.shard(1, "snapshots")) == len(raw.shard(1, "snapshots"))
+    assert len(done.group(1, "snapshots")) == len(raw.group(1, "snapshots"))
     traj = done.trajectory("snapshots")
-    assert len(traj) == sum(len(raw.shard(k, "snapshots")) for k in raw.ranks)
+    assert len(traj) == sum(len(raw.group(k, "snapshots")) for k in raw.ranks)
     # the consolidated directory opens on its own too, next to its run ...
     inplace = open_run(run / "consolidated")
-    assert inplace.path == run.resolve() and len(inplace.shard(2, "snapshots")) > 0
+    assert inplace.path == run.resolve() and len(inplace.group(2, "snapshots")) > 0
     # ... and moved away from it: logs and converged still read, per-rank shards cannot
     moved = tmp_path / "elsewhere"
     shutil.copytree(run / "consolidated", moved)
@@ -163,7 +163,7 @@ def test_same_before_and_after_consolidate(run, tmp_path):
     assert alone.logs(as_table=True).equals(logs_raw)
     assert len(alone.converged()) == len(conv_raw)
     with pytest.raises(RunError, match="run directory"):
-        alone.shard(0, "snapshots")
+        alone.group(0, "snapshots")
 
 
 def test_consolidated_trajectory_reads_like_the_reference(run):
@@ -296,10 +296,10 @@ def test_not_a_run(tmp_path):
 
 def test_unsharded_run(tmp_path):
     """Ranks that wrote unsharded arrays: the output's record groups are then written through
-    zarr (ShardWriter), not by the raw writer, and hold the same records."""
+    zarr (GroupWriter), not by the raw writer, and hold the same records."""
     run = tmp_path / "run"
     _bench().make_synthetic_run(run, ranks=2, steps=10, systems=5, chunk_records=64,
-                                chunk_atoms=128, shards=0, steps_per_append=3)
+                                chunk_atoms=128, chunks_per_shard=0, steps_per_append=3)
     meta = json.loads((run / "data.zarr/ranks/rank-00000/snapshots/step/zarr.json").read_text())
     assert meta["codecs"][0]["name"] != "sharding_indexed"
     consolidate(run, progress=False)

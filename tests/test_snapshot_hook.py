@@ -7,7 +7,7 @@ import torch
 
 from dist_hooks import ConvergedSnapshotHook, FieldChangedError, SnapshotHook, ZarrSink
 from dist_hooks.stages import Stage
-from dist_hooks.store import ShardReader, layout
+from dist_hooks.store import GroupReader, layout
 
 from batches import Ctx, make_batch, perturb
 
@@ -21,7 +21,7 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 
 def test_snapshots_bit_identical_over_many_appends_and_flushes(tmp_path):
-    sink = ZarrSink(tmp_path / "data.zarr", chunk_records=8, chunk_atoms=64, shards=4)
+    sink = ZarrSink(tmp_path / "data.zarr", chunk_records=8, chunk_atoms=64, chunks_per_shard=4)
     hook = SnapshotHook(sink, frequency=1, rank=2)
     expected = []
     rng = np.random.default_rng(0)
@@ -35,7 +35,7 @@ def test_snapshots_bit_identical_over_many_appends_and_flushes(tmp_path):
         if step % 17 == 5:
             hook.flush()  # flushes at arbitrary points leave partial chunks behind
     hook.close()
-    rd = ShardReader(tmp_path / "data.zarr", layout.hook_group(2, "snapshots"))
+    rd = GroupReader(tmp_path / "data.zarr", layout.hook_group(2, "snapshots"))
     assert len(rd) == sum(e[1]["energy"].shape[0] for e in expected)
     i = 0
     for step, ref in expected:
@@ -61,7 +61,7 @@ def test_in_place_updates_after_the_call_do_not_leak_into_the_record(tmp_path):
     hook(Ctx(b, step_count=0), Stage.AFTER_STEP)
     b.positions.add_(1000.0)  # the integrator's next step, before the writer ran
     hook.close()
-    rd = ShardReader(tmp_path / "d.zarr", layout.hook_group(0, "snapshots"))
+    rd = GroupReader(tmp_path / "d.zarr", layout.hook_group(0, "snapshots"))
     assert np.array_equal(rd.column("positions"), want.numpy())
 
 
@@ -99,7 +99,7 @@ def test_converged_written_once_per_system(tmp_path):
             hook(Ctx(b, step_count=step, converged_mask=mask), Stage.ON_CONVERGE)
         hook(Ctx(b, step_count=step, converged_mask=mask), Stage.AFTER_STEP)  # other stage: ignored
     hook.close()
-    rd = ShardReader(tmp_path / "d.zarr", layout.hook_group(1, "converged"))
+    rd = GroupReader(tmp_path / "d.zarr", layout.hook_group(1, "converged"))
     sids = rd.column("sample_id").tolist()
     assert sids == [0, 1, 2, 3]  # each converged system once, in convergence order
     assert rd.column("step").tolist() == [3, 3, 7, 12]

@@ -4,7 +4,7 @@ Run it with ``python -m dist_hooks.demo --help`` (single process, torchrun, srun
 """
 from __future__ import annotations
 
-from .engine import FIRE, BaseDynamics, HookContext, Langevin, VelocityVerlet, hook_lifetime
+from .dynamics import FIRE, BaseDynamics, HookContext, Langevin, VelocityVerlet, hook_lifetime
 from .workload import (
     FS,
     KB_EV,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..stages import Stage
-from .engine import FIRE, BaseDynamics, Langevin, VelocityVerlet, hook_lifetime
+from .dynamics import FIRE, BaseDynamics, Langevin, VelocityVerlet, hook_lifetime
 from .workload import (
     LennardJones,
     DemoBatch,

@@ -1,7 +1,7 @@
 """Zarr v3 storage of recorded snapshots: layout constants, atomic store, writer and reader.
 
-``ZarrSink`` is the user-facing handle (one per run's ``data.zarr``); ``ShardWriter`` appends to
-one rank's group for one hook; ``ShardReader`` reads any record group back.
+``ZarrSink`` is the user-facing handle (one per run's ``data.zarr``); ``GroupWriter`` appends to
+one rank's group for one hook; ``GroupReader`` reads any record group back.
 """
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from .atomic_store import (
     sync_dir,
 )
 from .layout import FORMAT_NAME, FORMAT_VERSION
-from .shard import FieldSchemaError, ShardWriter, ZarrSink, make_compressors
-from .zarr_reader import ShardReader, list_shards, resolve_data_root
+from .group_writer import FieldSchemaError, GroupWriter, ZarrSink, make_compressors
+from .group_reader import GroupReader, list_shards, resolve_data_root
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "AtomicLocalStore",
     "FieldSchemaError",
-    "ShardReader",
-    "ShardWriter",
+    "GroupReader",
+    "GroupWriter",
     "ZarrSink",
     "atomic_write_bytes",
     "fsync_file",

@@ -22,11 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from ..errors import SchemaChangedError
 from .checksums import file_crc32
-
-
-class CsvSchemaError(ValueError):
-    """A block whose columns differ from the file's header."""
 
 
 class CsvLog:
@@ -47,7 +44,7 @@ class CsvLog:
             header = True
         else:
             if names != self.columns:
-                raise CsvSchemaError(
+                raise SchemaChangedError(
                     f"{self.path}: columns {names} differ from the header {self.columns}; a CSV cannot change "
                     "its columns mid-run")
             header = False

@@ -16,7 +16,7 @@ Why, three reasons measured or seen:
   other's offsets (seen: the coordinator's merge failing with a zstd error). Here a shard file
   is read whole through one descriptor.
 
-Only what :class:`~dist_hooks.store.shard.ShardWriter` writes is understood: a regular grid,
+Only what :class:`~dist_hooks.store.group_writer.GroupWriter` writes is understood: a regular grid,
 one ``sharding_indexed`` codec whose inner chunks span the trailing dimensions, inner codecs
 ``bytes`` plus at most one of zstd/blosc/gzip, and a ``bytes`` + ``crc32c`` index.
 :meth:`ShardLayout.parse` returns ``None`` for anything else, and callers fall back to zarr.
@@ -33,15 +33,13 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from ..errors import ShardDamage
+
 __all__ = ["EMPTY", "ArrayMeta", "ShardDamage", "ShardLayout", "RawArrayReader", "read_shard_rows",
            "shard_key"]
 
 #: an index entry (offset and size) of a chunk the shard does not hold
 EMPTY = np.uint64(2**64 - 1)
-
-
-class ShardDamage(Exception):
-    """A shard file is missing, truncated or does not decode; the message names it."""
 
 
 def _decoder(spec: dict) -> Any | None:
@@ -264,7 +262,7 @@ def read_shard_rows(data: bytes, lay: ShardLayout, rows: int, where: str, crc: i
 class RawArrayReader:
     """Rows of one sharded array read straight from its shard files (see module docstring).
 
-    Used by every bulk reader of record groups (``ShardReader``, consolidate, verify). The last
+    Used by every bulk reader of record groups (``GroupReader``, consolidate, verify). The last
     shard file read is kept, so sequential reads of neighbouring ranges check each file once.
     """
 

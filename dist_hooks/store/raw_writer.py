@@ -1,14 +1,14 @@
 """Record groups written once, front to back, straight to shard files (no zarr write path).
 
 Why: ``dist-hooks consolidate`` writes every output group once and never changes it. Through
-:class:`~.shard.ShardWriter`, zarr's per-array and per-chunk machinery (metadata objects, its
+:class:`~.shard.GroupWriter`, zarr's per-array and per-chunk machinery (metadata objects, its
 event loop, the sharding codec's partial-shard logic) was about a third of consolidate's
 Python time on the benchmark (measured on 2 cores), for arrays of a few MB. Here a shard is
 staged, its chunks compressed (numcodecs' zstd, which releases the GIL: measured, two threads
 compress twice the data in the same time), its index built and the file written in one
 piece; ``zarr.json`` is written last, with the final shape.
 
-The files have exactly the layout :class:`~.shard.ShardWriter` writes (docs/format.md): regular
+The files have exactly the layout :class:`~.shard.GroupWriter` writes (docs/format.md): regular
 grid, one ``sharding_indexed`` codec with ``bytes`` + ``zstd`` (level 1) inside and a ``bytes``
 + ``crc32c`` index at the end, ``c.<i>.0...`` keys, fill value 0. zarr and
 :mod:`~.raw_shards` both read them. ``tests/test_raw_writer.py`` compares them with zarr's
@@ -46,7 +46,7 @@ def _data_type(dtype: np.dtype) -> str:
 
 def array_metadata(rows: int, dtype: np.dtype, trailing: tuple[int, ...], chunk_rows: int,
                    shard_rows: int) -> dict[str, Any]:
-    """The ``zarr.json`` document of a sharded array as :class:`~.shard.ShardWriter` creates
+    """The ``zarr.json`` document of a sharded array as :class:`~.shard.GroupWriter` creates
     it (zstd level 1, "." key separator, fill value 0)."""
     dtype = np.dtype(dtype)
     tr = [int(d) for d in trailing]
@@ -57,7 +57,7 @@ def array_metadata(rows: int, dtype: np.dtype, trailing: tuple[int, ...], chunk_
     return {
         "shape": [int(rows), *tr],
         "data_type": _data_type(dtype),
-        # an empty trailing dimension still has chunks of 1 (as ShardWriter creates it)
+        # an empty trailing dimension still has chunks of 1 (as GroupWriter creates it)
         "chunk_grid": {"name": "regular",
                        "configuration": {"chunk_shape": [int(shard_rows), *inner]}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
@@ -157,9 +157,9 @@ class RawArrayWriter:
 
 
 class RawGroupWriter:
-    """A record group (CSR, as :class:`~.shard.ShardWriter` writes it) written once.
+    """A record group (CSR, as :class:`~.shard.GroupWriter` writes it) written once.
 
-    The same arrays, attributes and files as a ShardWriter with ``records_per_shard_chunks``
+    The same arrays, attributes and files as a GroupWriter with ``chunks_per_shard``
     >= 1 and zstd. ``atoms_ptr=False`` leaves the CSR
     pointer array out (the consolidated indexed layout keeps ``atoms_start``/``n_atoms``
     instead). Nothing is visible until :meth:`close`, which writes every ``zarr.json``
@@ -167,13 +167,13 @@ class RawGroupWriter:
     """
 
     def __init__(self, store: AtomicLocalStore, group: str, *, chunk_records: int,
-                 chunk_atoms: int, records_per_shard_chunks: int,
+                 chunk_atoms: int, chunks_per_shard: int,
                  attrs: Mapping[str, Any] | None = None, atoms_ptr: bool = True) -> None:
-        if int(records_per_shard_chunks) < 1:
+        if int(chunks_per_shard) < 1:
             raise ValueError("RawGroupWriter writes sharded arrays only")
         self.store = store
         self.group = group.strip("/")
-        self.chunking = (int(chunk_records), int(chunk_atoms), int(records_per_shard_chunks))
+        self.chunking = (int(chunk_records), int(chunk_atoms), int(chunks_per_shard))
         self.attrs = dict(attrs or {})
         self.with_ptr = bool(atoms_ptr)
         self._cols: dict[str, RawArrayWriter] = {}

@@ -11,7 +11,19 @@ import threading
 import time
 from typing import TextIO
 
-from ..reader import DamageError, RunError
+from ..errors import (
+    EXIT_DAMAGE,
+    EXIT_INTERRUPTED,
+    EXIT_LOCKED,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    EXIT_USAGE,
+    DamageError,
+    LockHeldError,
+    MissingDependencyError,
+    RunError,
+    exit_code_of,
+)
 
 __all__ = [
     "EXIT_DAMAGE",
@@ -27,37 +39,6 @@ __all__ = [
     "RunError",
     "exit_code_of",
 ]
-
-#: Everything went as asked.
-EXIT_OK = 0
-#: Damage was found (``verify``), or a command refused to work on damaged data.
-EXIT_DAMAGE = 1
-#: Bad command line, or RUN is not a run directory (argparse also exits with 2).
-EXIT_USAGE = 2
-#: Another ``consolidate`` of the same run holds the lock.
-EXIT_LOCKED = 3
-#: An optional dependency (ase, matplotlib) is not installed.
-EXIT_MISSING_DEPENDENCY = 4
-#: Stopped by SIGINT (Ctrl-C); outputs are left as they were before the command.
-EXIT_INTERRUPTED = 130
-
-
-class LockHeldError(RunError):
-    """Another process holds the consolidate lock of this run."""
-
-    exit_code = EXIT_LOCKED
-
-
-class MissingDependencyError(RunError):
-    """An optional extra (``dist_hooks[ase]``, ``dist_hooks[plot]``) is needed and missing."""
-
-    exit_code = EXIT_MISSING_DEPENDENCY
-
-
-def exit_code_of(exc: BaseException) -> int:
-    """The process exit status for an error raised by a tool."""
-    return int(getattr(exc, "exit_code", EXIT_USAGE))
-
 
 class Progress:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal.

@@ -261,7 +261,7 @@ def _copy_listed(f: str, seg: Segment, src_dir: Path, lay: ShardLayout, out_dir:
                  progress: Any, on_piece: Callable[[], None] | None, copied: list[Path],
                  listed: dict[str, tuple[int, int]]) -> None:
     """Every committed shard file of a segment, each checked whole against the checksum its
-    writer took (see :meth:`~dist_hooks.store.shard.ShardWriter.take_file_checksums`)."""
+    writer took (see :meth:`~dist_hooks.store.group_writer.GroupWriter.take_file_checksums`)."""
     S = lay.shard_rows
     first = seg.start // S
     for i in range(-(-seg.atoms // S)):

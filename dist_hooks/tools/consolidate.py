@@ -54,9 +54,8 @@ import signal
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -83,16 +82,17 @@ from ..reader import (
     KIND_TYPES,
     text_kind_cast,
 )
+from ..records import CsrBlock, frontier_windows, merge_blocks
 from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
 from ..store.raw_shards import RawArrayReader, ShardDamage
 from ..store.raw_writer import RawGroupWriter, consolidate_metadata
-from ..store.shard import ShardWriter
-from ..store.zarr_reader import ShardReader
+from ..store.group_writer import GroupWriter
+from ..store.group_reader import GroupReader
 from zarr.core.sync import sync as _zsync
 from . import LockHeldError, Progress
 
-__all__ = ["CsrBlock", "ZarrSource", "consolidate", "merge_blocks", "merge_csv"]
+__all__ = ["ZarrSource", "consolidate", "merge_csv"]
 
 #: 2: trajectory groups in the indexed layout (atom rows as per-rank segments).
 CONSOLIDATED_VERSION = 2
@@ -117,53 +117,6 @@ def fetch_bytes_for(n_sources: int) -> int:
     """Per-array fetch size when ``n_sources`` ranks are merged at once (memory stays flat as
     the world grows; the floor of one chunk per array and rank remains)."""
     return max(1 << 20, min(FETCH_BYTES, FETCH_TOTAL // max(n_sources, 1) // 4))
-
-
-# ------------------------------------------------------------------------------- CSR blocks
-@dataclass
-class CsrBlock:
-    """Consecutive records in CSR form: record columns, their atom rows, 0-based ``ptr``."""
-
-    rec: dict[str, np.ndarray]
-    atoms: dict[str, np.ndarray]
-    ptr: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ptr) - 1
-
-    @property
-    def steps(self) -> np.ndarray:
-        return self.rec["step"]
-
-    def split(self, k: int) -> tuple["CsrBlock", "CsrBlock"]:
-        a = int(self.ptr[k])
-        head = CsrBlock({n: v[:k] for n, v in self.rec.items()},
-                        {n: v[:a] for n, v in self.atoms.items()}, self.ptr[: k + 1])
-        tail = CsrBlock({n: v[k:] for n, v in self.rec.items()},
-                        {n: v[a:] for n, v in self.atoms.items()}, self.ptr[k:] - a)
-        return head, tail
-
-    @staticmethod
-    def concat(blocks: list["CsrBlock"]) -> "CsrBlock":
-        if len(blocks) == 1:
-            return blocks[0]
-        shifts = np.cumsum([0] + [int(b.ptr[-1]) for b in blocks[:-1]])
-        ptr = np.concatenate([np.zeros(1, np.int64)] + [b.ptr[1:] + s
-                                                          for b, s in zip(blocks, shifts)])
-        rec = {n: np.concatenate([b.rec[n] for b in blocks]) for n in blocks[0].rec}
-        atoms = {n: np.concatenate([b.atoms[n] for b in blocks]) for n in blocks[0].atoms}
-        return CsrBlock(rec, atoms, ptr)
-
-    def take(self, idx: np.ndarray) -> "CsrBlock":
-        """Records ``idx`` in that order, with their atom rows (no Python loop over records)."""
-        counts = (self.ptr[1:] - self.ptr[:-1])[idx]
-        starts = self.ptr[:-1][idx]
-        csum = np.cumsum(counts)
-        rows = np.repeat(starts - (csum - counts), counts) + np.arange(int(csum[-1]) if len(csum)
-                                                                       else 0, dtype=np.int64)
-        return CsrBlock({n: v[idx] for n, v in self.rec.items()},
-                        {n: v[rows] for n, v in self.atoms.items()},
-                        np.concatenate([np.zeros(1, np.int64), csum]).astype(np.int64))
 
 
 class _SeqArray:
@@ -300,7 +253,7 @@ class ZarrSource:
         if not (gdir / "zarr.json").is_file():
             raise DamageError(f"{place}: group missing (committed {self.records} records)")
         try:
-            reader = ShardReader(data_root, group, limit_records=self.records)
+            reader = GroupReader(data_root, group, limit_records=self.records)
         except Exception as exc:  # noqa: BLE001
             raise DamageError(f"{place}: cannot be opened ({type(exc).__name__}: {exc})") from exc
         self.reader = reader
@@ -340,7 +293,7 @@ class ZarrSource:
                                   raw=_placed(reader.raw(n), f"{place}/{n}"))
                      for n, a in self.arrays.items()}
 
-    def _short(self, arrays: dict, reader: ShardReader) -> None:
+    def _short(self, arrays: dict, reader: GroupReader) -> None:
         ptr_arr = arrays.get(layout.ATOMS_PTR)
         if ptr_arr is not None and ptr_arr.shape[0] < self.records + 1:
             raise DamageError(f"{self.place}/{layout.ATOMS_PTR}: shape has {ptr_arr.shape[0]} "
@@ -369,7 +322,7 @@ class ZarrSource:
                "chunk_atoms": int(at[0].chunks[0]) if at else 65536}
         ref = rec[0] if rec else (at[0] if at else None)
         shards = ref.shards if ref is not None else None
-        out["records_per_shard_chunks"] = int(shards[0] // ref.chunks[0]) if shards else 0
+        out["chunks_per_shard"] = int(shards[0] // ref.chunks[0]) if shards else 0
         return out
 
     def __iter__(self) -> Iterator[CsrBlock]:
@@ -418,155 +371,21 @@ class ZarrSource:
         return out
 
 
-# ------------------------------------------------------------------------- the k-way merge
-B = TypeVar("B")
-
-
-def frontier_windows(iters: list[Iterator[B]], steps_of: Callable[[B], np.ndarray],
-                     length: Callable[[B], int],
-                     split: Callable[[B, int], tuple[B, B]]) -> Iterator[list[tuple[int, B]]]:
-    """Merge step-ordered streams: yield windows ``[(source index, rows), ...]`` such that
-    every row of a window has a smaller step than every row of later windows.
-
-    A source's last buffered step may continue in its next block, so only rows below the
-    smallest last-buffered step of the live sources (the frontier) are final; the sources at
-    the frontier read on. Buffers are lists of blocks (never concatenated here: the caller
-    copies each row once, into its output). Loops run over sources and blocks, never rows.
-    """
-    n = len(iters)
-    bufs: list[list[B]] = [[] for _ in range(n)]
-    done = [False] * n
-    need = set(range(n))
-    while True:
-        for i in sorted(need):
-            nxt = next(iters[i], None)
-            if nxt is None:
-                done[i] = True
-            elif length(nxt):
-                bufs[i].append(nxt)
-            else:
-                raise ValueError("sources must not yield empty blocks")
-        live = [i for i in range(n) if not done[i]]
-        frontier = min(int(steps_of(bufs[i][-1])[-1]) for i in live) if live else None
-        parts = []
-        for i in range(n):
-            keep: list[B] = []
-            for blk in bufs[i]:
-                if frontier is None:
-                    parts.append((i, blk))
-                    continue
-                st = steps_of(blk)
-                if keep or st[0] >= frontier:
-                    keep.append(blk)
-                    continue
-                k = int(np.searchsorted(st, frontier, side="left"))
-                if k == length(blk):
-                    parts.append((i, blk))
-                else:
-                    head, tail = split(blk, k)
-                    parts.append((i, head))
-                    keep.append(tail)
-            bufs[i] = keep
-        if parts:
-            yield parts
-        if not live:
-            return
-        need = {i for i in live if int(steps_of(bufs[i][-1])[-1]) == frontier}
-
-
-def _dedup_mask(rank: np.ndarray, sid: np.ndarray, seen: dict[int, np.ndarray]) -> np.ndarray:
-    """Keep the first occurrence of each (rank, sample_id) not seen in an earlier window."""
-    keep = np.zeros(len(rank), dtype=bool)
-    for r in np.unique(rank).tolist():  # a loop over ranks, not records
-        m = np.flatnonzero(rank == r)
-        ids = sid[m]
-        prev = seen.get(r, np.empty(0, ids.dtype))
-        first = np.zeros(len(ids), dtype=bool)
-        first[np.unique(ids, return_index=True)[1]] = True
-        keep[m] = first & ~np.isin(ids, prev)
-        seen[r] = np.union1d(prev, ids)
-    return keep
-
-
-def gather(parts: list[CsrBlock], order: np.ndarray) -> CsrBlock:
-    """Records ``order`` (indices into the concatenation of ``parts``) as one new block.
-
-    Record columns are small: concatenated and indexed. Atom rows are most of the bytes, and in a
-    merged window they come in long contiguous runs (one per step and rank: a rank's records of
-    one step are already in sample order, or nearly), so they are copied run by run with slice
-    assignments (memcpy speed, one copy) instead of a row-index gather through a concatenation
-    (two copies and a slow fancy index). Many short runs fall back to the index gather.
-    """
-    lens = np.array([len(p) for p in parts], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lens)])
-    rec = {n: np.concatenate([p.rec[n] for p in parts])[order] for n in parts[0].rec}
-    counts = np.concatenate([np.diff(p.ptr) for p in parts])[order]
-    ptr = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)]).astype(np.int64)
-    part_of = np.searchsorted(offsets, order, side="right") - 1
-    brk = np.flatnonzero((np.diff(order) != 1) | (np.diff(part_of) != 0)) + 1
-    starts = np.concatenate([[0], brk]).astype(np.int64)
-    if len(order) == 0 or len(starts) * 8 > len(order):
-        if len(parts) == 1:
-            return parts[0].take(order)
-        return CsrBlock.concat(parts).take(order)
-    ends = np.concatenate([brk, [len(order)]]).astype(np.int64)
-    atoms = {n: np.empty((int(ptr[-1]), *parts[0].atoms[n].shape[1:]), parts[0].atoms[n].dtype)
-             for n in parts[0].atoms}
-    # one iteration per contiguous run of records (a few per step and rank), not per record
-    for r0, r1, p, src in zip(starts.tolist(), ends.tolist(), part_of[starts].tolist(),
-                              (order[starts] - offsets[part_of[starts]]).tolist()):
-        blk = parts[p]
-        a0, a1 = int(blk.ptr[src]), int(blk.ptr[src + r1 - r0])
-        d0 = int(ptr[r0])
-        for n, out in atoms.items():
-            out[d0: d0 + a1 - a0] = blk.atoms[n][a0:a1]
-    return CsrBlock(rec, atoms, ptr)
-
-
-def merge_blocks(sources: list[tuple[int, Iterable[CsrBlock]]], *,
-                 dedup: bool = False) -> Iterator[CsrBlock]:
-    """Merge per-rank record streams into blocks ordered by (step, rank, sample_id), with a
-    ``rank`` record column; ``dedup`` keeps one record per (rank, sample_id), the first."""
-    ranks = [int(r) for r, _ in sources]
-    iters = [iter(s) for _, s in sources]
-    seen: dict[int, np.ndarray] = {}
-    for window in frontier_windows(iters, lambda b: b.steps, len, lambda b, k: b.split(k)):
-        parts = []
-        for i, b in window:
-            rec = dict(b.rec)
-            rec["rank"] = np.full(len(b), ranks[i], dtype=np.int64)
-            parts.append(CsrBlock(rec, b.atoms, b.ptr))
-        names = [set(b.rec) | set(b.atoms) for b in parts]
-        if any(x != names[0] for x in names):
-            raise RunError(f"cannot merge ranks {sorted(set(ranks))}: their fields differ "
-                           f"({sorted(names[0] ^ next(x for x in names if x != names[0]))})")
-        step = np.concatenate([b.steps for b in parts])
-        rank = np.concatenate([b.rec["rank"] for b in parts])
-        sid = (np.concatenate([b.rec["sample_id"] for b in parts]) if "sample_id" in parts[0].rec
-               else np.zeros(len(step), np.int64))
-        order = np.lexsort((sid, rank, step))
-        if dedup:
-            order = order[_dedup_mask(rank[order], sid[order], seen)]
-        if len(order):
-            yield gather(parts, order)
-
-
-
 class _GroupSink:
     """Appends merged blocks to one output group and keeps each field's crc32.
 
     A sharded output (every output the benchmark sees) is written by
     :class:`~dist_hooks.store.raw_writer.RawGroupWriter`: the same files zarr writes, at a
-    fraction of its cost per array and chunk; an unsharded one through zarr (ShardWriter)."""
+    fraction of its cost per array and chunk; an unsharded one through zarr (GroupWriter)."""
 
     def __init__(self, store: AtomicLocalStore, group: str, chunking: dict[str, int], *,
                  atoms_ptr: bool = True) -> None:
         self.group = group
-        self.writer: RawGroupWriter | ShardWriter
-        if int(chunking.get("records_per_shard_chunks") or 0) >= 1:
+        self.writer: RawGroupWriter | GroupWriter
+        if int(chunking.get("chunks_per_shard") or 0) >= 1:
             self.writer = RawGroupWriter(store, group, atoms_ptr=atoms_ptr, **chunking)
         else:
-            self.writer = ShardWriter(store, group, compressor="zstd", **chunking)
+            self.writer = GroupWriter(store, group, compressor="zstd", **chunking)
         self.atoms_ptr = atoms_ptr
         self.crc: dict[str, int] = {}
         self.records = 0
@@ -1114,7 +933,7 @@ def _out_chunking(c: dict[str, int], records: int) -> dict[str, int]:
     if c["chunk_records"] < want:
         # the writer stages a whole shard per column: shards of 4 chunks
         c["chunk_records"] = want
-        c["records_per_shard_chunks"] = OUT_SHARD_RECORDS // OUT_CHUNK_RECORDS
+        c["chunks_per_shard"] = OUT_SHARD_RECORDS // OUT_CHUNK_RECORDS
     return c
 
 
@@ -1171,7 +990,7 @@ class _Trajectory:
         self.atoms = SegmentWriter(store, group, self.atom_fields, self.segments, progress=bar,
                                    workers=4, on_piece=fault,
                                    checksums=checksums)
-        chunking = {"chunk_records": 1024, "chunk_atoms": 65536, "records_per_shard_chunks": 0}
+        chunking = {"chunk_records": 1024, "chunk_atoms": 65536, "chunks_per_shard": 0}
         if rec_fields:
             try:
                 meta = json.loads((root(ref) / layout.DATA_DIR / ref.group / rec_fields[0]
@@ -1180,7 +999,7 @@ class _Trajectory:
             except (OSError, ValueError, KeyError) as exc:
                 raise DamageError(f"{ref.rel}/{rec_fields[0]}: metadata cannot be read "
                                   f"({exc})") from exc
-            chunking.update(chunk_records=rows, records_per_shard_chunks=per_shard)
+            chunking.update(chunk_records=rows, chunks_per_shard=per_shard)
         # created before the atom arrays exist: the writer refuses a group holding arrays
         # it did not write
         # records carry no atoms of their own: no atoms_ptr in this layout

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..reader import RunError, RunReader, open_run
 from ..store import layout
-from ..store.zarr_reader import ShardReader
+from ..store.group_reader import GroupReader
 from . import MissingDependencyError
 
 __all__ = ["export", "iter_blocks"]
@@ -37,7 +37,8 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
                 block_records: int = 4096, block_atoms: int = 65536) -> Iterator[Any]:
     """Bounded :class:`~dist_hooks.tools.consolidate.CsrBlock` s of ``what`` ("converged" or
     "trajectory") in (step, rank, sample_id) order, committed records only."""
-    from .consolidate import ZarrSource, merge_blocks
+    from ..records import merge_blocks
+    from .consolidate import ZarrSource
 
     kw = {"block_records": block_records, "block_atoms": block_atoms}
     if what == "converged":
@@ -64,7 +65,7 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
         raise RunError(f"no snapshot hook {hook!r}; the run has {hooks}")
     info = (run.summary or {}).get("hooks", {}).get(hook) if run.consolidated else None
     if info is not None:
-        return _reader_blocks(ShardReader(run.consolidated / layout.DATA_DIR, info["group"],
+        return _reader_blocks(GroupReader(run.consolidated / layout.DATA_DIR, info["group"],
                                           limit_records=info["records"]), block_records)
     if run.path is None:
         raise RunError(f"the consolidated output holds no group for hook {hook!r}")
@@ -78,10 +79,10 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
     return merge_blocks(sources)
 
 
-def _reader_blocks(reader: ShardReader, block_records: int) -> Iterator[Any]:
+def _reader_blocks(reader: GroupReader, block_records: int) -> Iterator[Any]:
     """Bounded blocks through the reader, which also reads a consolidated trajectory's indexed
     layout (atom rows as per-rank segments) in record order."""
-    from .consolidate import CsrBlock
+    from ..records import CsrBlock
 
     for a in range(0, len(reader), max(block_records, 1)):
         d = reader.records(a, a + block_records)

@@ -197,7 +197,8 @@ def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
                   block_records: int, block_atoms: int,
                   roots: dict[int, Path] | None = None) -> list[str]:
     """The coordinator's merged group against the ranks' committed converged records."""
-    from .consolidate import ZarrSource, merge_blocks
+    from ..records import merge_blocks
+    from .consolidate import ZarrSource
 
     merged = (m.get("last") or {}).get("merged") or {}
     n, a = int(merged.get("records", 0)), int(merged.get("atoms", 0))

@@ -28,11 +28,9 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import RecorderError
+
 log = logging.getLogger("dist_hooks")
-
-
-class RecorderError(RuntimeError):
-    """An error raised in the background writer, re-raised in the simulation thread."""
 
 
 class Streams:

@@ -1,6 +1,6 @@
 """Per-rank, per-hook, append-only Zarr v3 writer in CSR layout, and the user-facing ``ZarrSink``.
 
-One :class:`ShardWriter` owns one group ``ranks/rank-XXXXX/<hook>`` (exactly one writing process
+One :class:`GroupWriter` owns one group ``ranks/rank-XXXXX/<hook>`` (exactly one writing process
 per array: two processes appending to one Zarr array lose rows). The group holds
 
 * record-level columns, shape ``(R, ...)`` (step, sample_id, status, energy, cell, ...),
@@ -13,11 +13,11 @@ Why it is built this way (upstream's sink did the opposite of each point):
 * O(1) per append: the running atom total lives in memory (``atoms_ptr`` is read once, when an
   existing group is reopened); appends are copied into one preallocated staging buffer per array
   and Zarr is only written when a whole write unit is complete (a shard when sharding is on, a
-  chunk otherwise), plus the partial tail at :meth:`ShardWriter.flush`. Appends smaller than a
+  chunk otherwise), plus the partial tail at :meth:`GroupWriter.flush`. Appends smaller than a
   unit touch no file; a completed unit is written once, never read back.
 * Explicit chunks on every array (never zarr's 1-row default for empty arrays), trailing
   dimensions whole, and sharding to keep the file count low.
-* Shapes move only at :meth:`ShardWriter.flush` (and :meth:`~ShardWriter.truncate`). Whole units
+* Shapes move only at :meth:`GroupWriter.flush` (and :meth:`~GroupWriter.truncate`). Whole units
   written between flushes lie past the persisted shape, invisible to readers, until the next
   flush writes the tail and then saves every array's ``zarr.json``: atom arrays first, record
   arrays next, ``atoms_ptr`` last (truncation goes the other way). So the persisted shapes always
@@ -28,7 +28,7 @@ Why it is built this way (upstream's sink did the opposite of each point):
 * Every file is replaced atomically (:mod:`.atomic_store`): completing a unit whose partial tail
   was flushed earlier rewrites that file, and a kill during the rewrite keeps the old one.
 * Resume: a new writer on an existing group continues after the existing data (schema from the
-  arrays, lengths from the shapes and ``atoms_ptr``); :meth:`ShardWriter.truncate` drops anything
+  arrays, lengths from the shapes and ``atoms_ptr``); :meth:`GroupWriter.truncate` drops anything
   past the committed lengths first.
 
 Not thread-safe: one writer object is driven by one thread (the rank's background writer).
@@ -53,6 +53,7 @@ from zarr.core.array import AsyncArray
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zsync
 
+from ..errors import SchemaChangedError
 from .atomic_store import AtomicLocalStore, FsyncPolicy, remove_stale_temporaries
 from .layout import ATOMS_PTR, FORMAT_NAME, FORMAT_VERSION, hook_group
 
@@ -60,13 +61,12 @@ Level = Literal["record", "atom"]
 CompressorLike = Literal["zstd", "blosc", "none"] | BytesBytesCodec | None
 WriteUnit = Literal["shard", "chunk"]
 
-__all__ = ["FieldSchemaError", "ShardWriter", "ZarrSink", "make_compressors"]
+#: the earlier name of :class:`~dist_hooks.errors.SchemaChangedError`
+FieldSchemaError = SchemaChangedError
+
+__all__ = ["FieldSchemaError", "GroupWriter", "ZarrSink", "make_compressors"]
 
 _CHUNK_FILE = re.compile(r"^c\.(\d+)(?:\.\d+)*$")
-
-
-class FieldSchemaError(ValueError):
-    """An append does not match the fields fixed by the first append (dtype, shape or set)."""
 
 
 def make_compressors(compressor: CompressorLike) -> tuple[BytesBytesCodec, ...] | None:
@@ -227,7 +227,7 @@ async def _save_shapes(cols: list[_Column], order: tuple[str, ...]) -> None:
             c.saved = c.written
 
 
-class ShardWriter:
+class GroupWriter:
     """Append-only writer of one record group (see module docstring).
 
     Parameters
@@ -235,7 +235,7 @@ class ShardWriter:
     root : the Zarr root directory (``RUN/data.zarr``) or an :class:`AtomicLocalStore` on it.
     group_path : group inside the root, e.g. ``layout.hook_group(rank, hook)``.
     chunk_records, chunk_atoms : rows per chunk for record- and atom-level arrays.
-    records_per_shard_chunks : chunks per shard along the row axis; 0/None disables sharding.
+    chunks_per_shard : chunks per shard along the row axis; 0/None disables sharding.
     compressor : "zstd" (default), "blosc", "none", or a zarr ``BytesBytesCodec``.
     attrs : extra group attributes (merged into the format attributes).
     write_unit : "shard" (default): stage a whole shard per array before writing it, so each
@@ -254,7 +254,7 @@ class ShardWriter:
         *,
         chunk_records: int = 1024,
         chunk_atoms: int = 65536,
-        records_per_shard_chunks: int | None = 16,
+        chunks_per_shard: int | None = 16,
         compressor: CompressorLike = "zstd",
         attrs: Mapping[str, Any] | None = None,
         write_unit: WriteUnit = "shard",
@@ -262,8 +262,8 @@ class ShardWriter:
     ) -> None:
         if int(chunk_records) < 1 or int(chunk_atoms) < 1:
             raise ValueError("chunk_records and chunk_atoms must be >= 1")
-        if records_per_shard_chunks is not None and int(records_per_shard_chunks) < 0:
-            raise ValueError("records_per_shard_chunks must be >= 0 (0/None: no sharding)")
+        if chunks_per_shard is not None and int(chunks_per_shard) < 0:
+            raise ValueError("chunks_per_shard must be >= 0 (0/None: no sharding)")
         if write_unit not in ("shard", "chunk"):
             raise ValueError(f"write_unit must be 'shard' or 'chunk', got {write_unit!r}")
         self.store = (root if isinstance(root, AtomicLocalStore)
@@ -271,7 +271,7 @@ class ShardWriter:
         self.group_path = group_path.strip("/")
         self.chunk_records = int(chunk_records)
         self.chunk_atoms = int(chunk_atoms)
-        self.shard_chunks = int(records_per_shard_chunks or 0)
+        self.shard_chunks = int(chunks_per_shard or 0)
         self.compressors = make_compressors(compressor)
         self.write_unit: WriteUnit = write_unit
         self._closed = False
@@ -312,10 +312,10 @@ class ShardWriter:
 
     def _check_usable(self) -> None:
         if self._closed:
-            raise RuntimeError("ShardWriter is closed")
+            raise RuntimeError("GroupWriter is closed")
         if self._failed is not None:
             raise RuntimeError(
-                f"ShardWriter of {self.group_path!r} failed earlier ({self._failed!r}); open a new "
+                f"GroupWriter of {self.group_path!r} failed earlier ({self._failed!r}); open a new "
                 f"writer and truncate() to the committed lengths") from self._failed
 
     def _run(self, coro: Any) -> Any:
@@ -472,20 +472,20 @@ class ShardWriter:
                  **{n: ("atom", a) for n, a in atoms.items()}}
         new = [f"{n!r} ({lvl})" for n, (lvl, _) in given.items() if n not in self._cols]
         if new:
-            raise FieldSchemaError(
+            raise SchemaChangedError(
                 f"new field(s) {', '.join(new)} not in the schema fixed by the first append "
                 f"({sorted(self._cols)}) of group {self.group_path!r}")
         missing = [f"{n!r} ({c.level})" for n, c in self._cols.items() if n not in given]
         if missing:
-            raise FieldSchemaError(
+            raise SchemaChangedError(
                 f"field(s) {', '.join(missing)} missing from this append; the schema of group "
                 f"{self.group_path!r} was fixed by the first append")
         for n, (lvl, a) in given.items():
             c = self._cols[n]
             if c.level != lvl:
-                raise FieldSchemaError(f"field {n!r}: was {c.level}-level, now given as {lvl}-level")
+                raise SchemaChangedError(f"field {n!r}: was {c.level}-level, now given as {lvl}-level")
             if a.dtype != c.dtype or tuple(a.shape[1:]) != c.trailing:
-                raise FieldSchemaError(
+                raise SchemaChangedError(
                     f"field {n!r}: schema has dtype {c.dtype} and trailing shape {c.trailing}, "
                     f"this append has dtype {a.dtype} and trailing shape {tuple(a.shape[1:])}")
 
@@ -628,14 +628,14 @@ class ShardWriter:
             finally:
                 self._closed = True
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> GroupWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"ShardWriter({str(self.store.root)!r}, {self.group_path!r}, "
+        return (f"GroupWriter({str(self.store.root)!r}, {self.group_path!r}, "
                 f"lengths={self.lengths}, committed={self._committed})")
 
 
@@ -643,8 +643,8 @@ class ZarrSink:
     """User-facing handle on a Zarr root (``RUN/data.zarr``) that the snapshot hooks take.
 
     Holds the chunking/compression settings and one atomic store; :meth:`writer` hands out the
-    per-rank, per-hook :class:`ShardWriter`. ``shards`` is the number of chunks per shard
-    (0/None: no sharding).
+    per-rank, per-hook :class:`GroupWriter`. ``chunks_per_shard``: chunks per shard file along
+    the row axis (0/None: no sharding; ``shards``, its earlier name, is still accepted).
     """
 
     def __init__(
@@ -653,15 +653,19 @@ class ZarrSink:
         *,
         chunk_records: int = 1024,
         chunk_atoms: int = 65536,
-        shards: int | None = 16,
+        chunks_per_shard: int | None = 16,
         compressor: CompressorLike = "zstd",
         write_unit: WriteUnit = "shard",
         fsync: FsyncPolicy = "replace",
+        shards: int | None = None,
     ) -> None:
+        if shards is not None:
+            warnings.warn("ZarrSink(shards=) is now chunks_per_shard=", DeprecationWarning, 2)
+            chunks_per_shard = shards
         self.path = Path(path)
         self.chunk_records = chunk_records
         self.chunk_atoms = chunk_atoms
-        self.shards = shards
+        self.chunks_per_shard = chunks_per_shard
         self.compressor = compressor
         self.write_unit: WriteUnit = write_unit
         self.store = AtomicLocalStore(self.path, fsync=fsync)
@@ -669,11 +673,11 @@ class ZarrSink:
         self.root = zarr.open_group(self.store, mode="a", zarr_format=3, use_consolidated=False)
 
     def writer(self, rank: int, hook_name: str, *,
-               attrs: Mapping[str, Any] | None = None) -> ShardWriter:
+               attrs: Mapping[str, Any] | None = None) -> GroupWriter:
         """The writer of group ``ranks/rank-XXXXX/<hook_name>`` (created, or reopened to resume)."""
-        return ShardWriter(
+        return GroupWriter(
             self.store, hook_group(rank, hook_name), chunk_records=self.chunk_records,
-            chunk_atoms=self.chunk_atoms, records_per_shard_chunks=self.shards,
+            chunk_atoms=self.chunk_atoms, chunks_per_shard=self.chunks_per_shard,
             compressor=self.compressor, attrs=attrs, write_unit=self.write_unit)
 
     def sync(self) -> None:

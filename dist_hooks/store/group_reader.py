@@ -1,4 +1,4 @@
-"""Read record groups written by :class:`~dist_hooks.store.shard.ShardWriter`.
+"""Read record groups written by :class:`~dist_hooks.store.group_writer.GroupWriter`.
 
 Opens *without* consolidated metadata: consolidated metadata is only refreshed at checkpoint
 boundaries and goes stale with every later append, so a live reader (``dist-hooks info`` on a
@@ -22,7 +22,7 @@ from .raw_shards import ArrayMeta, RawArrayReader, ShardLayout
 from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
                      parse_rank_name)
 
-__all__ = ["ShardReader", "list_shards", "resolve_data_root"]
+__all__ = ["GroupReader", "list_shards", "resolve_data_root"]
 
 
 def resolve_data_root(root: str | Path) -> Path:
@@ -42,7 +42,7 @@ def _to_torch(value: Any) -> Any:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-class ShardReader:
+class GroupReader:
     """Random and bulk access to one record group (CSR: ``atoms_ptr`` + columns).
 
     Also reads a consolidated trajectory group in the *indexed* layout (``atoms_start`` +
@@ -281,7 +281,7 @@ class ShardReader:
         return out
 
     def __repr__(self) -> str:
-        return (f"ShardReader({str(self.root)!r}, {self.group_path!r}, records={self._n}, "
+        return (f"GroupReader({str(self.root)!r}, {self.group_path!r}, records={self._n}, "
                 f"fields={sorted(self.fields)})")
 
 

@@ -1,7 +1,7 @@
-"""Zarr store: bytes written by ShardWriter, read back and compared with an independent reference.
+"""Zarr store: bytes written by GroupWriter, read back and compared with an independent reference.
 
 The reference is the plain concatenation of what was appended; it never goes through the writer.
-Arrays are read back both through ``ShardReader`` and straight through zarr.
+Arrays are read back both through ``GroupReader`` and straight through zarr.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import zarr
 from dist_hooks.store import (
     AtomicLocalStore,
     FieldSchemaError,
-    ShardReader,
-    ShardWriter,
+    GroupReader,
+    GroupWriter,
     ZarrSink,
     atomic_write_bytes,
     layout,
@@ -110,7 +110,7 @@ def assert_group_matches(root: Path, ref: Reference, group: str = GROUP) -> None
     for name in [*ref.rec, *ref.at]:
         assert bits_equal(g[name][:], ref.column(name)), name
     # 2. through the reader: columns, bulk slices (rebased ptr) and single records
-    rd = ShardReader(root, group)
+    rd = GroupReader(root, group)
     ptr = ref.ptr()
     assert len(rd) == len(ptr) - 1
     assert bits_equal(rd.atoms_ptr(), ptr)
@@ -136,7 +136,7 @@ def assert_group_matches(root: Path, ref: Reference, group: str = GROUP) -> None
 # records and ~330 atoms; a shard holds 128 records / 2048 atoms). zarr costs ~2 ms per array
 # write or read whatever its size, so the sizes also bound the test time. Uncompressed by
 # default, compressed variants below; fsync is tested on its own, here it would only add time.
-SMALL = dict(chunk_records=32, chunk_atoms=512, records_per_shard_chunks=4, compressor="none",
+SMALL = dict(chunk_records=32, chunk_atoms=512, chunks_per_shard=4, compressor="none",
              fsync="never")
 REC_CHUNK, ATOM_CHUNK, PER_SHARD = 32, 512, 4
 
@@ -147,12 +147,12 @@ REC_CHUNK, ATOM_CHUNK, PER_SHARD = 32, 512, 4
     (dict(SMALL, compressor="zstd"), 60),
     (dict(SMALL, compressor="blosc", chunk_records=5, chunk_atoms=100), 30),
     (dict(SMALL, write_unit="chunk"), 40),
-    (dict(SMALL, records_per_shard_chunks=0), 60),
+    (dict(SMALL, chunks_per_shard=0), 60),
 ], ids=["shard-unit", "zstd", "blosc-odd-sizes", "chunk-unit", "unsharded"])
 def test_round_trip_variable_sizes(tmp_path: Path, cfg: dict, n_appends: int) -> None:
     rng = np.random.default_rng(1)
     ref = Reference()
-    w = ShardWriter(tmp_path, GROUP, **cfg)
+    w = GroupWriter(tmp_path, GROUP, **cfg)
     flush_at = set(rng.choice(n_appends, n_appends // 12, replace=False).tolist())
     for k in range(n_appends):
         rec, at, n = make_batch(rng, k)
@@ -168,7 +168,7 @@ def test_round_trip_variable_sizes(tmp_path: Path, cfg: dict, n_appends: int) ->
     w.close()
     assert_group_matches(tmp_path, ref)
     # a partial tail written at flush, then completed by later appends, ends up correct
-    rd = ShardReader(tmp_path, GROUP)
+    rd = GroupReader(tmp_path, GROUP)
     assert rd.fields["positions"] == ("atom", np.dtype("float32"), (3,))
     assert rd.fields["pbc"] == ("record", np.dtype(bool), (3,))
     g = zarr.open_group(str(tmp_path), path=GROUP, mode="r")
@@ -178,7 +178,7 @@ def test_round_trip_variable_sizes(tmp_path: Path, cfg: dict, n_appends: int) ->
 
 
 def test_zero_record_append_is_noop_and_input_checks(tmp_path: Path) -> None:
-    w = ShardWriter(tmp_path, GROUP, **SMALL)
+    w = GroupWriter(tmp_path, GROUP, **SMALL)
     w.append({"e": np.zeros(0)}, {"x": np.zeros((0, 3))}, np.zeros(0, np.int64))
     assert w.lengths == {"records": 0, "atoms": 0} and w.fields == {}
     rec, at, n = make_batch(np.random.default_rng(0), 0)
@@ -192,7 +192,7 @@ def test_zero_record_append_is_noop_and_input_checks(tmp_path: Path) -> None:
     w.append(rec, at, np.zeros(0, np.int64))  # R=0 after the schema is fixed: still a no-op
     assert w.lengths["records"] == len(n)
     del w  # never flushed: a restarted writer finds the schema and nothing committed
-    w = ShardWriter(tmp_path, GROUP)
+    w = GroupWriter(tmp_path, GROUP)
     assert w.lengths == w.committed_lengths() == {"records": 0, "atoms": 0}
     assert set(w.fields) == {*rec, *at}
     w.append(rec, at, n)
@@ -208,13 +208,13 @@ def test_reopen_and_continue_equals_one_writer(tmp_path: Path, flush_before_clos
     rng = np.random.default_rng(2)
     batches = [make_batch(rng, k) for k in range(80)]
     one = tmp_path / "one"
-    w = ShardWriter(one, GROUP, **SMALL)
+    w = GroupWriter(one, GROUP, **SMALL)
     for b in batches:
         w.append(*b)
     w.close()
 
     two = tmp_path / "two"
-    sink = ZarrSink(two, chunk_records=REC_CHUNK, chunk_atoms=ATOM_CHUNK, shards=PER_SHARD,
+    sink = ZarrSink(two, chunk_records=REC_CHUNK, chunk_atoms=ATOM_CHUNK, chunks_per_shard=PER_SHARD,
                     compressor="none", fsync="never")
     w = sink.writer(0, "snap")
     for b in batches[:45]:
@@ -230,7 +230,7 @@ def test_reopen_and_continue_equals_one_writer(tmp_path: Path, flush_before_clos
         committed = w.committed_lengths()
         del w
     # a restarted writer: different settings are ignored for existing arrays (alignment)
-    w = ShardWriter(two, GROUP, chunk_records=5, chunk_atoms=7)
+    w = GroupWriter(two, GROUP, chunk_records=5, chunk_atoms=7)
     if not flush_before_close:
         w.truncate(committed["records"], committed["atoms"])
     for b in batches[resume_from:]:
@@ -251,7 +251,7 @@ def test_truncate_then_append(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     batches = [make_batch(rng, k) for k in range(80)]
     extra = [make_batch(rng, 1000 + k) for k in range(30)]
-    w = ShardWriter(tmp_path, GROUP, **SMALL)
+    w = GroupWriter(tmp_path, GROUP, **SMALL)
     for b in batches[:40]:
         w.append(*b)
     w.flush()
@@ -278,7 +278,7 @@ def test_truncate_then_append(tmp_path: Path) -> None:
     assert_group_matches(tmp_path, ref)
 
     # resume path: new writer, truncate to an earlier committed length, continue
-    w = ShardWriter(tmp_path, GROUP)
+    w = GroupWriter(tmp_path, GROUP)
     n_rec = int(sum(len(b[2]) for b in batches[:20]))
     n_at = int(sum(b[2].sum() for b in batches[:20]))
     with pytest.raises(ValueError, match="atoms_ptr"):
@@ -292,7 +292,7 @@ def test_truncate_then_append(tmp_path: Path) -> None:
         ref.add(*b)
     assert_group_matches(tmp_path, ref)
     # no chunk/shard files past the shrunk shapes were left behind
-    rd = ShardReader(tmp_path, GROUP)
+    rd = GroupReader(tmp_path, GROUP)
     outer = REC_CHUNK * PER_SHARD
     files = os.listdir(tmp_path / GROUP / "step")
     n_shards = -(-len(rd) // outer)
@@ -302,7 +302,7 @@ def test_truncate_then_append(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- schema
 def test_schema_errors_name_the_field(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
-    w = ShardWriter(tmp_path, GROUP, **SMALL)
+    w = GroupWriter(tmp_path, GROUP, **SMALL)
     rec, at, n = make_batch(rng, 0)
     w.append(rec, at, n)
     before = dict(w.lengths)
@@ -327,7 +327,7 @@ def test_schema_errors_name_the_field(tmp_path: Path) -> None:
     w.append(rec, at, n)
     w.close()
     # a reopened writer reads the schema from the arrays and enforces it too
-    w = ShardWriter(tmp_path, GROUP)
+    w = GroupWriter(tmp_path, GROUP)
     assert w.fields["cell"] == ("record", np.dtype("float32"), (3, 3))
     with pytest.raises(FieldSchemaError, match="energy"):
         w.append({**rec, "energy": rec["energy"].astype(np.int64)}, at, n)
@@ -362,8 +362,8 @@ class CountingStore(AtomicLocalStore):
 def test_appends_write_only_whole_units(tmp_path: Path, shards: int) -> None:
     store = CountingStore(tmp_path)
     cr, ca = 16, 64  # 4 atoms per record: record and atom chunks complete together
-    w = ShardWriter(store, GROUP, chunk_records=cr, chunk_atoms=ca,
-                    records_per_shard_chunks=shards)
+    w = GroupWriter(store, GROUP, chunk_records=cr, chunk_atoms=ca,
+                    chunks_per_shard=shards)
     unit = cr * (shards or 1)
 
     def one(k: int) -> None:
@@ -410,11 +410,11 @@ def test_appends_write_only_whole_units(tmp_path: Path, shards: int) -> None:
 def test_explicit_chunks_and_bounded_file_count(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     cfgs = {"sharded": dict(SMALL, compressor="zstd"),
-            "plain": dict(SMALL, compressor="zstd", records_per_shard_chunks=0)}
+            "plain": dict(SMALL, compressor="zstd", chunks_per_shard=0)}
     counts = {}
     for label, cfg in cfgs.items():
         root = tmp_path / label
-        w = ShardWriter(root, GROUP, **cfg)
+        w = GroupWriter(root, GROUP, **cfg)
         for k in range(80):
             w.append(*make_batch(rng, k))
         w.close()
@@ -425,7 +425,7 @@ def test_explicit_chunks_and_bounded_file_count(tmp_path: Path) -> None:
             rows = ATOM_CHUNK if level == "atom" else REC_CHUNK
             assert arr.chunks == (rows, *arr.shape[1:]), name  # explicit, trailing whole
             assert arr.chunks[0] > 1
-            if cfg["records_per_shard_chunks"]:
+            if cfg["chunks_per_shard"]:
                 assert arr.shards == (rows * PER_SHARD, *arr.shape[1:]), name
                 n_files = len([f for f in os.listdir(root / GROUP / name) if f.startswith("c.")])
                 assert n_files == -(-arr.shape[0] // (rows * PER_SHARD)), name
@@ -462,7 +462,7 @@ def test_atomic_store_write_crash_keeps_old_file(tmp_path: Path, monkeypatch) ->
     assert remove_stale_temporaries(tmp_path) == 1 and not stale.exists()
     # zarr listings (group members, readers) never show such a temporary
     monkeypatch.undo()
-    w = ShardWriter(tmp_path / "z", GROUP, **SMALL)
+    w = GroupWriter(tmp_path / "z", GROUP, **SMALL)
     w.append(*make_batch(np.random.default_rng(0), 0))
     w.close()
     (tmp_path / "z" / GROUP / f".zarr.json.{'cd' * 16}.tmp").write_bytes(b"{")
@@ -471,7 +471,7 @@ def test_atomic_store_write_crash_keeps_old_file(tmp_path: Path, monkeypatch) ->
         warnings.simplefilter("error")  # zarr warns about unrecognised nodes in a listing
         g = zarr.open_group(AtomicLocalStore(tmp_path / "z", read_only=True), mode="r")
         assert {n for n, _ in g.members(max_depth=None)} >= {GROUP, f"{GROUP}/positions"}
-        assert len(ShardReader(tmp_path / "z", GROUP)) > 0
+        assert len(GroupReader(tmp_path / "z", GROUP)) > 0
 
 
 def test_atomic_store_fsync_policy(tmp_path: Path, monkeypatch) -> None:
@@ -504,7 +504,7 @@ CHILD = textwrap.dedent("""
     pkg = types.ModuleType("dist_hooks")
     pkg.__path__ = [os.path.join({repo!r}, "dist_hooks")]
     sys.modules["dist_hooks"] = pkg
-    from dist_hooks.store import ShardWriter, atomic_write_bytes
+    from dist_hooks.store import GroupWriter, atomic_write_bytes
     from dist_hooks.store import atomic_store
     GROUP, SMALL = {group!r}, {small!r}
     root, kill = sys.argv[1], sys.argv[2]
@@ -530,7 +530,7 @@ CHILD = textwrap.dedent("""
 """)
 CHILD_MAIN = textwrap.dedent("""
     rng = np.random.default_rng(7)
-    w = ShardWriter(root, GROUP, **SMALL)
+    w = GroupWriter(root, GROUP, **SMALL)
     for k in range(45):
         w.append(*make_batch(rng, k))
         if k % 7 == 6:
@@ -573,14 +573,14 @@ def test_kill_at_any_write_keeps_committed_data(tmp_path: Path) -> None:
         assert ends[n_app] == committed["records"]
         assert committed["atoms"] == ptr[committed["records"]]
         # the data on disk holds the committed prefix bit for bit, before any repair
-        rd = ShardReader(root, GROUP, limit_records=committed["records"])
+        rd = GroupReader(root, GROUP, limit_records=committed["records"])
         assert len(rd) == committed["records"]
         if n_app:
             pre = ref.prefix(n_app)
             for name in [*ref.rec, *ref.at]:
                 assert bits_equal(rd.column(name), pre.column(name)), (kill_at, name)
         # resume: reopen, truncate to committed, continue -> identical to the uninterrupted run
-        w = ShardWriter(root, GROUP)
+        w = GroupWriter(root, GROUP)
         w.truncate(committed["records"], committed["atoms"])
         for b in batches[n_app:]:
             w.append(*b)
@@ -595,7 +595,7 @@ def test_live_reader_without_consolidated_metadata(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     run = tmp_path / "run"
     tmp_path = tmp_path / "z"
-    sink = ZarrSink(tmp_path, chunk_records=REC_CHUNK, chunk_atoms=ATOM_CHUNK, shards=PER_SHARD)
+    sink = ZarrSink(tmp_path, chunk_records=REC_CHUNK, chunk_atoms=ATOM_CHUNK, chunks_per_shard=PER_SHARD)
     w = sink.writer(0, "snap", attrs={"hook": "SnapshotHook", "frequency": 10})
     w2 = sink.writer(3, "conv")
     for k in range(20):
@@ -610,11 +610,11 @@ def test_live_reader_without_consolidated_metadata(tmp_path: Path) -> None:
     w.flush()  # ... and later appends make it stale
     stale = zarr.open_group(str(tmp_path), mode="r", use_consolidated=True)
     assert stale[f"{GROUP}/{layout.ATOMS_PTR}"].shape[0] == first + 1
-    rd = ShardReader(tmp_path, GROUP)
+    rd = GroupReader(tmp_path, GROUP)
     assert len(rd) == w.lengths["records"] > first
     assert rd.attrs["hook"] == "SnapshotHook" and rd.attrs["frequency"] == 10
     # committed-length limit: nothing past it is returned
-    lim = ShardReader(tmp_path, GROUP, limit_records=first)
+    lim = GroupReader(tmp_path, GROUP, limit_records=first)
     assert len(lim) == first
     assert len(lim.column("positions")) == lim.atoms_ptr()[-1]
     with pytest.raises(IndexError):
@@ -640,7 +640,7 @@ def test_file_checksums_are_those_of_the_files_on_disk(tmp_path: Path) -> None:
     import zlib
 
     rng = np.random.default_rng(11)
-    w = ShardWriter(tmp_path, GROUP, **SMALL)
+    w = GroupWriter(tmp_path, GROUP, **SMALL)
     seen: dict[str, list[int]] = {}
     for k in range(60):
         w.append(*make_batch(rng, k))
@@ -672,7 +672,7 @@ def test_live_reader_reads_rewritten_shards_fresh(tmp_path: Path) -> None:
     read equals the concatenation of what was appended."""
     rng = np.random.default_rng(12)
     ref = Reference()
-    w = ShardWriter(tmp_path, GROUP, **SMALL)  # small shards: the trailing one is rewritten often
+    w = GroupWriter(tmp_path, GROUP, **SMALL)  # small shards: the trailing one is rewritten often
     rd = None
     for k in range(40):
         batch = make_batch(rng, k)
@@ -681,7 +681,7 @@ def test_live_reader_reads_rewritten_shards_fresh(tmp_path: Path) -> None:
         if k % 4 == 3:
             w.flush()
             if rd is None:
-                rd = ShardReader(tmp_path, GROUP)
+                rd = GroupReader(tmp_path, GROUP)
             rd.refresh()
             ptr = ref.ptr()
             assert len(rd) == len(ptr) - 1
