@@ -25,11 +25,12 @@ from .errors import DamageError, SchemaChangedError
 from .batch import BatchView
 from .writer_runtime import Channel, HostBufferPool, Streams, register_for_exit
 from .stages import Stage, as_stage, stage_matches
+from .store.csv_log import FLOAT_COLUMNS
 
 log = logging.getLogger("dist_hooks")
 
 KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
-DEFAULT_SCALARS = ("energy", "fmax", "temperature")
+DEFAULT_SCALARS = FLOAT_COLUMNS
 
 
 def resolve_rank(explicit: int | None) -> int:

@@ -34,6 +34,7 @@ import pyarrow.csv as pacsv
 
 from .errors import DamageError, RunError
 from .store import layout
+from .store.csv_log import FLOAT_COLUMNS, INT_COLUMNS, KEY_COLUMNS
 from .store.group_reader import GroupReader
 
 __all__ = [
@@ -59,10 +60,6 @@ __all__ = [
 #: Written last into a consolidated output directory: its presence means "complete".
 CONSOLIDATED_MARKER = "consolidated.json"
 CONSOLIDATED_FORMAT = "dist_hooks-consolidated"
-#: Integer columns of every LoggingHook CSV; rows are ordered by the first three.
-KEY_COLUMNS = ("step", "rank", "sample_id")
-INT_COLUMNS = ("step", "rank", "sample_id", "graph_idx", "status")
-FLOAT_COLUMNS = ("energy", "fmax", "temperature")
 
 
 # ------------------------------------------------------------------------------------ manifest

@@ -25,6 +25,13 @@ import pyarrow.csv as pacsv
 from ..errors import SchemaChangedError
 from .checksums import file_crc32
 
+#: The integer columns that open every LoggingHook row, in this order (the CSV schema, with
+#: :data:`FLOAT_COLUMNS`; docs/format.md). Rows of a merged log are ordered by the first three.
+INT_COLUMNS = ("step", "rank", "sample_id", "graph_idx", "status")
+KEY_COLUMNS = INT_COLUMNS[:3]
+#: The default per-system scalars (float64) that follow them; custom scalars come last.
+FLOAT_COLUMNS = ("energy", "fmax", "temperature")
+
 
 class CsvLog:
     def __init__(self, path: str | os.PathLike):
