@@ -46,7 +46,7 @@ def worker(args) -> None:
             step += 1
         run._next_step = step
         run.checkpoint(step)
-        run._join_coordinator()  # measure the background merge too (a real run would not wait here)
+        run.coordinator.join()  # measure the background merge too (a real run would not wait here)
         timings.append({**run.last_timing, "coordinate_s": run.last_coordinate_s or 0.0})
     run.close(step)
     if run.rank == 0:

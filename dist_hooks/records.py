@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 
 from .errors import RunError
+from .store.layout import ATOMS_PTR
 
 __all__ = ["CsrBlock", "frontier_windows", "gather", "merge_blocks"]
 
@@ -28,6 +29,16 @@ class CsrBlock:
     rec: dict[str, np.ndarray]
     atoms: dict[str, np.ndarray]
     ptr: np.ndarray
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, np.ndarray], levels: dict[str, str]) -> "CsrBlock":
+        """A block from flat columns with a 0-based ``atoms_ptr`` (as
+        :meth:`GroupReader.records <dist_hooks.store.group_reader.GroupReader.records>` returns
+        them); ``levels``: field name -> "record" or "atom". Column order is kept."""
+        ptr = columns[ATOMS_PTR]
+        return cls({k: v for k, v in columns.items() if k != ATOMS_PTR and levels[k] == "record"},
+                   {k: v for k, v in columns.items() if k != ATOMS_PTR and levels[k] == "atom"},
+                   ptr)
 
     def __len__(self) -> int:
         return len(self.ptr) - 1
@@ -171,13 +182,16 @@ def gather(parts: list[CsrBlock], order: np.ndarray) -> CsrBlock:
     return CsrBlock(rec, atoms, ptr)
 
 
-def merge_blocks(sources: list[tuple[int, Iterable[CsrBlock]]], *,
-                 dedup: bool = False) -> Iterator[CsrBlock]:
+def merge_blocks(sources: list[tuple[int, Iterable[CsrBlock]]], *, dedup: bool = False,
+                 seen: dict[int, np.ndarray] | None = None) -> Iterator[CsrBlock]:
     """Merge per-rank record streams into blocks ordered by (step, rank, sample_id), with a
-    ``rank`` record column; ``dedup`` keeps one record per (rank, sample_id), the first."""
+    ``rank`` record column; ``dedup`` keeps one record per (rank, sample_id), the first.
+
+    ``seen`` (rank -> sorted sample ids) holds the keys merged before, by earlier calls (the
+    coordinator merges boundary by boundary); it is updated in place with the keys kept."""
     ranks = [int(r) for r, _ in sources]
     iters = [iter(s) for _, s in sources]
-    seen: dict[int, np.ndarray] = {}
+    seen = {} if seen is None else seen
     for window in frontier_windows(iters, lambda b: b.steps, len, lambda b, k: b.split(k)):
         parts = []
         for i, b in window:

@@ -20,14 +20,16 @@ from consolidated_ref import in_merged_order
 from mp.runner import REPO_ROOT, clean_env, mpiexec_path, run_command
 
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
+KILLED_BEFORE_COMMIT = str(REPO_ROOT / "tests" / "mp" / "demo_killed_before_commit.py")
 DEMO = ["--steps", "160", "--relax-steps", "110", "--systems-per-rank", "6", "--min-atoms", "8",
         "--max-atoms", "20", "--checkpoint-every", "25", "--snapshot-every", "10", "--quiet"]
 
 
-def launch(kind: str, n: int, out: Path, extra=(), env=None, timeout=150, crash=False):
+def launch(kind: str, n: int, out: Path, extra=(), env=None, timeout=150, crash=False, entry=ENTRY,
+           entry_args=()):
     # a short boundary timeout where a rank is made to die; a generous one elsewhere, so that a slow,
     # loaded CI machine never turns an ordinary boundary into a false timeout
-    args = [ENTRY, "--out", str(out), *DEMO, "--timeout", "6" if crash else "90", *extra]
+    args = [entry, *entry_args, "--out", str(out), *DEMO, "--timeout", "6" if crash else "90", *extra]
     if kind == "torchrun":
         # when a rank is made to crash, a longer monitor interval keeps the agent from killing the
         # survivors before our own timeout fires (the agent notices dead workers only once per interval)
@@ -174,7 +176,7 @@ def test_kill_in_the_middle_of_a_boundary_keeps_the_previous_one(tmp_path, refer
     ref = reference(2)
     out = tmp_path / "run"
     # rank 0 dies after every rank committed boundary 2 (step 75) but before the manifest rename
-    res = launch("torchrun", 2, out, env={"DIST_HOOKS_FAULT_BEFORE_MANIFEST": "2"}, crash=True)
+    res = launch("torchrun", 2, out, crash=True, entry=KILLED_BEFORE_COMMIT, entry_args=["2"])
     assert res.returncode != 0
     m = manifest(out)
     assert [b["index"] for b in m["boundaries"]] == [0, 1] and m["last"]["steps"] == [50, 50]
@@ -254,14 +256,14 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG instead
 sys.argv = ["demo"] + sys.argv[1:]
 from dist_hooks.demo.__main__ import build_parser
-import dist_hooks.coordinator as coordinator
-orig = coordinator.Run.checkpoint
+import dist_hooks.run as run
+orig = run.Run.checkpoint
 def checkpoint(self, *a, **k):                  # the disk fills up right after the first boundary
     out = orig(self, *a, **k)
-    self._join_coordinator()
+    self.coordinator.join()
     resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
     return out
-coordinator.Run.checkpoint = checkpoint
+run.Run.checkpoint = checkpoint
 from dist_hooks.demo.__main__ import main
 sys.exit(main())
 """

@@ -19,11 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from ..comm import Communicator, get_communicator
+from ..launch import LaunchInfo, detect_launch
+from ..run import Run
 from ..stages import Stage
 from .dynamics import FIRE, BaseDynamics, Langevin, VelocityVerlet, hook_lifetime
 from .workload import (
@@ -180,60 +182,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _env_int(names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return default
-
-
-def _fallback_launch() -> SimpleNamespace:
-    """Launch info read straight from the usual rank variables (used only without dist_hooks.launch)."""
-    rank = _env_int(("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), 0)
-    world = _env_int(("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"), 1)
-    local = _env_int(("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"), 0)
-    return SimpleNamespace(launcher="env" if world > 1 else "single", rank=rank, world_size=world,
-                           local_rank=local, local_world_size=1, node_rank=0, job_id=None,
-                           restart_count=0)
-
-
-class _LocalComm:
-    """Stand-in used only when ``dist_hooks.comm`` is not importable: no cross-rank traffic, so
-    ``gather`` returns just this rank's object on the root (the table then has one row)."""
-
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
-        return [obj] if self.rank == root else None
-
-    def barrier(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _launch_and_comm() -> tuple[Any, Any]:
-    """This process's launch info and communicator (env-based fallbacks if not installed)."""
-    try:
-        from dist_hooks.launch import detect_launch
-    except ModuleNotFoundError as exc:
-        if exc.name != "dist_hooks.launch":
-            raise
-        launch: Any = _fallback_launch()
-    else:
-        launch = detect_launch()
-    try:
-        from dist_hooks.comm import get_communicator
-    except ModuleNotFoundError as exc:
-        if exc.name != "dist_hooks.comm":
-            raise
-        comm: Any = _LocalComm(int(launch.rank), int(launch.world_size))
-    else:
-        comm = get_communicator("auto", launch=launch)
-    return launch, comm
+def _launch_and_comm() -> tuple[LaunchInfo, Communicator]:
+    """This process's launch info and communicator."""
+    launch = detect_launch()
+    return launch, get_communicator("auto", launch=launch)
 
 
 #: The result of the latest ``main()`` in this process (tests and embedding drivers read it).
@@ -270,7 +222,6 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
     current: dict[str, Any] = {"dyn": None}
     run = None
     if not args.no_record:
-        from dist_hooks.coordinator import Run
         run = Run(out_dir, checkpoint_every=args.checkpoint_every or None, comm=comm, launch=launch,
                   storage=args.storage, local_dir=args.local_dir, resume=args.resume, timeout=args.timeout,
                   state_fn=lambda: _demo_state(batch, current["dyn"]),

@@ -1,0 +1,426 @@
+"""``Run``: the hooks of one recorded run, its checkpoint boundaries and its resume.
+
+Design (after torch.distributed.checkpoint's split of planning, storage and coordination, and
+GROMACS's ``-cpi -append``):
+
+- Every rank writes only its own files. At a boundary each rank drains its hooks, fsyncs, saves the
+  caller's simulation state (optional) and sends a *commit record* — lengths and checksums, never
+  data in shared storage mode — to the coordinator (rank 0) over the communicator.
+- The coordinator (:mod:`.coordinator`) merges the converged records committed since the previous
+  boundary by all ranks into ``data.zarr/converged``, writes an immutable per-boundary file and
+  then the run manifest ``run.json`` atomically. That is the commit point: a crash anywhere
+  before it leaves the previous boundary in force.
+- On relaunch with the same directory the manifest is read (rank 0) and broadcast; every rank cuts
+  its CSVs and Zarr groups back to the committed lengths (checking the committed prefix's
+  checksum), the coordinator cuts the merged group back, and the caller gets its saved state.
+
+A boundary happens *before* a step (stage BEFORE_STEP), so that everything a step records — its
+AFTER_STEP rows and its ON_CONVERGE records — falls on one side of it, and a resumed run restarts
+exactly at the boundary's step.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .comm import Communicator, get_communicator
+from .coordinator import BoundaryMessage, Coordinator, group_block
+from .errors import DamageError, ResumeError
+from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, _RecordingHook
+from .launch import LaunchInfo, detect_launch
+from .records import CsrBlock
+from .stages import Stage, stage_matches
+from .store import layout
+from .store.group_reader import GroupReader
+from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
+    Manifest, StateFile
+from .store.storage import LocalRunStorage, RunStorage
+
+log = logging.getLogger("dist_hooks")
+
+STATE_DIR = "state"
+KEEP_STATES = 2  # the state of the boundary in force and of the one being written
+
+
+class Preempted(SystemExit):
+    """Raised after the final boundary that a SIGTERM/SIGUSR1 asked for; exit status 143."""
+
+    def __init__(self, signum: int):
+        super().__init__(143)
+        self.signum = signum
+
+
+class Run:
+    """A recorded run: where every rank's hooks write, and the checkpoint boundaries between them.
+
+    Use it as a hook registered *after* the recording hooks (it acts at BEFORE_STEP), and call
+    ``close()`` at the end (or use it as a context manager) for the final boundary::
+
+        run = Run("runs/x", checkpoint_every=100)
+        hooks = [run.logging_hook(), run.snapshot_hook(frequency=10), run.converged_hook(), run]
+        ...
+        run.close()
+
+    ``storage="shared"``: all ranks write under ``path`` (a parallel filesystem); the coordinator
+    reads the new converged records from the ranks' groups. ``storage="local"``: each rank writes
+    under ``local_dir`` (node-local disk) and sends its new converged records to the coordinator
+    with its commit record; ``path`` holds the manifest and the merged group.
+
+    ``resume``: ``"auto"`` continues a run whose manifest exists (the normal relaunch, including
+    torchrun restarts), ``"never"`` refuses an existing run, ``"always"`` refuses to start a new
+    one. ``state_fn`` returns the simulation state to save at each boundary (anything
+    ``torch.save`` takes); after a resume, ``resume_state`` holds the one saved at the boundary in
+    force and ``start_step`` its step. ``sink_options``: the Zarr settings (``ZarrSink``'s
+    parameters) of every group of the run, the merged converged group included.
+
+    SIGTERM and SIGUSR1 (what SLURM's ``--signal`` and submitit send before the time limit) turn
+    the next boundary into the last one: every rank commits, closes its hooks and raises
+    ``Preempted`` (exit status 143). With one process that is the next step; with several it is
+    the next regular boundary, since the ranks agree on stopping through the boundary's own
+    gather, without an extra collective per step — choose ``checkpoint_every`` so that a boundary
+    falls within the signal's lead time.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, checkpoint_every: int | None = None,
+                 comm: Communicator | None = None, launch: LaunchInfo | None = None,
+                 storage: str = "shared", local_dir: str | os.PathLike | None = None,
+                 resume: str = "auto", timeout: float = 300.0,
+                 state_fn: Callable[[], Any] | None = None, handle_signals: bool = True,
+                 sink_options: dict | None = None, settings: dict | None = None):
+        if storage not in ("shared", "local"):
+            raise ValueError(f"storage must be 'shared' or 'local', got {storage!r}")
+        if resume not in ("auto", "never", "always"):
+            raise ValueError(f"resume must be 'auto', 'never' or 'always', got {resume!r}")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if storage == "local" and local_dir is None:
+            raise ValueError("storage='local' needs local_dir (this node's own disk)")
+        self.path = Path(path).absolute()
+        self.launch = launch if launch is not None else detect_launch()
+        self.comm = comm if comm is not None else get_communicator(launch=self.launch, timeout=timeout)
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.timeout = timeout
+        self.storage = storage
+        self.rank_root = Path(local_dir).absolute() if storage == "local" else self.path
+        self.run_files: RunStorage = LocalRunStorage(self.path)
+        self.rank_files: RunStorage = LocalRunStorage(self.rank_root)
+        self.checkpoint_every = checkpoint_every
+        self.state_fn = state_fn
+        self.settings = dict(settings or {})
+        self.stage = Stage.BEFORE_STEP
+        self.frequency = 1
+        self._hooks: dict[str, _RecordingHook] = {}
+        self._sink = None
+        self._sink_options = dict(sink_options or {})
+        self._prev: dict[str, HookCommit] = {}  # this rank's hooks in its previous commit record
+        self._signal: int | None = None
+        self._closed = False
+        self._next_step: int | None = None
+        self._boundary_index = 0
+        self.coordinator = (Coordinator(self.run_files, shared=storage == "shared",
+                                        sink_options=self._sink_options)
+                            if self.rank == 0 else None)
+        self.last_timing: dict = {}
+
+        if self.rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if storage == "shared":  # create the shared hierarchy once, before any rank opens it
+                self.run_files.create_hierarchy()
+        self.rank_root.mkdir(parents=True, exist_ok=True)
+        if storage == "local":
+            self.rank_files.create_hierarchy()
+        # the broadcast doubles as the barrier after which every rank may open the store
+        manifest = self.comm.broadcast(self._read_manifest() if self.rank == 0 else None, root=0)
+        self.manifest: Manifest | None = manifest
+        self.resume_state: Any = None
+        self.start_step = 0
+        self._resume_points: dict[str, HookCommit] | None = None
+        if manifest is not None:
+            if resume == "never":
+                raise ResumeError(f"{self.path} already holds a run (run.json); pass resume='auto' "
+                                  "to continue it or choose another directory")
+            self._prepare_resume(manifest)
+        elif resume == "always":
+            raise ResumeError(f"resume='always' but {self.path} has no run.json to continue")
+        elif self.rank == 0:
+            self.manifest = self._new_manifest()
+            self.run_files.commit_manifest(self.manifest.encode())
+        if handle_signals:
+            self._install_signal_handlers()
+        log.info("dist_hooks run %s: rank %d of %d (%s), %s", self.path, self.rank, self.world_size,
+                 self.launch.launcher, f"resumed at step {self.start_step}" if manifest else "new")
+
+    @property
+    def last_coordinate_s(self) -> float | None:
+        """Seconds rank 0's last merge and manifest commit took (in the background)."""
+        return self.coordinator.last_commit_s if self.coordinator is not None else None
+
+    # -- hooks placed in this run ------------------------------------------------------------------
+    @property
+    def sink(self):
+        """The ``ZarrSink`` of this rank's ``data.zarr`` (created on first use)."""
+        if self._sink is None:
+            from .store import ZarrSink
+            self._sink = ZarrSink(self.rank_root / layout.DATA_DIR, **self._sink_options)
+        return self._sink
+
+    def add_hook(self, hook: _RecordingHook) -> _RecordingHook:
+        """Make ``hook`` part of this run: it records as this rank, is committed at every
+        boundary and, on a resumed run, is cut back to what the boundary in force committed."""
+        if hook.name in self._hooks:
+            raise ValueError(f"a hook named {hook.name!r} is already part of this run")
+        point = None
+        if self._resume_points is not None:
+            # a hook that never reached a boundary is cut back to nothing
+            c = self._resume_points.get(hook.name)
+            point = self._absolute(c) if c is not None else {}
+        hook.bind(rank=self.rank, resume_point=point)
+        self._hooks[hook.name] = hook
+        return hook
+
+    def logging_hook(self, name: str = "log", **kwargs: Any) -> LoggingHook:
+        """A CSV ``LoggingHook`` writing ``logs/<name>/rank-XXXXX.csv`` of this run."""
+        kwargs.setdefault("backend", "csv")
+        return self.add_hook(LoggingHook(log_path=self.rank_root / layout.LOGS_DIR / name,
+                                         name=name, **kwargs))
+
+    def snapshot_hook(self, name: str = "snapshots", **kwargs: Any) -> SnapshotHook:
+        return self.add_hook(SnapshotHook(self.sink, name=name, **kwargs))
+
+    def converged_hook(self, name: str = "converged", **kwargs: Any) -> ConvergedSnapshotHook:
+        """The per-rank converged hook; its records are merged into ``data.zarr/converged``."""
+        return self.add_hook(ConvergedSnapshotHook(self.sink, name=name, **kwargs))
+
+    # -- the boundary hook -------------------------------------------------------------------------
+    def __call__(self, ctx: Any, stage: Any = None) -> None:
+        if stage is not None and not stage_matches(Stage.BEFORE_STEP, stage):
+            return
+        step = int(getattr(ctx, "step_count", 0))
+        self._next_step = step
+        if self.world_size == 1 and self._signal is not None:
+            self._stop(self.checkpoint(step))  # not final: the run is interrupted, not finished
+        if self.checkpoint_every and step > self.start_step and step % self.checkpoint_every == 0:
+            summary = self.checkpoint(step)
+            if summary["stop"] is not None:
+                self._stop(summary)
+
+    def _stop(self, summary: dict) -> None:
+        """After a boundary that a signal asked for: close the hooks and leave with ``Preempted``."""
+        self._closed = True
+        for hook in self._hooks.values():
+            hook.close()
+        self._restore_signal_handlers()
+        raise Preempted(summary["stop"] or signal.SIGTERM)
+
+    def checkpoint(self, step: int | None = None, *, final: bool = False) -> dict:
+        """Commit a boundary now; every rank must call it at the same point of the run. ``step`` is
+        the step a resumed run restarts at (everything recorded before it is committed). Returns
+        the summary the coordinator broadcast: ``index``, ``all_final`` and ``stop`` (a signal
+        number when any rank was asked to stop, else None)."""
+        step = self._next_step if step is None else step
+        t0 = time.perf_counter()
+        if self.coordinator is not None:
+            self.coordinator.join()  # the previous boundary's merge and manifest come first
+        message = self._message(step, final)
+        t1 = time.perf_counter()
+        messages = self.comm.gather(message, root=0, timeout=self.timeout)
+        summary = None
+        if self.rank == 0:
+            stops = [m.record.signal for m in messages if m.record.signal is not None]
+            summary = {"index": self._boundary_index,
+                       "all_final": all(m.record.final for m in messages),
+                       "stop": stops[0] if stops else None}
+        summary = self.comm.broadcast(summary, root=0, timeout=self.timeout)
+        t2 = time.perf_counter()
+        if self.coordinator is not None:
+            # the merge and the manifest run beside the simulation: nobody waits for them, and the
+            # next boundary (or close) joins them first, so boundaries still commit in order
+            self.coordinator.commit_async(self.manifest, messages, summary["index"],
+                                          summary["all_final"], self._hook_settings())
+            if final or summary["stop"] is not None or self._signal is not None:
+                self.coordinator.join()
+        self._boundary_index = summary["index"] + 1
+        self._prune_states()
+        t3 = time.perf_counter()
+        # where a boundary's time goes (benchmarks/bench_boundary.py reports it): making this
+        # rank's data durable and agreeing with the others stall the caller; rank 0's merge and
+        # manifest run in the background (``last_coordinate_s``)
+        self.last_timing = {"sync_s": t1 - t0, "exchange_s": t2 - t1, "stall_s": t3 - t0,
+                            "record_bytes": len(json.dumps(message.record.to_json()))}
+        return summary
+
+    def close(self, step: int | None = None) -> None:
+        """Final boundary, at ``step`` (default: the step after the last one this run saw, i.e.
+        the next step that would run). A rank that finishes early keeps joining the others'
+        boundaries until every rank has finished, so nobody waits for it in vain."""
+        if self._closed:
+            return
+        self._closed = True
+        if step is None:
+            step = self.start_step if self._next_step is None else self._next_step + 1
+        try:
+            while True:
+                summary = self.checkpoint(step, final=True)
+                if summary["all_final"]:
+                    break
+        finally:
+            for hook in self._hooks.values():
+                hook.close()
+            self._restore_signal_handlers()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or exc_type is Preempted:
+            self.close()
+        else:
+            for hook in self._hooks.values():  # keep what is there; the next boundary never came
+                try:
+                    hook.close()
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+        return False
+
+    # -- one rank's part -----------------------------------------------------------------------------
+    def _message(self, step: int | None, final: bool) -> BoundaryMessage:
+        hooks: dict[str, HookCommit] = {}
+        for name, hook in self._hooks.items():
+            info = hook.sync()
+            if info:
+                hooks[name] = self._commit_of(hook, info)
+            elif self._resume_points is not None and name in self._resume_points:
+                hooks[name] = self._resume_points[name]  # never fired since the resume
+        state = self._save_state(step) if self.state_fn is not None else None
+        record = CommitRecord(self.rank, step, final, self._signal, time.time(), hooks, state)
+        converged = self._new_converged(hooks) if self.storage == "local" else {}
+        self._prev = hooks
+        return BoundaryMessage(record, converged)
+
+    def _commit_of(self, hook: _RecordingHook, info: dict) -> HookCommit:
+        """A hook's ``sync()`` result as its commit entry, paths relative to the rank root."""
+        if hook.commit_kind == "csv":
+            p = Path(info["path"])
+            rel = str(p.relative_to(self.rank_root)) if p.is_absolute() and \
+                p.is_relative_to(self.rank_root) else str(p)
+            return CsvCommit(rel, int(info["bytes"]), int(info["rows"]), int(info["crc32"]))
+        return GroupCommit(info["group"], int(info["records"]), int(info["atoms"]),
+                           dict(info["crc32"]), hook.merges_converged, info.get("files"))
+
+    def _absolute(self, commit: HookCommit) -> dict:
+        """A commit entry as a hook's resume point: its JSON, the CSV path made absolute."""
+        out = commit.to_json()
+        if isinstance(commit, CsvCommit) and not Path(commit.path).is_absolute():
+            out["path"] = str(self.rank_root / commit.path)
+        return out
+
+    def _hook_settings(self) -> dict[str, HookSettings]:
+        return {name: HookSettings(type(h).__name__, h.frequency,
+                                   getattr(h.stage, "name", str(h.stage)))
+                for name, h in self._hooks.items()}
+
+    def _state_rel(self, index: int | None = None) -> str:
+        d = f"{STATE_DIR}/{layout.rank_name(self.rank)}"
+        return d if index is None else f"{d}/b-{index:06d}.pt"
+
+    def _save_state(self, step: int | None) -> StateFile:
+        buf = io.BytesIO()
+        torch.save({"step": step, "state": self.state_fn()}, buf)
+        data = buf.getvalue()
+        rel = self._state_rel(self._boundary_index)
+        self.rank_files.replace(rel, data)
+        return StateFile(rel, len(data), zlib.crc32(data))
+
+    def _prune_states(self) -> None:
+        files = [n for n in self.rank_files.list(self._state_rel()) if n.startswith("b-")
+                 and n.endswith(".pt")]
+        for name in files[:-KEEP_STATES]:
+            self.rank_files.remove(f"{self._state_rel()}/{name}")
+
+    def _new_converged(self, hooks: dict[str, HookCommit]) -> dict[str, CsrBlock]:
+        """This rank's converged records committed since its previous boundary (node-local
+        storage: the coordinator cannot read them from disk)."""
+        out = {}
+        for name, c in hooks.items():
+            old = self._prev.get(name)
+            start = old.length if old is not None else 0
+            if c.converged and c.length > start:
+                reader = GroupReader(self.rank_root / layout.DATA_DIR,
+                                     layout.hook_group(self.rank, name))
+                out[name] = group_block(reader, start, c.length)
+        return out
+
+    # -- manifest and resume ---------------------------------------------------------------------
+    def _new_manifest(self) -> Manifest:
+        from . import __version__
+        return Manifest(self.world_size, self.launch.launcher, self.storage, self.launch.job_id,
+                        self.checkpoint_every, self.settings, dist_hooks_version=__version__,
+                        created=time.time())
+
+    def _read_manifest(self) -> Manifest | None:
+        data = self.run_files.read_manifest()
+        if data is None:
+            return None
+        try:
+            return Manifest.parse(data, str(self.path / layout.MANIFEST))
+        except DamageError as exc:
+            raise ResumeError(f"{exc}; it is written atomically, so it was damaged after the "
+                              "fact") from exc
+
+    def _prepare_resume(self, manifest: Manifest) -> None:
+        if manifest.world_size != self.world_size:
+            raise ResumeError(
+                f"{self.path} was recorded with world size {manifest.world_size}, this job has "
+                f"{self.world_size}: each rank continues its own shards and simulation state, so a "
+                "resume needs the same world size")
+        self._boundary_index = len(manifest.boundaries)
+        mine = manifest.last.rank(self.rank) if manifest.last is not None else None
+        self._resume_points = dict(mine.hooks) if mine is not None else {}
+        if mine is not None:
+            self.start_step = int(mine.step or 0)
+            self._prev = dict(mine.hooks)
+            if mine.state is not None:
+                self.resume_state = self._load_state(mine.state)
+        if self.coordinator is not None:
+            self.coordinator.resume(manifest.merged)
+
+    def _load_state(self, state: StateFile) -> Any:
+        where = self.rank_files.path(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
+        data = self.rank_files.read(state.path)
+        if data is None or len(data) != state.bytes or zlib.crc32(data) != state.crc32:
+            raise ResumeError(f"{where}: saved simulation state does not match its checksum in "
+                              "run.json")
+        return torch.load(io.BytesIO(data), weights_only=False)["state"]
+
+    # -- signals -------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):
+                pass
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning("rank %d: received signal %d; the run stops after the next %s", self.rank, signum,
+                    "step's boundary" if self.world_size == 1 else "checkpoint boundary")
+        self._signal = signum
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):
+                pass

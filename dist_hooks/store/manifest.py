@@ -1,0 +1,385 @@
+"""The run manifest ``run.json`` and the boundary files, as typed dataclasses (docs/format.md).
+
+Why dataclasses: the manifest is the one document every writer and reader of a run agrees on;
+spelling it out once, with one parser that checks every value's type and one format-version
+check, replaces ``.get(...) or {}`` chains that let a damaged or hand-edited file through as
+``None`` and fail later, far from the cause. :meth:`Manifest.parse` raises :class:`DamageError`
+naming the key; ``to_json`` writes the same keys, in the same order, as format version 1 always
+has, so a run recorded by an earlier version reads, resumes and is rewritten unchanged.
+
+Who writes what: every rank builds its :class:`CommitRecord` at a boundary; the coordinator
+(rank 0) gathers them into a :class:`BoundaryEntry` (``boundaries/b-NNNNNN.json``), appends a
+:class:`BoundarySummary` to the :class:`Manifest` and commits it (``run.json``).
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ..errors import DamageError
+from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+
+__all__ = ["BoundaryEntry", "BoundarySummary", "CommitRecord", "CsvCommit", "GroupCommit",
+           "HookCommit", "HookSettings", "Manifest", "MergedLengths", "StateFile",
+           "manifest_crc32"]
+
+
+class _Fields:
+    """Typed access to one JSON object, each failure naming ``where`` and the key."""
+
+    def __init__(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise DamageError(f"{where}: expected an object, got {_shown(obj)}")
+        self.obj, self.where = obj, where
+
+    def _get(self, key: str, types: tuple[type, ...], what: str, optional: bool, default: Any):
+        if key not in self.obj:
+            if optional:
+                return default
+            raise DamageError(f"{self.where}: '{key}' missing")
+        v = self.obj[key]
+        if v is None and optional:
+            return default
+        # bool is an int to Python, never to us
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise DamageError(f"{self.where}.{key}: expected {what}, got {_shown(v)}")
+        return v
+
+    def int(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
+        return self._get(key, (int,), "an integer", optional, default)
+
+    def num(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
+        return self._get(key, (int, float), "a number", optional, default)
+
+    def str(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
+        return self._get(key, (str,), "a string", optional, default)
+
+    def bool(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
+        return self._get(key, (bool,), "true or false", optional, default)
+
+    def obj_(self, key: str, *, optional: bool = False) -> dict:
+        return self._get(key, (dict,), "an object", optional, {})
+
+    def list(self, key: str, *, optional: bool = False) -> list:
+        return self._get(key, (list,), "a list", optional, [])
+
+    def int_map(self, key: str, *, optional: bool = False) -> dict[str, int]:
+        d = self.obj_(key, optional=optional)
+        for k, v in d.items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise DamageError(f"{self.where}.{key}.{k}: expected an integer, got {_shown(v)}")
+        return dict(d)
+
+
+def _shown(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (dict, list, str, int, float, bool, type(None))) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int_or_none_list(f: _Fields, key: str) -> list[int | None]:
+    out = f.list(key)
+    for i, v in enumerate(out):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise DamageError(f"{f.where}.{key}[{i}]: expected an integer or null, got {_shown(v)}")
+    return list(out)
+
+
+@dataclass
+class StateFile:
+    """A rank's saved simulation state: ``path`` relative to its rank root."""
+
+    path: str
+    bytes: int
+    crc32: int
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "StateFile":
+        f = _Fields(obj, where)
+        return cls(f.str("path"), f.int("bytes"), f.int("crc32"))
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, "crc32": self.crc32}
+
+
+@dataclass
+class CsvCommit:
+    """Committed lengths of one rank's CSV log: ``path`` relative to the rank root."""
+
+    path: str
+    bytes: int
+    rows: int
+    crc32: int
+    kind = "csv"
+    converged = False
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "CsvCommit":
+        f = _Fields(obj, where)
+        return cls(f.str("path"), f.int("bytes"), f.int("rows"), f.int("crc32"))
+
+    @property
+    def length(self) -> int:
+        """Committed data rows."""
+        return self.rows
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, "rows": self.rows, "crc32": self.crc32,
+                "kind": self.kind, "converged": False}
+
+
+@dataclass
+class GroupCommit:
+    """Committed lengths of one rank's record group: ``group`` inside ``data.zarr``; ``crc32``
+    per field; ``files``: ``{"<array>/<shard file>": [bytes, crc32]}`` written since the previous
+    boundary (absent in runs recorded before it was added)."""
+
+    group: str
+    records: int
+    atoms: int
+    crc32: dict[str, int]
+    converged: bool = False
+    files: dict[str, list[int]] | None = None
+    kind = "zarr"
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "GroupCommit":
+        f = _Fields(obj, where)
+        files = f.obj_("files", optional=True) if "files" in obj else None
+        for k, v in (files or {}).items():
+            if (not isinstance(v, list) or len(v) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+                raise DamageError(f"{where}.files.{k}: expected [bytes, crc32], got {_shown(v)}")
+        return cls(f.str("group"), f.int("records"), f.int("atoms"),
+                   f.int_map("crc32", optional=True), bool(f.bool("converged", optional=True)),
+                   files)
+
+    @property
+    def length(self) -> int:
+        """Committed records."""
+        return self.records
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"group": self.group, "records": self.records, "atoms": self.atoms,
+                               "crc32": dict(self.crc32)}
+        if self.files is not None:
+            out["files"] = self.files
+        out.update(kind=self.kind, converged=self.converged)
+        return out
+
+
+HookCommit = Union[CsvCommit, GroupCommit]
+
+
+def _hook_commit(obj: Any, where: str) -> HookCommit:
+    kind = obj.get("kind", "zarr" if "group" in obj else "csv") if isinstance(obj, dict) else None
+    if kind == "csv":
+        return CsvCommit.from_json(obj, where)
+    if kind == "zarr":
+        return GroupCommit.from_json(obj, where)
+    raise DamageError(f"{where}.kind: expected \"csv\" or \"zarr\", got {_shown(kind)}")
+
+
+@dataclass
+class CommitRecord:
+    """What one rank commits at a boundary (it sends this to the coordinator)."""
+
+    rank: int
+    step: int | None
+    final: bool
+    signal: int | None
+    time: float
+    hooks: dict[str, HookCommit] = field(default_factory=dict)
+    state: StateFile | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "CommitRecord":
+        f = _Fields(obj, where)
+        hooks = {str(k): _hook_commit(v, f"{where}.hooks.{k}")
+                 for k, v in f.obj_("hooks", optional=True).items()}
+        state = StateFile.from_json(obj["state"], f"{where}.state") if obj.get("state") else None
+        return cls(f.int("rank"), f.int("step", optional=True), bool(f.bool("final")),
+                   f.int("signal", optional=True), f.num("time"), hooks, state)
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"rank": self.rank, "step": self.step, "final": self.final,
+                               "signal": self.signal, "time": self.time,
+                               "hooks": {k: v.to_json() for k, v in self.hooks.items()}}
+        if self.state is not None:
+            out["state"] = self.state.to_json()
+        return out
+
+
+@dataclass
+class MergedLengths:
+    """Committed lengths of the merged converged group ``data.zarr/converged``."""
+
+    records: int = 0
+    atoms: int = 0
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "MergedLengths":
+        f = _Fields(obj, where)
+        return cls(f.int("records", optional=True, default=0), f.int("atoms", optional=True, default=0))
+
+    def to_json(self) -> dict:
+        return {"records": self.records, "atoms": self.atoms}
+
+
+@dataclass
+class BoundaryEntry:
+    """One committed boundary: ``boundaries/b-NNNNNN.json``, and ``last`` in ``run.json``."""
+
+    index: int
+    time: float
+    all_final: bool
+    steps: list[int | None]
+    ranks: list[CommitRecord]
+    merged: MergedLengths
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "BoundaryEntry":
+        f = _Fields(obj, where)
+        ranks = [CommitRecord.from_json(r, f"{where}.ranks[{i}]") for i, r in enumerate(f.list("ranks"))]
+        return cls(f.int("index"), f.num("time"), bool(f.bool("all_final")),
+                   _int_or_none_list(f, "steps"), ranks,
+                   MergedLengths.from_json(f.obj_("merged", optional=True), f"{where}.merged"))
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> "BoundaryEntry":
+        """A boundary file's bytes; :class:`DamageError` naming ``where`` if they do not parse."""
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DamageError(f"{where}: not valid JSON ({exc})") from exc
+        return cls.from_json(obj, where)
+
+    def rank(self, rank: int) -> CommitRecord | None:
+        """The commit record of ``rank``, or None."""
+        return next((r for r in self.ranks if r.rank == rank), None)
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "time": self.time, "all_final": self.all_final,
+                "steps": list(self.steps), "ranks": [r.to_json() for r in self.ranks],
+                "merged": self.merged.to_json()}
+
+
+@dataclass
+class BoundarySummary:
+    """One entry of ``run.json``'s ``boundaries`` list."""
+
+    index: int
+    time: float
+    steps: list[int | None]
+    file: str
+    converged_count: int
+    all_final: bool
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "BoundarySummary":
+        f = _Fields(obj, where)
+        return cls(f.int("index"), f.num("time"), _int_or_none_list(f, "steps"), f.str("file"),
+                   f.int("converged_count"), bool(f.bool("all_final")))
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "time": self.time, "steps": list(self.steps),
+                "file": self.file, "converged_count": self.converged_count,
+                "all_final": self.all_final}
+
+
+@dataclass
+class HookSettings:
+    """How a hook of the run was configured (``run.json``'s ``hooks``)."""
+
+    type: str
+    frequency: int
+    stage: str
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "HookSettings":
+        f = _Fields(obj, where)
+        return cls(f.str("type"), f.int("frequency"), f.str("stage"))
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "frequency": self.frequency, "stage": self.stage}
+
+
+@dataclass
+class Manifest:
+    """``run.json``: the run's settings and its committed boundaries (docs/format.md)."""
+
+    world_size: int
+    launcher: str
+    storage: str
+    job_id: str | None = None
+    checkpoint_every: int | None = None
+    settings: dict = field(default_factory=dict)
+    hooks: dict[str, HookSettings] = field(default_factory=dict)
+    boundaries: list[BoundarySummary] = field(default_factory=list)
+    last: BoundaryEntry | None = None
+    dist_hooks_version: str = ""
+    created: float = 0.0
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def parse(cls, data: bytes, where: str = MANIFEST) -> "Manifest":
+        """``run.json``'s bytes, checked: JSON, format name, format version (the one check of
+        it) and every value's type; :class:`DamageError` naming the key otherwise."""
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DamageError(f"{where}: not valid JSON ({exc})") from exc
+        return cls.from_json(obj, where)
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = MANIFEST) -> "Manifest":
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise DamageError(f"{where}: not a {FORMAT_NAME} manifest")
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise DamageError(f"{where}: format version {obj.get('format_version')}, this "
+                              f"dist_hooks reads version {FORMAT_VERSION}")
+        f = _Fields(obj, where)
+        world = f.int("world_size")
+        if world < 1:
+            raise DamageError(f"{where}.world_size: {world} is not a positive integer")
+        hooks = {str(k): HookSettings.from_json(v, f"{where}.hooks.{k}")
+                 for k, v in f.obj_("hooks", optional=True).items()}
+        bounds = [BoundarySummary.from_json(b, f"{where}.boundaries[{i}]")
+                  for i, b in enumerate(f.list("boundaries", optional=True))]
+        last = BoundaryEntry.from_json(obj["last"], f"{where}.last") if obj.get("last") else None
+        return cls(world, f.str("launcher"), f.str("storage"), f.str("job_id", optional=True),
+                   f.int("checkpoint_every", optional=True), f.obj_("settings", optional=True),
+                   hooks, bounds, last, f.str("dist_hooks_version", optional=True, default=""),
+                   f.num("created", optional=True, default=0.0))
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "format_version": self.format_version,
+                "dist_hooks_version": self.dist_hooks_version, "created": self.created,
+                "world_size": self.world_size, "launcher": self.launcher, "job_id": self.job_id,
+                "storage": self.storage, "checkpoint_every": self.checkpoint_every,
+                "settings": self.settings,
+                "hooks": {k: v.to_json() for k, v in self.hooks.items()},
+                "boundaries": [b.to_json() for b in self.boundaries],
+                "last": self.last.to_json() if self.last is not None else None}
+
+    def encode(self) -> bytes:
+        """The bytes of ``run.json`` (indented, as every version wrote it)."""
+        return json.dumps(self.to_json(), indent=1).encode()
+
+    # -- views every reader needs
+    @property
+    def ranks(self) -> list[CommitRecord]:
+        """The commit records of the boundary in force (empty before the first boundary)."""
+        return list(self.last.ranks) if self.last is not None else []
+
+    @property
+    def merged(self) -> MergedLengths:
+        """Committed lengths of ``data.zarr/converged`` (zero before the first boundary)."""
+        return self.last.merged if self.last is not None else MergedLengths()
+
+
+def manifest_crc32(data: bytes) -> int:
+    """crc32 of ``run.json``'s bytes: identifies the committed state a consolidation was made of."""
+    return zlib.crc32(data)
