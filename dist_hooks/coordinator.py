@@ -28,6 +28,7 @@ import numpy as np
 
 from .records import CsrBlock, merge_blocks
 from .store import layout
+from .store.checksums import fold_column_crc32
 from .store.group_reader import GroupReader
 from .store.group_writer import GroupWriter
 from .store.manifest import (
@@ -83,6 +84,7 @@ class Coordinator:
             self.merged_options["chunks_per_shard"] = sink_options["shards"]
         self._writer: GroupWriter | None = None
         self._seen: dict[int, np.ndarray] = {}  # rank -> sample ids merged so far (sorted)
+        self._crc: dict[str, int] = {}  # per field, of the merged group's rows so far
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_commit_s: float | None = None
@@ -102,6 +104,10 @@ class Coordinator:
             rd = GroupReader(self.data_root, layout.CONVERGED_GROUP)
             rank, sid = rd.column("rank"), rd.column("sample_id")
             self._seen = {int(r): np.unique(sid[rank == r]) for r in np.unique(rank).tolist()}
+            if merged.crc32 is None:  # recorded before merged checksums: take them now
+                block = group_block(rd, 0, merged.records)
+                fold_column_crc32(self._crc, {**block.rec, **block.atoms})
+        self._crc = dict(merged.crc32) if merged.crc32 is not None else self._crc
 
     # -- one boundary
     def commit_async(self, manifest: Manifest, messages: list[BoundaryMessage], index: int,
@@ -166,8 +172,9 @@ class Coordinator:
                     sources.append((rec.rank, [self._new_block(msg, name, start, stop)]))
         for block in merge_blocks(sources, dedup=True, seen=self._seen):
             self.writer.append(block.rec, block.atoms, np.diff(block.ptr))
+            fold_column_crc32(self._crc, {**block.rec, **block.atoms})
         self.writer.sync()  # durable (fsync) before run.json names these lengths
-        return MergedLengths(**self.writer.committed_lengths())
+        return MergedLengths(**self.writer.committed_lengths(), crc32=dict(self._crc))
 
     def _new_block(self, msg: BoundaryMessage, name: str, start: int, stop: int) -> CsrBlock:
         if not self.shared:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import torch
@@ -54,3 +55,17 @@ def test_sink_options_reach_the_merged_group(tmp_path):
                            use_consolidated=False)
     np.testing.assert_array_equal(merged["sample_id"][:], conv["sample_id"][:])
     np.testing.assert_array_equal(merged["positions"][:], conv["positions"][:])
+    assert_merged_checksums(root)
+
+
+def assert_merged_checksums(root) -> None:
+    """run.json's crc32 of every field of data.zarr/converged matches the bytes zarr reads."""
+    m = json.loads((root / "run.json").read_text())["last"]["merged"]
+    g = zarr.open_group(str(root / "data.zarr"), path="converged", mode="r", use_consolidated=False)
+    ptr = g["atoms_ptr"][:]
+    levels = dict(g.attrs["level"])
+    want = {}
+    for name, level in levels.items():
+        rows = m["records"] if level == "record" else int(ptr[m["records"]])
+        want[name] = zlib.crc32(np.ascontiguousarray(g[name][:rows]).tobytes())
+    assert m["crc32"] == want and len(want) > 5

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import threading
 import zlib
+from typing import Mapping
 
-__all__ = ["fd_crc32", "file_crc32"]
+import numpy as np
+
+__all__ = ["fd_crc32", "file_crc32", "fold_column_crc32"]
 
 _buffers = threading.local()
 
@@ -45,3 +48,12 @@ def file_crc32(path: str | os.PathLike, size: int) -> int:
         raise ValueError(f"{path}: shorter than {size} bytes") from None
     finally:
         os.close(fd)
+
+
+def fold_column_crc32(crcs: dict[str, int], columns: Mapping[str, np.ndarray]) -> None:
+    """Fold appended rows into each column's running crc32, in place: the checksum a commit
+    record carries per field of a record group (zlib CRC-32 of the committed rows' bytes, C
+    order, native byte order; docs/format.md)."""
+    for name, v in columns.items():
+        crcs[name] = zlib.crc32(np.ascontiguousarray(v).reshape(-1).view(np.uint8),
+                                crcs.get(name, 0))

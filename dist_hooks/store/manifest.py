@@ -213,18 +213,25 @@ class CommitRecord:
 
 @dataclass
 class MergedLengths:
-    """Committed lengths of the merged converged group ``data.zarr/converged``."""
+    """Committed lengths of the merged converged group ``data.zarr/converged``, and the crc32
+    of each of its fields (absent in runs recorded before it was added)."""
 
     records: int = 0
     atoms: int = 0
+    crc32: dict[str, int] | None = None
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "MergedLengths":
         f = _Fields(obj, where)
-        return cls(f.int("records", optional=True, default=0), f.int("atoms", optional=True, default=0))
+        return cls(f.int("records", optional=True, default=0),
+                   f.int("atoms", optional=True, default=0),
+                   f.int_map("crc32") if "crc32" in obj else None)
 
     def to_json(self) -> dict:
-        return {"records": self.records, "atoms": self.atoms}
+        out: dict[str, Any] = {"records": self.records, "atoms": self.atoms}
+        if self.crc32 is not None:
+            out["crc32"] = dict(self.crc32)
+        return out
 
 
 @dataclass
