@@ -16,7 +16,7 @@ from .atomic_store import (
 )
 from .layout import FORMAT_NAME, FORMAT_VERSION
 from .group_writer import FieldSchemaError, GroupWriter, ZarrSink, make_compressors
-from .group_reader import GroupReader, list_shards, resolve_data_root
+from .group_reader import GroupReader, resolve_data_root
 
 __all__ = [
     "FORMAT_NAME",
@@ -30,7 +30,6 @@ __all__ = [
     "fsync_file",
     "fsync_tree",
     "layout",
-    "list_shards",
     "make_compressors",
     "remove_stale_temporaries",
     "resolve_data_root",

@@ -293,11 +293,6 @@ class AtomicLocalStore(LocalStore):
                 yield key
 
     # ------------------------------------------------------------- durability
-    def pending_sync(self) -> int:
-        """How many paths were written or removed since the last :meth:`sync`."""
-        with self._dirty_lock:
-            return len(self._dirty)
-
     def sync(self) -> None:
         """Make everything written through this store so far durable (fsync files, then dirs).
 
