@@ -218,7 +218,7 @@ class AtomicLocalStore(LocalStore):
     def put_bytes(self, key: str, data: bytes | memoryview, *, exclusive: bool = False) -> int:
         """Write ``data`` as the file ``key`` under the store's policy (atomic replace, fsync,
         checksum, :meth:`sync`), as zarr's writes through this store are; returns its size.
-        For writers that build whole files themselves (:mod:`.raw_writer`)."""
+        For writers that build whole files themselves (:mod:`.shard_files`)."""
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         policy = self.fsync_policy

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 import zarr
+
+from .array_layout import ArrayLayout, parse_array
 from .atomic_store import AtomicLocalStore
-from .raw_shards import ArrayMeta, RawArrayReader, ShardLayout
 from .layout import ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS
+from .shard_files import ArrayMeta, RawArrayReader, ShardLayout
 
 __all__ = ["GroupReader", "resolve_data_root"]
 
@@ -159,6 +161,13 @@ class GroupReader:
         """The direct shard-file reader of field ``name`` (see :meth:`_rows`), or ``None``
         when zarr reads it."""
         return self._raw.get(name)
+
+    def layout(self, name: str) -> ArrayLayout:
+        """The parsed ``zarr.json`` of array ``name`` (any array of the group), as opened."""
+        raw = self._raw_all.get(name)
+        if raw is not None and raw.lay.array is not None:
+            return raw.lay.array
+        return parse_array(self.all_arrays[name].metadata.to_dict())
 
     def _whole(self, arr: Any, name: str) -> np.ndarray:
         """A whole int64 layout array (see :meth:`_rows`)."""
