@@ -65,8 +65,6 @@ import pyarrow.csv as pacsv
 from ..reader import (
     CONSOLIDATED_FORMAT,
     CONSOLIDATED_MARKER,
-    INT_COLUMNS,
-    KEY_COLUMNS,
     DamageError,
     RunError,
     Unit,
@@ -74,18 +72,16 @@ from ..reader import (
     committed_units,
     default_consolidated_dir,
     find_rank_roots,
-    iter_csv_batches,
     load_manifest,
     local_storage_error,
-    merge_kinds,
     read_consolidated_summary,
-    KIND_TYPES,
-    text_kind_cast,
 )
 from ..records import CsrBlock, frontier_windows, merge_blocks
 from ..store import layout
 from ..store.array_layout import parse_array, writer_chunking
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
+from ..store.csv_log import (INT_COLUMNS, KEY_COLUMNS, KIND_TYPES, iter_csv_batches, merge_kinds,
+                             text_kind_cast)
 from ..store.shard_files import RawArrayReader, ShardDamage
 from ..store.raw_group_writer import RawGroupWriter, consolidate_metadata
 from ..store.group_writer import GroupWriter
