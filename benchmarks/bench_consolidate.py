@@ -59,7 +59,8 @@ def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 
     """
     from dist_hooks.store import layout
     from dist_hooks.store.csv_log import CsvLog
-    from dist_hooks.store.group_writer import GroupWriter, ZarrSink
+    from dist_hooks.store.group_writer import GroupWriter
+    from dist_hooks.store.zarr_sink import ZarrSink
     from dist_hooks.records import merge_blocks
     from dist_hooks.tools.consolidate import ZarrSource
 

@@ -19,22 +19,20 @@ and reading the committed prefix of a per-rank CSV.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from .errors import DamageError, RunError
 from .store import layout
-from .store.csv_log import FLOAT_COLUMNS, INT_COLUMNS, KEY_COLUMNS
+from .store.csv_log import (KEY_COLUMNS, iter_csv_batches, narrow_table, read_csv_committed,
+                            sort_table)
 from .store.group_reader import GroupReader
 
 __all__ = [
@@ -217,167 +215,6 @@ def local_storage_error(run_dir: Path, missing: Sequence[int]) -> RunError:
         f"{', '.join(map(str, missing))} are in the nodes' local directories, not in the run "
         f"directory. Copy each node's local directory somewhere readable (as a whole: paths "
         f"inside it are kept) and pass each with --rank-root DIR (Python: rank_roots=[...])")
-
-
-# ------------------------------------------------------------------------------------ CSV
-class _Prefix(io.RawIOBase):
-    """The first ``n`` bytes of a file, with a running crc32 of what was read.
-
-    pyarrow's streaming CSV reader pulls through this, so only committed bytes are parsed and the
-    checksum costs no second read.
-    """
-
-    def __init__(self, path: Path, n: int) -> None:
-        self._f = open(path, "rb")
-        self.left = int(n)
-        self.read_bytes = 0
-        self.crc32 = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        k = min(len(b), self.left)
-        if k <= 0:
-            return 0
-        data = self._f.read(k)
-        n = len(data)
-        b[:n] = data
-        self.left -= n
-        self.read_bytes += n
-        self.crc32 = zlib.crc32(data, self.crc32)
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-def read_header(path: Path) -> list[str]:
-    """Column names of a CSV (first line; pyarrow quotes them)."""
-    with open(path, "rb") as fh:
-        line = fh.readline().decode("utf-8", "replace").rstrip("\r\n")
-    return [c.strip('"') for c in line.split(",")] if line else []
-
-
-def iter_csv_batches(path: str | Path, nbytes: int, *, block_size: int = 1 << 22,
-                     counter: dict | None = None) -> tuple[list[str], Iterator[pa.RecordBatch]]:
-    """Stream the committed prefix of a CSV log: ``(columns, batches)``.
-
-    Key columns (step, rank, sample_id, graph_idx, status) are parsed as int64; every other
-    column stays text. Why text: pyarrow wrote ``1.0`` as ``1``, so a type guessed from the first
-    block can be wrong for a later one; the caller narrows types over the whole column
-    (:func:`narrow_table`) or passes the text through unchanged. ``counter`` (a dict) receives
-    ``bytes`` and ``crc32`` of what was read once the iterator is exhausted.
-    """
-    path = Path(path)
-    cols = read_header(path) if nbytes else []
-    if not cols:
-        if counter is not None:
-            counter.update(bytes=0, crc32=0)
-        return cols, iter(())
-    types = {c: (pa.int64() if c in INT_COLUMNS else pa.string()) for c in cols}
-    src = _Prefix(path, nbytes)
-    reader = pacsv.open_csv(
-        src, read_options=pacsv.ReadOptions(block_size=block_size),
-        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
-                                             null_values=[""], quoted_strings_can_be_null=True))
-
-    def gen() -> Iterator[pa.RecordBatch]:
-        try:
-            for batch in reader:
-                if batch.num_rows:
-                    yield batch
-            # drain: a trailing partial read must still count towards the checksum
-            while src.readinto(bytearray(1 << 16)):
-                pass
-            if counter is not None:
-                counter.update(bytes=src.read_bytes, crc32=src.crc32)
-        finally:
-            src.close()
-
-    return cols, gen()
-
-
-def narrow_table(table: pa.Table) -> pa.Table:
-    """Cast each text column to the narrowest of int64, float64, bool that holds every value.
-
-    Known columns get their known type (energy, fmax, temperature are float64 even when every
-    value happened to be written as an integer).
-    """
-    out = []
-    for name, col in zip(table.column_names, table.columns):
-        out.append(cast_text_column(name, col))
-    return pa.table(out, names=table.column_names)
-
-
-def cast_text_column(name: str, col: Any, kind: str | None = None) -> Any:
-    """Cast one text column (see :func:`narrow_table`); ``kind`` forces "int"/"float"/"bool"/"str"."""
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-        return col
-    if kind is None:
-        kind = text_kind(name, col)
-    target = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(kind)
-    return col if target is None else pc.cast(col, target)
-
-
-_KIND_ORDER = ("int", "float", "bool", "str")
-#: the Arrow type of each kind of :func:`text_kind`
-KIND_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
-
-
-def text_kind(name: str, col: Any) -> str:
-    """The narrowest kind ("int", "float", "bool", "str") that every value of ``col`` parses as."""
-    return text_kind_cast(name, col)[0]
-
-
-def text_kind_cast(name: str, col: Any) -> tuple[str, Any]:
-    """:func:`text_kind` and ``col`` cast to it (``col`` itself for "str"): finding the kind
-    casts the column anyway, and the cast values are what a typed copy needs."""
-    if name in FLOAT_COLUMNS:
-        candidates: tuple[str, ...] = ("float", "str")
-    else:
-        candidates = _KIND_ORDER
-    for kind in candidates:
-        if kind == "str":
-            return kind, col
-        try:
-            return kind, pc.cast(col, KIND_TYPES[kind])
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            continue
-    return "str", col
-
-
-def merge_kinds(a: str | None, b: str) -> str:
-    """The narrowest kind that holds values of both kinds (int+float -> float, else str)."""
-    if a is None or a == b:
-        return b
-    if {a, b} == {"int", "float"}:
-        return "float"
-    return "str"
-
-
-def read_csv_committed(path: str | Path, nbytes: int, *, narrow: bool = True) -> pa.Table:
-    """The committed prefix of one CSV as a table (in memory); typed unless ``narrow=False``
-    (then non-key columns stay text, ready to be concatenated with other ranks' and narrowed
-    together)."""
-    cols, batches = iter_csv_batches(path, nbytes)
-    batches = list(batches)
-    if batches:
-        table = pa.Table.from_batches(batches)
-    else:
-        table = pa.table({c: pa.array([], pa.int64() if c in INT_COLUMNS else pa.string())
-                          for c in cols})
-    return narrow_table(table) if narrow else table
-
-
-def sort_table(table: pa.Table) -> pa.Table:
-    """Rows ordered by (step, rank, sample_id), stably (numpy lexsort, no Python row loop)."""
-    if table.num_rows == 0 or not all(k in table.column_names for k in KEY_COLUMNS):
-        return table
-    keys = [np.asarray(table.column(k).to_numpy(zero_copy_only=False)) for k in KEY_COLUMNS]
-    order = np.lexsort(keys[::-1])
-    return table.take(pa.array(order))
 
 
 # ------------------------------------------------------------------------------------ reader

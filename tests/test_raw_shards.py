@@ -1,4 +1,4 @@
-"""Raw shard reading (``dist_hooks.store.raw_shards``) against an independent reference.
+"""Raw shard reading (``dist_hooks.store.shard_files``) against an independent reference.
 
 Arrays are created with plain zarr v3 (``zarr.create_array`` on a ``LocalStore``), never through
 GroupWriter. The reference for rows is zarr reading the same array (``arr[a:b]``); the reference
@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import (BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ShardingCodec,
                          ZstdCodec)
 
-from dist_hooks.store.raw_shards import RawArrayReader, ShardDamage, ShardLayout, read_shard_rows
+from dist_hooks.store.shard_files import RawArrayReader, ShardDamage, ShardLayout, read_shard_rows
 
 ROWS, CHUNK, SHARD = 53, 4, 12  # 53 rows: not a multiple of the chunk nor of the shard
 # full, empty (at a chunk boundary and inside a chunk), inside one chunk, crossing a chunk

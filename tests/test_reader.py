@@ -20,7 +20,7 @@ from consolidated_ref import assert_bit_identical, group, reference, trajectory
 from dist_hooks.reader import RunError, open_run
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import CsvLog
-from dist_hooks.store.group_writer import ZarrSink
+from dist_hooks.store.zarr_sink import ZarrSink
 from dist_hooks.tools.consolidate import consolidate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""Zarr v3 storage of recorded snapshots: layout constants, atomic store, writer and reader.
+"""Zarr v3 storage of recorded snapshots (layout constants, atomic store, writers, readers) and
+the per-rank CSV log.
 
 ``ZarrSink`` is the user-facing handle (one per run's ``data.zarr``); ``GroupWriter`` appends to
 one rank's group for one hook; ``GroupReader`` reads any record group back.
@@ -14,9 +15,11 @@ from .atomic_store import (
     remove_stale_temporaries,
     sync_dir,
 )
+from .array_layout import make_compressors
 from .layout import FORMAT_NAME, FORMAT_VERSION
-from .group_writer import FieldSchemaError, GroupWriter, ZarrSink, make_compressors
-from .group_reader import GroupReader, list_shards, resolve_data_root
+from .group_writer import FieldSchemaError, GroupWriter
+from .group_reader import GroupReader, resolve_data_root
+from .zarr_sink import ZarrSink
 
 __all__ = [
     "FORMAT_NAME",
@@ -30,7 +33,6 @@ __all__ = [
     "fsync_file",
     "fsync_tree",
     "layout",
-    "list_shards",
     "make_compressors",
     "remove_stale_temporaries",
     "resolve_data_root",

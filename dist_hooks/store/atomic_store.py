@@ -218,7 +218,7 @@ class AtomicLocalStore(LocalStore):
     def put_bytes(self, key: str, data: bytes | memoryview, *, exclusive: bool = False) -> int:
         """Write ``data`` as the file ``key`` under the store's policy (atomic replace, fsync,
         checksum, :meth:`sync`), as zarr's writes through this store are; returns its size.
-        For writers that build whole files themselves (:mod:`.raw_writer`)."""
+        For writers that build whole files themselves (:mod:`.shard_files`)."""
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         policy = self.fsync_policy
@@ -293,11 +293,6 @@ class AtomicLocalStore(LocalStore):
                 yield key
 
     # ------------------------------------------------------------- durability
-    def pending_sync(self) -> int:
-        """How many paths were written or removed since the last :meth:`sync`."""
-        with self._dirty_lock:
-            return len(self._dirty)
-
     def sync(self) -> None:
         """Make everything written through this store so far durable (fsync files, then dirs).
 

@@ -1,4 +1,6 @@
-"""Per-rank CSV log, written in column blocks with pyarrow's CSV writer.
+"""The per-rank CSV log: its column schema, its writer (:class:`CsvLog`) and its readers.
+
+The writer appends column blocks with pyarrow's CSV writer.
 
 Why pyarrow: it encodes a whole block of rows in C++ with the GIL released, so the writer thread
 does not steal the interpreter from the simulation thread (per-row Python formatting measured
@@ -9,21 +11,33 @@ The file is opened for append, never truncated on open: a restart continues it. 
 cuts it back to a committed length (resume after a crash). ``size``/``rows`` are what was written,
 ``sync()`` makes it durable (fsync) and brings ``crc32`` (of the whole file so far) up to date by
 reading back only the bytes written since the previous sync — the coordinator records all three at a
-checkpoint boundary, and ``dist-hooks verify`` recomputes the checksum from disk.
+checkpoint boundary, and ``dist-hooks verify`` recomputes them from disk (:func:`scan_prefix`).
+
+The readers parse only a committed prefix (:func:`iter_csv_batches`, :func:`read_csv_committed`)
+and type the text columns over whole columns (:func:`narrow_table`), for ``open_run`` and
+``dist-hooks consolidate``.
 """
 from __future__ import annotations
 
+import io
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ..errors import SchemaChangedError
-from .checksums import file_crc32
+from .checksums import fd_crc32, file_crc32
+
+__all__ = ["FLOAT_COLUMNS", "INT_COLUMNS", "KEY_COLUMNS", "KIND_TYPES", "CsvLog", "CsvPrefix",
+           "cast_text_column", "iter_csv_batches", "merge_kinds", "narrow_table",
+           "read_csv_committed", "read_header", "scan_prefix", "sort_table", "text_kind",
+           "text_kind_cast"]
 
 #: The integer columns that open every LoggingHook row, in this order (the CSV schema, with
 #: :data:`FLOAT_COLUMNS`; docs/format.md). Rows of a merged log are ordered by the first three.
@@ -39,9 +53,9 @@ class CsvLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "ab")
         self.size = self._fh.tell()
-        self.columns: list[str] | None = _read_header(self.path) if self.size else None
-        self.rows = _count_rows(self.path) if self.size else 0
-        self.crc32, self._crc_pos = file_crc32(self.path, self.size), self.size
+        self.columns: list[str] | None = read_header(self.path) if self.size else None
+        found = scan_prefix(self.path, self.size)
+        self.rows, self.crc32, self._crc_pos = found.rows, found.crc32, self.size
 
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
         """Append one block of rows given as equally long columns (None entries: empty fields)."""
@@ -67,10 +81,7 @@ class CsvLog:
     def sync(self) -> None:
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        with open(self.path, "rb") as fh:
-            fh.seek(self._crc_pos)
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                self.crc32 = zlib.crc32(chunk, self.crc32)
+        self.crc32 = file_crc32(self.path, self.size, start=self._crc_pos, crc=self.crc32)
         self._crc_pos = self.size
 
     def truncate(self, size: int, rows: int) -> None:
@@ -82,7 +93,7 @@ class CsvLog:
         self._fh.truncate(size)
         self._fh.seek(size)
         self.size, self.rows = size, rows
-        self.columns = _read_header(self.path) if size else None
+        self.columns = read_header(self.path) if size else None
         self.crc32, self._crc_pos = file_crc32(self.path, size), size
 
     def close(self) -> None:
@@ -91,13 +102,202 @@ class CsvLog:
             self._fh.close()
 
 
-def _read_header(path: Path) -> list[str]:
+# ------------------------------------------------------------------------------- reading
+def read_header(path: str | os.PathLike) -> list[str]:
+    """Column names of a CSV log (its first line; pyarrow quotes them)."""
     with open(path, "rb") as fh:
-        line = fh.readline().decode().rstrip("\r\n")
+        line = fh.readline().decode("utf-8", "replace").rstrip("\r\n")
     return [c.strip('"') for c in line.split(",")] if line else []
 
 
-def _count_rows(path: Path) -> int:
-    with open(path, "rb") as fh:
-        n = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-    return max(n - 1, 0)
+@dataclass(frozen=True)
+class CsvPrefix:
+    """The first bytes of a CSV log as read back (:func:`scan_prefix`): what a commit record's
+    ``bytes``, ``rows`` and ``crc32`` are checked against."""
+
+    bytes: int        #: bytes read (fewer than asked when the file is shorter)
+    crc32: int
+    newlines: int
+    last_byte: bytes  #: ``b""`` when nothing was read
+
+    @property
+    def rows(self) -> int:
+        """Data rows: the lines after the header."""
+        return max(self.newlines - 1, 0)
+
+
+def scan_prefix(path: str | os.PathLike, nbytes: int | None = None,
+                progress: Callable[[int], None] | None = None) -> CsvPrefix:
+    """The crc32, newline count and last byte of the first ``nbytes`` bytes of a CSV log (all
+    of it for ``None``; what there is when it is shorter), in one read. ``progress`` is called
+    with the size of each piece read."""
+    lines, last = 0, b""
+
+    def each(piece: memoryview) -> None:
+        nonlocal lines, last
+        lines += bytes(piece).count(b"\n")
+        last = bytes(piece[-1:])
+        if progress is not None:
+            progress(len(piece))
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        n = size if nbytes is None else min(int(nbytes), size)
+        crc = fd_crc32(fd, n, each=each)
+    finally:
+        os.close(fd)
+    return CsvPrefix(n, crc, lines, last)
+
+
+class _Prefix(io.RawIOBase):
+    """The first ``n`` bytes of a file, with a running crc32 of what was read.
+
+    pyarrow's streaming CSV reader pulls through this, so only committed bytes are parsed and the
+    checksum costs no second read.
+    """
+
+    def __init__(self, path: Path, n: int) -> None:
+        self._f = open(path, "rb")
+        self.left = int(n)
+        self.read_bytes = 0
+        self.crc32 = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        k = min(len(b), self.left)
+        if k <= 0:
+            return 0
+        data = self._f.read(k)
+        n = len(data)
+        b[:n] = data
+        self.left -= n
+        self.read_bytes += n
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def iter_csv_batches(path: str | Path, nbytes: int, *, block_size: int = 1 << 22,
+                     counter: dict | None = None) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """Stream the committed prefix of a CSV log: ``(columns, batches)``.
+
+    Key columns (step, rank, sample_id, graph_idx, status) are parsed as int64; every other
+    column stays text. Why text: pyarrow wrote ``1.0`` as ``1``, so a type guessed from the first
+    block can be wrong for a later one; the caller narrows types over the whole column
+    (:func:`narrow_table`) or passes the text through unchanged. ``counter`` (a dict) receives
+    ``bytes`` and ``crc32`` of what was read once the iterator is exhausted.
+    """
+    path = Path(path)
+    cols = read_header(path) if nbytes else []
+    if not cols:
+        if counter is not None:
+            counter.update(bytes=0, crc32=0)
+        return cols, iter(())
+    types = {c: (pa.int64() if c in INT_COLUMNS else pa.string()) for c in cols}
+    src = _Prefix(path, nbytes)
+    reader = pacsv.open_csv(
+        src, read_options=pacsv.ReadOptions(block_size=block_size),
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
+                                             null_values=[""], quoted_strings_can_be_null=True))
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch
+            # drain: a trailing partial read must still count towards the checksum
+            while src.readinto(bytearray(1 << 16)):
+                pass
+            if counter is not None:
+                counter.update(bytes=src.read_bytes, crc32=src.crc32)
+        finally:
+            src.close()
+
+    return cols, gen()
+
+
+def narrow_table(table: pa.Table) -> pa.Table:
+    """Cast each text column to the narrowest of int64, float64, bool that holds every value.
+
+    Known columns get their known type (energy, fmax, temperature are float64 even when every
+    value happened to be written as an integer).
+    """
+    out = []
+    for name, col in zip(table.column_names, table.columns):
+        out.append(cast_text_column(name, col))
+    return pa.table(out, names=table.column_names)
+
+
+def cast_text_column(name: str, col: Any, kind: str | None = None) -> Any:
+    """Cast one text column (see :func:`narrow_table`); ``kind`` forces "int"/"float"/"bool"/"str"."""
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        return col
+    if kind is None:
+        kind = text_kind(name, col)
+    target = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}.get(kind)
+    return col if target is None else pc.cast(col, target)
+
+
+_KIND_ORDER = ("int", "float", "bool", "str")
+#: the Arrow type of each kind of :func:`text_kind`
+KIND_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
+
+
+def text_kind(name: str, col: Any) -> str:
+    """The narrowest kind ("int", "float", "bool", "str") that every value of ``col`` parses as."""
+    return text_kind_cast(name, col)[0]
+
+
+def text_kind_cast(name: str, col: Any) -> tuple[str, Any]:
+    """:func:`text_kind` and ``col`` cast to it (``col`` itself for "str"): finding the kind
+    casts the column anyway, and the cast values are what a typed copy needs."""
+    if name in FLOAT_COLUMNS:
+        candidates: tuple[str, ...] = ("float", "str")
+    else:
+        candidates = _KIND_ORDER
+    for kind in candidates:
+        if kind == "str":
+            return kind, col
+        try:
+            return kind, pc.cast(col, KIND_TYPES[kind])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return "str", col
+
+
+def merge_kinds(a: str | None, b: str) -> str:
+    """The narrowest kind that holds values of both kinds (int+float -> float, else str)."""
+    if a is None or a == b:
+        return b
+    if {a, b} == {"int", "float"}:
+        return "float"
+    return "str"
+
+
+def read_csv_committed(path: str | Path, nbytes: int, *, narrow: bool = True) -> pa.Table:
+    """The committed prefix of one CSV as a table (in memory); typed unless ``narrow=False``
+    (then non-key columns stay text, ready to be concatenated with other ranks' and narrowed
+    together)."""
+    cols, batches = iter_csv_batches(path, nbytes)
+    batches = list(batches)
+    if batches:
+        table = pa.Table.from_batches(batches)
+    else:
+        table = pa.table({c: pa.array([], pa.int64() if c in INT_COLUMNS else pa.string())
+                          for c in cols})
+    return narrow_table(table) if narrow else table
+
+
+def sort_table(table: pa.Table) -> pa.Table:
+    """Rows ordered by (step, rank, sample_id), stably (numpy lexsort, no Python row loop)."""
+    if table.num_rows == 0 or not all(k in table.column_names for k in KEY_COLUMNS):
+        return table
+    keys = [np.asarray(table.column(k).to_numpy(zero_copy_only=False)) for k in KEY_COLUMNS]
+    order = np.lexsort(keys[::-1])
+    return table.take(pa.array(order))

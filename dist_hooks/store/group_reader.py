@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import zarr
-from .atomic_store import AtomicLocalStore
-from .raw_shards import ArrayMeta, RawArrayReader, ShardLayout
-from .layout import (ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS, RANKS_GROUP,
-                     parse_rank_name)
 
-__all__ = ["GroupReader", "list_shards", "resolve_data_root"]
+from .array_layout import ArrayLayout, parse_array
+from .atomic_store import AtomicLocalStore
+from .layout import ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS
+from .shard_files import ArrayMeta, RawArrayReader, ShardLayout
+
+__all__ = ["GroupReader", "resolve_data_root"]
 
 
 def resolve_data_root(root: str | Path) -> Path:
@@ -161,6 +162,13 @@ class GroupReader:
         when zarr reads it."""
         return self._raw.get(name)
 
+    def layout(self, name: str) -> ArrayLayout:
+        """The parsed ``zarr.json`` of array ``name`` (any array of the group), as opened."""
+        raw = self._raw_all.get(name)
+        if raw is not None and raw.lay.array is not None:
+            return raw.lay.array
+        return parse_array(self.all_arrays[name].metadata.to_dict())
+
     def _whole(self, arr: Any, name: str) -> np.ndarray:
         """A whole int64 layout array (see :meth:`_rows`)."""
         raw = self._raw_all.get(name)
@@ -283,23 +291,3 @@ class GroupReader:
     def __repr__(self) -> str:
         return (f"GroupReader({str(self.root)!r}, {self.group_path!r}, records={self._n}, "
                 f"fields={sorted(self.fields)})")
-
-
-def list_shards(root: str | Path) -> dict[int, list[str]]:
-    """``rank -> sorted hook names`` of the record groups under ``ranks/`` (filesystem listing:
-    cheap, and independent of possibly stale consolidated metadata)."""
-    base = resolve_data_root(root) / RANKS_GROUP
-    out: dict[int, list[str]] = {}
-    try:
-        rank_dirs = sorted(os.scandir(base), key=lambda e: e.name)
-    except FileNotFoundError:
-        return out
-    for entry in rank_dirs:
-        rank = parse_rank_name(entry.name)
-        if rank is None or not entry.is_dir():
-            continue
-        hooks = sorted(h.name for h in os.scandir(entry.path)
-                       if h.is_dir() and not h.name.startswith(".")
-                       and os.path.exists(os.path.join(h.path, "zarr.json")))
-        out[rank] = hooks
-    return dict(sorted(out.items()))

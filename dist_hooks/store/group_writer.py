@@ -1,4 +1,4 @@
-"""Per-rank, per-hook, append-only Zarr v3 writer in CSR layout, and the user-facing ``ZarrSink``.
+"""Per-rank, per-hook, append-only Zarr v3 writer of one record group in CSR layout.
 
 One :class:`GroupWriter` owns one group ``ranks/rank-XXXXX/<hook>`` (exactly one writing process
 per array: two processes appending to one Zarr array lose rows). The group holds
@@ -37,9 +37,7 @@ positions + velocities + forces + numbers + masses), committed by the OS only as
 """
 from __future__ import annotations
 
-import asyncio
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,46 +45,23 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
-from zarr.abc.codec import BytesBytesCodec
-from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zsync
 
 from ..errors import SchemaChangedError
+from .array_layout import (DEFAULT_CHUNK_ATOMS, DEFAULT_CHUNK_RECORDS, DEFAULT_CHUNKS_PER_SHARD,
+                           ArraySpec, CompressorLike, make_compressors)
 from .atomic_store import AtomicLocalStore, FsyncPolicy, remove_stale_temporaries
-from .layout import ATOMS_PTR, FORMAT_NAME, FORMAT_VERSION, hook_group
+from .layout import ATOMS_PTR, group_attrs
+from .shard_files import key_row_block
+from .staged_array import StagedArray, save_shapes, with_rows, write_regions
 
 Level = Literal["record", "atom"]
-CompressorLike = Literal["zstd", "blosc", "none"] | BytesBytesCodec | None
 WriteUnit = Literal["shard", "chunk"]
 
 #: the earlier name of :class:`~dist_hooks.errors.SchemaChangedError`
 FieldSchemaError = SchemaChangedError
 
-__all__ = ["FieldSchemaError", "GroupWriter", "ZarrSink", "make_compressors"]
-
-_CHUNK_FILE = re.compile(r"^c\.(\d+)(?:\.\d+)*$")
-
-
-def make_compressors(compressor: CompressorLike) -> tuple[BytesBytesCodec, ...] | None:
-    """Map the user's choice to zarr v3 compressor codecs.
-
-    zstd level 1: on float coordinates/forces higher levels barely shrink the data (measured
-    1.45x vs 1.48x at level 3) for more CPU; numcodecs' Blosc is refused by zarr v3, so "blosc"
-    is zarr's own ``BloscCodec`` (zstd inside, byte shuffle).
-    """
-    if compressor is None or compressor == "none":
-        return None
-    if isinstance(compressor, BytesBytesCodec):
-        return (compressor,)
-    if compressor == "zstd":
-        return (ZstdCodec(level=1),)
-    if compressor == "blosc":
-        return (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),)
-    raise ValueError(
-        f"compressor must be 'zstd', 'blosc', 'none' or a zarr BytesBytesCodec, got {compressor!r}"
-    )
+__all__ = ["FieldSchemaError", "GroupWriter", "WriteUnit"]
 
 
 def _as_array(name: str, value: Any) -> np.ndarray:
@@ -98,133 +73,6 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
-
-
-def _with_rows(arr: AsyncArray, rows: int) -> AsyncArray:
-    """The same array with another row count, in memory only (nothing is written)."""
-    md = arr.metadata.update_shape((rows, *arr.metadata.shape[1:]))
-    return AsyncArray(metadata=md, store_path=arr.store_path, config=arr.config)
-
-
-async def _save_metadata(arr: AsyncArray) -> None:
-    # the array's zarr.json (what zarr's save_metadata does, without the parents logic)
-    bufs = arr.metadata.to_buffer_dict(default_buffer_prototype())
-    await asyncio.gather(*((arr.store_path / key).set(buf) for key, buf in bufs.items()))
-
-
-class _Column:
-    """One array and its host-side staging buffer.
-
-    * ``[0, base)``: on disk in whole write units, never touched again by appends;
-    * ``[base, base + fill)``: in ``stage`` (one unit, allocated once and reused: an append is a
-      single copy into warm memory, no per-append allocation or concatenation);
-    * ``written``: rows covered by chunk files (``arr``'s in-memory shape), ``>= base``;
-    * ``saved``: the shape persisted in ``zarr.json`` (what readers see), ``<= written``.
-
-    ``base`` is a multiple of ``unit``.
-    """
-
-    __slots__ = ("name", "level", "dtype", "trailing", "unit", "arr", "base", "fill", "written",
-                 "saved", "_stage", "_next")
-
-    def __init__(self, name: str, level: str, arr: AsyncArray, unit: int) -> None:
-        self.name = name
-        self.level = level  # "record" | "atom" | "ptr"
-        self.arr = arr
-        self.dtype = np.dtype(arr.metadata.dtype.to_native_dtype())
-        self.trailing = tuple(int(d) for d in arr.metadata.shape[1:])
-        self.unit = unit
-        self.base = 0
-        self.fill = 0
-        self.written = self.saved = int(arr.metadata.shape[0])
-        self._stage: np.ndarray | None = None
-        self._next: tuple[int, np.ndarray] | None = None
-
-    @property
-    def length(self) -> int:
-        return self.base + self.fill
-
-    @property
-    def outer(self) -> int:
-        """Rows per file (shard, or chunk when unsharded)."""
-        return int(self.arr.metadata.chunk_grid.chunk_shape[0])
-
-    def stage(self) -> np.ndarray:
-        if self._stage is None:
-            # np.empty: pages are only committed as rows are filled
-            self._stage = np.empty((self.unit, *self.trailing), self.dtype)
-        return self._stage
-
-    def tail(self) -> np.ndarray:
-        """The buffered rows ``[base, base + fill)`` (a view)."""
-        return self.stage()[: self.fill]
-
-    def push(self, x: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Buffer ``x``; return the whole units it completes as ``(start, rows)`` write jobs.
-
-        The jobs may reference the stage and ``x`` itself (written synchronously before
-        ``append`` returns); :meth:`commit` must follow once they are written.
-        """
-        n, unit, fill = len(x), self.unit, self.fill
-        if fill + n < unit:
-            self.stage()[fill: fill + n] = x
-            self.fill = fill + n
-            return []
-        jobs: list[tuple[int, np.ndarray]] = []
-        pos, i = self.base, 0
-        if fill:
-            st = self.stage()
-            i = unit - fill
-            st[fill:] = x[:i]
-            jobs.append((pos, st))
-            pos += unit
-        m = (n - i) // unit * unit
-        if m:
-            jobs.append((pos, x[i: i + m]))
-            pos += m
-        self._next = (pos, x[i + m:])
-        return jobs
-
-    def commit(self) -> None:
-        """After the jobs of :meth:`push` are on disk: keep only the leftover rows (copied)."""
-        if self._next is not None:
-            pos, rest = self._next
-            self._next = None
-            self.set_tail(pos, rest)
-
-    def set_tail(self, base: int, rows: np.ndarray) -> None:
-        k = len(rows)
-        if k:
-            self.stage()[:k] = rows
-        self.base, self.fill = base, k
-
-
-async def _write_regions(jobs: list[tuple[_Column, list[tuple[int, np.ndarray]]]]) -> None:
-    """Write row regions to chunk files; shapes grow in memory only (see module docstring).
-
-    Arrays are written concurrently (compression runs in threads and releases the GIL).
-    """
-
-    async def write(col: _Column, regions: list[tuple[int, np.ndarray]]) -> None:
-        end = max(s + len(d) for s, d in regions)
-        target = _with_rows(col.arr, end) if end > col.written else col.arr
-        # sequential within one array: two regions may share a shard (write_unit="chunk"), and
-        # the sharding codec's read-merge-write of one shard file must not race with itself
-        for s, d in regions:
-            if len(d):
-                await target.setitem(slice(s, s + len(d)), d)
-        col.arr, col.written = target, max(end, col.written)
-
-    await asyncio.gather(*(write(c, r) for c, r in jobs))
-
-
-async def _save_shapes(cols: list[_Column], order: tuple[str, ...]) -> None:
-    """Persist ``zarr.json`` of each array whose shape changed, level by level in ``order``."""
-    for level in order:
-        todo = [c for c in cols if c.level == level and c.saved != c.written]
-        await asyncio.gather(*(_save_metadata(c.arr) for c in todo))
-        for c in todo:
-            c.saved = c.written
 
 
 class GroupWriter:
@@ -252,9 +100,9 @@ class GroupWriter:
         root: str | Path | AtomicLocalStore,
         group_path: str,
         *,
-        chunk_records: int = 1024,
-        chunk_atoms: int = 65536,
-        chunks_per_shard: int | None = 16,
+        chunk_records: int = DEFAULT_CHUNK_RECORDS,
+        chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
+        chunks_per_shard: int | None = DEFAULT_CHUNKS_PER_SHARD,
         compressor: CompressorLike = "zstd",
         attrs: Mapping[str, Any] | None = None,
         write_unit: WriteUnit = "shard",
@@ -276,8 +124,8 @@ class GroupWriter:
         self.write_unit: WriteUnit = write_unit
         self._closed = False
         self._failed: BaseException | None = None
-        self._cols: dict[str, _Column] = {}
-        self._ptr: _Column | None = None
+        self._cols: dict[str, StagedArray] = {}
+        self._ptr: StagedArray | None = None
         self._n_records = 0
         self._n_atoms = 0
         self._committed = {"records": 0, "atoms": 0}
@@ -289,8 +137,7 @@ class GroupWriter:
         # one writer per group: anything temporary in here was left by a killed predecessor
         remove_stale_temporaries(self._dir)
         self._open_existing()
-        want = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                "level": {n: c.level for n, c in self._cols.items()}, **self._extra_attrs}
+        want = group_attrs({n: c.level for n, c in self._cols.items()}, self._extra_attrs)
         if any(self.group.attrs.get(k) != v for k, v in want.items()):
             self.group.attrs.update(want)
 
@@ -327,7 +174,7 @@ class GroupWriter:
             self._failed = exc
             raise
 
-    def _all_cols(self) -> list[_Column]:
+    def _all_cols(self) -> list[StagedArray]:
         cols = list(self._cols.values())
         if self._ptr is not None:
             cols.append(self._ptr)
@@ -347,21 +194,13 @@ class GroupWriter:
         return int(arr.chunks[0])
 
     def _create_array(self, name: str, level: str, dtype: np.dtype,
-                      trailing: tuple[int, ...]) -> _Column:
-        chunk = self.chunk_atoms if level == "atom" else self.chunk_records
-        chunks = (chunk, *(max(int(d), 1) for d in trailing))
-        shards = (chunk * self.shard_chunks, *chunks[1:]) if self.shard_chunks else None
-        arr = self.group.create_array(
-            name, shape=(0, *trailing), dtype=dtype, chunks=chunks, shards=shards,
-            compressors=self.compressors, fill_value=0 if dtype.kind != "b" else False,
-            # "c.<i>.<j>" files in one directory per array: no directory per row block, so
-            # half the inodes and fewer directory fsyncs than the default "/" separator
-            chunk_key_encoding={"name": "default", "separator": "."},
-            overwrite=True,
-        )
-        return _Column(name, level, arr.async_array, self._unit_of(arr))
+                      trailing: tuple[int, ...]) -> StagedArray:
+        spec = ArraySpec(dtype, trailing, self.chunk_atoms if level == "atom" else
+                         self.chunk_records, self.shard_chunks, self.compressors)
+        arr = self.group.create_array(name, **spec.zarr_arguments(), overwrite=True)
+        return StagedArray(name, level, arr.async_array, self._unit_of(arr))
 
-    def _remove_chunk_files(self, col: _Column, keep_rows: int) -> None:
+    def _remove_chunk_files(self, col: StagedArray, keep_rows: int) -> None:
         """Delete files of row blocks at or past ``keep_rows`` (whole shards/chunks only).
 
         Lists the array's directory instead of trusting in-memory extents, so it also removes
@@ -374,8 +213,8 @@ class GroupWriter:
         except FileNotFoundError:
             return
         for e in entries:
-            m = _CHUNK_FILE.match(e.name)
-            if m and int(m.group(1)) >= first:
+            i = key_row_block(e.name)
+            if i is not None and i >= first:
                 self.store.delete_sync(f"{self.group_path}/{col.name}/{e.name}")
 
     def _open_existing(self) -> None:
@@ -399,9 +238,9 @@ class GroupWriter:
         for name, level in level_map.items():
             if level not in ("record", "atom"):
                 raise RuntimeError(f"group {self.group_path!r}: bad level {level!r} for {name!r}")
-            self._cols[name] = _Column(name, level, arrays[name].async_array,
+            self._cols[name] = StagedArray(name, level, arrays[name].async_array,
                                        self._unit_of(arrays[name]))
-        self._ptr = _Column(ATOMS_PTR, "ptr", arrays[ATOMS_PTR].async_array,
+        self._ptr = StagedArray(ATOMS_PTR, "ptr", arrays[ATOMS_PTR].async_array,
                             self._unit_of(arrays[ATOMS_PTR]))
 
         # the one read of the whole atoms_ptr (O(R), once per open): find the consistent prefix
@@ -427,11 +266,7 @@ class GroupWriter:
             # files past the shape: units a killed predecessor wrote after its last flush
             self._remove_chunk_files(col, targets[col.name])
             # reload the partial trailing unit so later appends complete it in memory
-            n = targets[col.name]
-            base = n // col.unit * col.unit
-            tail = ptr[base:n] if col is self._ptr else \
-                np.asarray(_zsync(col.arr.getitem(slice(base, n))))
-            col.set_tail(base, tail)
+            col.reload_tail(targets[col.name], ptr if col is self._ptr else None)
         if len(ptr) == 0:
             self._ptr.set_tail(0, np.zeros(1, np.int64))
         self._n_records, self._n_atoms = n_rec, n_atoms
@@ -445,17 +280,16 @@ class GroupWriter:
         # where it is (growing it here could publish atoms_ptr ahead of the atom arrays)
         shrink_saved = [c for c in cols if c.saved > targets[c.name]]
         for c in cols:
-            c.arr = _with_rows(c.arr, targets[c.name])
+            c.arr = with_rows(c.arr, targets[c.name])
             c.written = targets[c.name]
-        self._run(_save_shapes(shrink_saved, ("ptr", "record", "atom")))
+        self._run(save_shapes(shrink_saved, ("ptr", "record", "atom")))
         for c in cols:
             self._remove_chunk_files(c, targets[c.name])
 
     def _create_schema(self, rec: dict[str, np.ndarray], at: dict[str, np.ndarray]) -> None:
         level = {**{n: "record" for n in rec}, **{n: "atom" for n in at}}
         # attributes first: a reopened writer knows every array's level even if killed below
-        self.group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                 "level": level, **self._extra_attrs})
+        self.group.attrs.update(group_attrs(level, self._extra_attrs))
         cols = {}
         for n, a in rec.items():
             cols[n] = self._create_array(n, "record", a.dtype, tuple(a.shape[1:]))
@@ -539,7 +373,7 @@ class GroupWriter:
         self._n_records += n_rec
         self._n_atoms += n_at
         if jobs:
-            self._run(_write_regions(jobs))
+            self._run(write_regions(jobs))
         for c, _ in jobs:
             c.commit()
 
@@ -557,8 +391,8 @@ class GroupWriter:
         jobs = [(c, [(c.base, c.tail())]) for c in cols if c.written != c.length]
 
         async def run() -> None:
-            await _write_regions(jobs)
-            await _save_shapes(cols, ("atom", "record", "ptr"))
+            await write_regions(jobs)
+            await save_shapes(cols, ("atom", "record", "ptr"))
 
         self._run(run())
         self._committed = {"records": self._n_records, "atoms": self._n_atoms}
@@ -613,8 +447,7 @@ class GroupWriter:
             if n >= col.base:
                 col.fill = n - col.base
             else:
-                base = n // col.unit * col.unit
-                col.set_tail(base, np.asarray(_zsync(col.arr.getitem(slice(base, n)))))
+                col.reload_tail(n)
         self._n_records, self._n_atoms = records, atoms
         self._committed = {"records": min(self._committed["records"], records),
                            "atoms": min(self._committed["atoms"], atoms)}
@@ -637,52 +470,3 @@ class GroupWriter:
     def __repr__(self) -> str:
         return (f"GroupWriter({str(self.store.root)!r}, {self.group_path!r}, "
                 f"lengths={self.lengths}, committed={self._committed})")
-
-
-class ZarrSink:
-    """User-facing handle on a Zarr root (``RUN/data.zarr``) that the snapshot hooks take.
-
-    Holds the chunking/compression settings and one atomic store; :meth:`writer` hands out the
-    per-rank, per-hook :class:`GroupWriter`. ``chunks_per_shard``: chunks per shard file along
-    the row axis (0/None: no sharding; ``shards``, its earlier name, is still accepted).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        chunk_records: int = 1024,
-        chunk_atoms: int = 65536,
-        chunks_per_shard: int | None = 16,
-        compressor: CompressorLike = "zstd",
-        write_unit: WriteUnit = "shard",
-        fsync: FsyncPolicy = "replace",
-        shards: int | None = None,
-    ) -> None:
-        if shards is not None:
-            warnings.warn("ZarrSink(shards=) is now chunks_per_shard=", DeprecationWarning, 2)
-            chunks_per_shard = shards
-        self.path = Path(path)
-        self.chunk_records = chunk_records
-        self.chunk_atoms = chunk_atoms
-        self.chunks_per_shard = chunks_per_shard
-        self.compressor = compressor
-        self.write_unit: WriteUnit = write_unit
-        self.store = AtomicLocalStore(self.path, fsync=fsync)
-        # mode="a" only writes zarr.json when the root does not exist yet
-        self.root = zarr.open_group(self.store, mode="a", zarr_format=3, use_consolidated=False)
-
-    def writer(self, rank: int, hook_name: str, *,
-               attrs: Mapping[str, Any] | None = None) -> GroupWriter:
-        """The writer of group ``ranks/rank-XXXXX/<hook_name>`` (created, or reopened to resume)."""
-        return GroupWriter(
-            self.store, hook_group(rank, hook_name), chunk_records=self.chunk_records,
-            chunk_atoms=self.chunk_atoms, chunks_per_shard=self.chunks_per_shard,
-            compressor=self.compressor, attrs=attrs, write_unit=self.write_unit)
-
-    def sync(self) -> None:
-        """fsync everything written through this sink's store (after the writers' flush())."""
-        self.store.sync()
-
-    def __repr__(self) -> str:
-        return f"ZarrSink({str(self.path)!r})"

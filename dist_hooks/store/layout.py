@@ -11,7 +11,9 @@ here, so that the on-disk layout (docs/format.md) can only change in one file, t
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 FORMAT_NAME = "dist_hooks"
 #: Bump when a reader of the previous version could misread a new run.
@@ -67,3 +69,10 @@ def _check_name(name: str) -> None:
     # A hook name becomes a path component: refuse what would escape or nest.
     if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
         raise ValueError(f"invalid hook name {name!r}: must be a single, non-hidden path component")
+
+
+def group_attrs(levels: Mapping[str, str], extra: Mapping[str, Any] | None = None) -> dict:
+    """The attributes of a record group: the format, each field's level ("record"/"atom"),
+    then ``extra`` (hook name, frequency, ...) over them; what every group writer stores."""
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "level": dict(levels),
+            **(extra or {})}

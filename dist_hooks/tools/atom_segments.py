@@ -6,7 +6,7 @@ reordering and re-encoding every one of them; measured, that ran at a twentieth 
 copy. Instead each rank's rows stay in the rank's own order, as one segment that starts on a
 shard boundary of the output array, and each record says where its atoms are
 (``atoms_start``, ``n_atoms``). Every source shard file that holds only committed rows is then
-copied byte for byte (:mod:`~dist_hooks.store.raw_shards` checks its index and folds its decoded
+copied byte for byte (:mod:`~dist_hooks.store.shard_files` checks its index and folds its decoded
 rows into the committed crc32 on the way). A rank's last shard that also holds rows written
 after the last boundary is decoded, and only its committed rows are written again through zarr,
 so that no uncommitted row reaches the output. A source whose chunking or codecs differ from
@@ -32,7 +32,8 @@ import numpy as np
 from ..reader import DamageError
 from ..store.atomic_store import AtomicLocalStore, fsync_file, fsync_tree
 from ..store.checksums import fd_crc32
-from ..store.raw_shards import ShardDamage, ShardLayout, read_shard_rows
+from ..store.array_layout import parse_array
+from ..store.shard_files import ShardDamage, ShardLayout, read_shard_rows
 
 __all__ = ["Segment", "SegmentWriter", "plan_starts"]
 
@@ -69,7 +70,7 @@ def plan_starts(segments: list[Segment], unit_rows: int) -> int:
 
 
 def _unit_rows(meta: dict) -> int:
-    return int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    return parse_array(meta).file_rows
 
 
 class SegmentWriter:

@@ -65,8 +65,6 @@ import pyarrow.csv as pacsv
 from ..reader import (
     CONSOLIDATED_FORMAT,
     CONSOLIDATED_MARKER,
-    INT_COLUMNS,
-    KEY_COLUMNS,
     DamageError,
     RunError,
     Unit,
@@ -74,19 +72,18 @@ from ..reader import (
     committed_units,
     default_consolidated_dir,
     find_rank_roots,
-    iter_csv_batches,
     load_manifest,
     local_storage_error,
-    merge_kinds,
     read_consolidated_summary,
-    KIND_TYPES,
-    text_kind_cast,
 )
 from ..records import CsrBlock, frontier_windows, merge_blocks
 from ..store import layout
+from ..store.array_layout import parse_array, writer_chunking
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, fsync_file, sync_dir
-from ..store.raw_shards import RawArrayReader, ShardDamage
-from ..store.raw_writer import RawGroupWriter, consolidate_metadata
+from ..store.csv_log import (INT_COLUMNS, KEY_COLUMNS, KIND_TYPES, iter_csv_batches, merge_kinds,
+                             text_kind_cast)
+from ..store.shard_files import RawArrayReader, ShardDamage
+from ..store.raw_group_writer import RawGroupWriter, consolidate_metadata
 from ..store.group_writer import GroupWriter
 from ..store.group_reader import GroupReader
 from zarr.core.sync import sync as _zsync
@@ -131,7 +128,7 @@ class _SeqArray:
     def __init__(self, arr: Any, stop: int, place: str, progress: Progress | None,
                  fetch_bytes: int = FETCH_BYTES, raw: RawArrayReader | None = None) -> None:
         self.arr = arr
-        self.raw = raw  # shard files read directly (store/raw_shards.py), when understood
+        self.raw = raw  # shard files read directly (store/shard_files.py), when understood
         self.stop = int(stop)
         self.place = place
         self.progress = progress
@@ -316,14 +313,10 @@ class ZarrSource:
 
     def chunking(self) -> dict[str, int]:
         """Chunk settings of this group, for an output that should look like the input."""
-        rec = [a for n, a in self.arrays.items() if self.fields[n][0] == "record"]
-        at = [a for n, a in self.arrays.items() if self.fields[n][0] == "atom"]
-        out = {"chunk_records": int(rec[0].chunks[0]) if rec else 1024,
-               "chunk_atoms": int(at[0].chunks[0]) if at else 65536}
-        ref = rec[0] if rec else (at[0] if at else None)
-        shards = ref.shards if ref is not None else None
-        out["chunks_per_shard"] = int(shards[0] // ref.chunks[0]) if shards else 0
-        return out
+        first = {lvl: next((n for n in self.arrays if self.fields[n][0] == lvl), None)
+                 for lvl in ("record", "atom")}
+        lay = {lvl: self.reader.layout(n) if n is not None else None for lvl, n in first.items()}
+        return writer_chunking(lay["record"], lay["atom"])
 
     def __iter__(self) -> Iterator[CsrBlock]:
         if self._consumed:
@@ -375,7 +368,7 @@ class _GroupSink:
     """Appends merged blocks to one output group and keeps each field's crc32.
 
     A sharded output (every output the benchmark sees) is written by
-    :class:`~dist_hooks.store.raw_writer.RawGroupWriter`: the same files zarr writes, at a
+    :class:`~dist_hooks.store.raw_group_writer.RawGroupWriter`: the same files zarr writes, at a
     fraction of its cost per array and chunk; an unsharded one through zarr (GroupWriter)."""
 
     def __init__(self, store: AtomicLocalStore, group: str, chunking: dict[str, int], *,
@@ -939,12 +932,8 @@ def _out_chunking(c: dict[str, int], records: int) -> dict[str, int]:
 
 def _array_chunking(meta: dict) -> tuple[int, int]:
     """``(rows per chunk, chunks per shard or 0)`` from an array's ``zarr.json``."""
-    grid = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-    codecs = meta.get("codecs") or []
-    if codecs and codecs[0].get("name") == "sharding_indexed":
-        inner = int(codecs[0]["configuration"]["chunk_shape"][0])
-        return inner, grid // max(inner, 1)
-    return grid, 0
+    lay = parse_array(meta)
+    return lay.chunk_rows, lay.chunks_per_shard
 
 
 class _Trajectory:
@@ -1055,6 +1044,6 @@ class _Trajectory:
 def _consolidate_metadata(store: AtomicLocalStore) -> None:
     """Consolidated Zarr metadata at the output root: the output never changes after it is
     written, so (unlike a live run's) it cannot go stale, and ``zarr.open_group`` is one read.
-    Written from the nodes' documents (:func:`~dist_hooks.store.raw_writer.consolidate_metadata`:
+    Written from the nodes' documents (:func:`~dist_hooks.store.raw_group_writer.consolidate_metadata`:
     the bytes zarr writes, without its cost)."""
     consolidate_metadata(store)

@@ -34,10 +34,10 @@ from ..reader import (
     committed_units,
     find_rank_roots,
     load_manifest,
-    read_header,
     run_path,
 )
 from ..store import layout
+from ..store.csv_log import read_header, scan_prefix
 from . import Progress
 
 __all__ = ["format_report", "quick_unit_problems", "verify_run"]
@@ -78,25 +78,15 @@ def _problem(message: str, u: Unit | None = None) -> dict[str, Any]:
 def _check_csv(run_dir: Path, u: Unit, bar: Progress) -> list[str]:
     path = u.path(run_dir)
     want, rows = int(u.info.get("bytes", 0)), int(u.info.get("rows", 0))
-    crc, newlines, left, lastbyte = 0, 0, want, b""
-    with open(path, "rb") as fh:
-        while left:
-            chunk = fh.read(min(left, 1 << 22))
-            if not chunk:
-                break
-            crc = zlib.crc32(chunk, crc)
-            newlines += chunk.count(b"\n")
-            left -= len(chunk)
-            lastbyte = chunk[-1:]
-            bar.update(len(chunk))
+    got = scan_prefix(path, want, progress=bar.update)
     out = []
-    if crc != int(u.info.get("crc32", 0)):
+    if got.crc32 != int(u.info.get("crc32", 0)):
         out.append(f"{u.rel}: crc32 mismatch over bytes [0, {want})")
         return out
-    if want and lastbyte != b"\n":
+    if want and got.last_byte != b"\n":
         out.append(f"{u.rel}: committed bytes [0, {want}) do not end with a complete row")
-    if want and newlines - 1 != rows:
-        out.append(f"{u.rel}: {max(newlines - 1, 0)} data rows in the committed bytes, "
+    if want and got.newlines - 1 != rows:
+        out.append(f"{u.rel}: {got.rows} data rows in the committed bytes, "
                    f"committed {rows}")
     if want:
         cols = read_header(path)

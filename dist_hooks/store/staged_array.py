@@ -1,0 +1,152 @@
+"""One array of a :class:`~.group_writer.GroupWriter` and its staging buffer, and the zarr writes
+of whole row regions and of shapes.
+
+Why apart from the group logic: this is where the append path's costs are decided (one copy
+into a reused stage per append, only whole write units written, shapes saved only at flush;
+see the group writer's module docstring); the group writer decides *what* to write and in
+which order the shapes are published.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync as _zsync
+
+__all__ = ["StagedArray", "save_shapes", "with_rows", "write_regions"]
+
+
+def with_rows(arr: AsyncArray, rows: int) -> AsyncArray:
+    """The same array with another row count, in memory only (nothing is written)."""
+    md = arr.metadata.update_shape((rows, *arr.metadata.shape[1:]))
+    return AsyncArray(metadata=md, store_path=arr.store_path, config=arr.config)
+
+
+async def _save_metadata(arr: AsyncArray) -> None:
+    # the array's zarr.json (what zarr's save_metadata does, without the parents logic)
+    bufs = arr.metadata.to_buffer_dict(default_buffer_prototype())
+    await asyncio.gather(*((arr.store_path / key).set(buf) for key, buf in bufs.items()))
+
+
+class StagedArray:
+    """One array and its host-side staging buffer.
+
+    * ``[0, base)``: on disk in whole write units, never touched again by appends;
+    * ``[base, base + fill)``: in ``stage`` (one unit, allocated once and reused: an append is a
+      single copy into warm memory, no per-append allocation or concatenation);
+    * ``written``: rows covered by chunk files (``arr``'s in-memory shape), ``>= base``;
+    * ``saved``: the shape persisted in ``zarr.json`` (what readers see), ``<= written``.
+
+    ``base`` is a multiple of ``unit``.
+    """
+
+    __slots__ = ("name", "level", "dtype", "trailing", "unit", "arr", "base", "fill", "written",
+                 "saved", "_stage", "_next")
+
+    def __init__(self, name: str, level: str, arr: AsyncArray, unit: int) -> None:
+        self.name = name
+        self.level = level  # "record" | "atom" | "ptr"
+        self.arr = arr
+        self.dtype = np.dtype(arr.metadata.dtype.to_native_dtype())
+        self.trailing = tuple(int(d) for d in arr.metadata.shape[1:])
+        self.unit = unit
+        self.base = 0
+        self.fill = 0
+        self.written = self.saved = int(arr.metadata.shape[0])
+        self._stage: np.ndarray | None = None
+        self._next: tuple[int, np.ndarray] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.base + self.fill
+
+    @property
+    def outer(self) -> int:
+        """Rows per file (shard, or chunk when unsharded)."""
+        return int(self.arr.metadata.chunk_grid.chunk_shape[0])
+
+    def stage(self) -> np.ndarray:
+        if self._stage is None:
+            # np.empty: pages are only committed as rows are filled
+            self._stage = np.empty((self.unit, *self.trailing), self.dtype)
+        return self._stage
+
+    def tail(self) -> np.ndarray:
+        """The buffered rows ``[base, base + fill)`` (a view)."""
+        return self.stage()[: self.fill]
+
+    def push(self, x: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Buffer ``x``; return the whole units it completes as ``(start, rows)`` write jobs.
+
+        The jobs may reference the stage and ``x`` itself (written synchronously before
+        ``append`` returns); :meth:`commit` must follow once they are written.
+        """
+        n, unit, fill = len(x), self.unit, self.fill
+        if fill + n < unit:
+            self.stage()[fill: fill + n] = x
+            self.fill = fill + n
+            return []
+        jobs: list[tuple[int, np.ndarray]] = []
+        pos, i = self.base, 0
+        if fill:
+            st = self.stage()
+            i = unit - fill
+            st[fill:] = x[:i]
+            jobs.append((pos, st))
+            pos += unit
+        m = (n - i) // unit * unit
+        if m:
+            jobs.append((pos, x[i: i + m]))
+            pos += m
+        self._next = (pos, x[i + m:])
+        return jobs
+
+    def commit(self) -> None:
+        """After the jobs of :meth:`push` are on disk: keep only the leftover rows (copied)."""
+        if self._next is not None:
+            pos, rest = self._next
+            self._next = None
+            self.set_tail(pos, rest)
+
+    def set_tail(self, base: int, rows: np.ndarray) -> None:
+        k = len(rows)
+        if k:
+            self.stage()[:k] = rows
+        self.base, self.fill = base, k
+
+    def reload_tail(self, n: int, whole: np.ndarray | None = None) -> None:
+        """Stage the rows of the unit that row ``n`` falls in, up to ``n``, read back from disk
+        (or taken from ``whole``, the array's rows already in memory)."""
+        base = n // self.unit * self.unit
+        self.set_tail(base, whole[base:n] if whole is not None else
+                      np.asarray(_zsync(self.arr.getitem(slice(base, n)))))
+
+
+async def write_regions(jobs: list[tuple[StagedArray, list[tuple[int, np.ndarray]]]]) -> None:
+    """Write row regions to chunk files; shapes grow in memory only (see module docstring).
+
+    Arrays are written concurrently (compression runs in threads and releases the GIL).
+    """
+
+    async def write(col: StagedArray, regions: list[tuple[int, np.ndarray]]) -> None:
+        end = max(s + len(d) for s, d in regions)
+        target = with_rows(col.arr, end) if end > col.written else col.arr
+        # sequential within one array: two regions may share a shard (write_unit="chunk"), and
+        # the sharding codec's read-merge-write of one shard file must not race with itself
+        for s, d in regions:
+            if len(d):
+                await target.setitem(slice(s, s + len(d)), d)
+        col.arr, col.written = target, max(end, col.written)
+
+    await asyncio.gather(*(write(c, r) for c, r in jobs))
+
+
+async def save_shapes(cols: list[StagedArray], order: tuple[str, ...]) -> None:
+    """Persist ``zarr.json`` of each array whose shape changed, level by level in ``order``."""
+    for level in order:
+        todo = [c for c in cols if c.level == level and c.saved != c.written]
+        await asyncio.gather(*(_save_metadata(c.arr) for c in todo))
+        for c in todo:
+            c.saved = c.written

@@ -1,0 +1,71 @@
+"""``ZarrSink``: the user-facing handle on a run's Zarr root, handing out the group writers.
+
+Why a handle of its own: the snapshot hooks are configured once per run (chunking, compression,
+fsync policy) but write one group per rank and hook; the sink keeps those settings and the one
+atomic store all of them share.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from .array_layout import (DEFAULT_CHUNK_ATOMS, DEFAULT_CHUNK_RECORDS, DEFAULT_CHUNKS_PER_SHARD,
+                           CompressorLike)
+from .atomic_store import AtomicLocalStore, FsyncPolicy
+from .group_writer import GroupWriter, WriteUnit
+from .layout import hook_group
+
+__all__ = ["ZarrSink"]
+
+
+class ZarrSink:
+    """User-facing handle on a Zarr root (``RUN/data.zarr``) that the snapshot hooks take.
+
+    Holds the chunking/compression settings and one atomic store; :meth:`writer` hands out the
+    per-rank, per-hook :class:`GroupWriter`. ``chunks_per_shard``: chunks per shard file along
+    the row axis (0/None: no sharding; ``shards``, its earlier name, is still accepted).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        chunk_records: int = DEFAULT_CHUNK_RECORDS,
+        chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
+        chunks_per_shard: int | None = DEFAULT_CHUNKS_PER_SHARD,
+        compressor: CompressorLike = "zstd",
+        write_unit: WriteUnit = "shard",
+        fsync: FsyncPolicy = "replace",
+        shards: int | None = None,
+    ) -> None:
+        if shards is not None:
+            warnings.warn("ZarrSink(shards=) is now chunks_per_shard=", DeprecationWarning, 2)
+            chunks_per_shard = shards
+        self.path = Path(path)
+        self.chunk_records = chunk_records
+        self.chunk_atoms = chunk_atoms
+        self.chunks_per_shard = chunks_per_shard
+        self.compressor = compressor
+        self.write_unit: WriteUnit = write_unit
+        self.store = AtomicLocalStore(self.path, fsync=fsync)
+        # mode="a" only writes zarr.json when the root does not exist yet
+        self.root = zarr.open_group(self.store, mode="a", zarr_format=3, use_consolidated=False)
+
+    def writer(self, rank: int, hook_name: str, *,
+               attrs: Mapping[str, Any] | None = None) -> GroupWriter:
+        """The writer of group ``ranks/rank-XXXXX/<hook_name>`` (created, or reopened to resume)."""
+        return GroupWriter(
+            self.store, hook_group(rank, hook_name), chunk_records=self.chunk_records,
+            chunk_atoms=self.chunk_atoms, chunks_per_shard=self.chunks_per_shard,
+            compressor=self.compressor, attrs=attrs, write_unit=self.write_unit)
+
+    def sync(self) -> None:
+        """fsync everything written through this sink's store (after the writers' flush())."""
+        self.store.sync()
+
+    def __repr__(self) -> str:
+        return f"ZarrSink({str(self.path)!r})"
