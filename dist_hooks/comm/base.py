@@ -29,6 +29,16 @@ def timeout_error(rank: int, op: str, timeout: float, missing: Sequence[int],
 class Communicator(ABC):
     """Collectives over small Python objects with a per-call deadline.
 
+    Every rank calls the same collectives in the same order, with the same ``root``; a rank that
+    does not arrive within the timeout makes the others raise :class:`CommTimeoutError` naming it.
+
+    The public methods are written once, here: they refuse a closed communicator, resolve the
+    timeout (``None`` means :attr:`timeout`; it must be positive), check ``root`` and answer a
+    world of one without any traffic.  Only then do they call the backend's transport
+    (``_barrier_impl``, ``_gather_impl``, ``_broadcast_impl``), so a backend never sees a bad
+    argument, a closed state or a single rank.  ``_close_impl`` runs once, on the first
+    :meth:`close`.
+
     Attributes:
         rank: this process's rank in the communicator.
         world_size: number of ranks.
@@ -47,33 +57,79 @@ class Communicator(ABC):
         self._closed = False
 
     # -- public API ------------------------------------------------------------------------------
-    @abstractmethod
     def barrier(self, timeout: float | None = None) -> None:
-        """Return once every rank has entered the barrier; CommTimeoutError otherwise."""
+        """Return once every rank has entered the barrier; CommTimeoutError otherwise.
 
-    @abstractmethod
+        Called by every rank.
+        """
+        t = self._timeout(timeout)
+        if self.world_size > 1:
+            self._barrier_impl(t)
+
     def gather(self, obj: Any, root: int = 0, timeout: float | None = None) -> list | None:
         """Collect one object per rank on ``root``: a list by rank there, ``None`` elsewhere.
 
-        Non-root ranks return as soon as their object is posted (as with MPI); only the root
-        waits, so only the root detects missing ranks.  The root's own entry is ``obj`` itself;
-        the others are unpickled copies.
+        Called by every rank.  Non-root ranks return as soon as their object is posted (as with
+        MPI); only the root waits, so only the root detects missing ranks.  The root's own entry
+        is ``obj`` itself; the others are unpickled copies.
         """
+        t = self._timeout(timeout)
+        self._check_root(root)
+        if self.world_size == 1:
+            return [obj]
+        return self._gather_impl(obj, root, t)
 
-    @abstractmethod
     def allgather(self, obj: Any, timeout: float | None = None) -> list:
         """Every rank gets the list of all ranks' objects, indexed by rank."""
+        t = self._timeout(timeout)
+        if self.world_size == 1:
+            return [obj]
+        return self._allgather_impl(obj, t)
 
-    @abstractmethod
     def broadcast(self, obj: Any, root: int = 0, timeout: float | None = None) -> Any:
         """Return ``root``'s ``obj`` on every rank (other ranks' ``obj`` is ignored).
 
-        The root returns as soon as the object is posted; the other ranks wait for it.
+        Called by every rank.  The root returns as soon as the object is posted; the other ranks
+        wait for it.
         """
+        t = self._timeout(timeout)
+        self._check_root(root)
+        if self.world_size == 1:
+            return obj
+        return self._broadcast_impl(obj, root, t)
+
+    def close(self) -> None:
+        """Release resources; further calls raise.  Idempotent.
+
+        Called by every rank once it is done with the communicator (a backend may need all of
+        them: see ``TorchCommunicator``).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._close_impl()
+
+    # -- transport, one per backend ----------------------------------------------------------------
+    # Called only with world_size > 1, a valid root and a positive timeout (seconds), while open.
+    @abstractmethod
+    def _barrier_impl(self, timeout: float) -> None:
+        """Block until every rank has arrived, or raise CommTimeoutError naming the missing."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Release resources; further calls raise.  Idempotent."""
+    def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
+        """The list by rank on ``root`` (its own entry ``obj`` itself), ``None`` elsewhere."""
+
+    @abstractmethod
+    def _allgather_impl(self, obj: Any, timeout: float) -> list:
+        """The list by rank on every rank (its own entry ``obj`` itself)."""
+
+    @abstractmethod
+    def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
+        """``obj`` on ``root`` (returned as soon as it is posted), its copy elsewhere."""
+
+    @abstractmethod
+    def _close_impl(self) -> None:
+        """Release the backend's resources; called once, already marked closed."""
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -82,6 +138,7 @@ class Communicator(ABC):
         return self.rank == 0
 
     def _timeout(self, timeout: float | None) -> float:
+        """The call's timeout in seconds; raises once closed or for a non-positive value."""
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
         if timeout is None:

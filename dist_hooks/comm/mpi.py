@@ -219,51 +219,35 @@ class MPICommunicator(Communicator):
         return reply[1]
 
     # -- collectives -----------------------------------------------------------------------------
-    def barrier(self, timeout: float | None = None) -> None:
-        t = self._timeout(timeout)
-        if self.world_size > 1:
-            self._gather_release(None, "barrier", t, deliver=False)
+    def _barrier_impl(self, timeout: float) -> None:
+        self._gather_release(None, "barrier", timeout, deliver=False)
 
-    def gather(self, obj: Any, root: int = 0, timeout: float | None = None) -> list | None:
-        t = self._timeout(timeout)
-        self._check_root(root)
-        if self.world_size == 1:
-            return [obj]
+    def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
         tag = self._next_tag()
-        return self._gather_to(obj, root, tag, "gather", t, time.monotonic() + t, False)
+        return self._gather_to(obj, root, tag, "gather", timeout, time.monotonic() + timeout, False)
 
-    def allgather(self, obj: Any, timeout: float | None = None) -> list:
-        t = self._timeout(timeout)
-        if self.world_size == 1:
-            return [obj]
-        return self._gather_release(obj, "allgather", t, deliver=True)
+    def _allgather_impl(self, obj: Any, timeout: float) -> list:
+        return self._gather_release(obj, "allgather", timeout, deliver=True)
 
-    def broadcast(self, obj: Any, root: int = 0, timeout: float | None = None) -> Any:
-        t = self._timeout(timeout)
-        self._check_root(root)
-        if self.world_size == 1:
-            return obj
-        deadline, tag = time.monotonic() + t, self._next_tag()
+    def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
+        deadline, tag = time.monotonic() + timeout, self._next_tag()
         if self.rank == root:
             others = [r for r in range(self.world_size) if r != root]
             undelivered = self._send(pickle.dumps(obj, PICKLE_PROTOCOL), others, tag, deadline)
             if undelivered:
-                raise timeout_error(self.rank, "broadcast", t, undelivered)
+                raise timeout_error(self.rank, "broadcast", timeout, undelivered)
             return obj
         got, missing = self._recv([root], tag, deadline)
         if missing:
-            raise timeout_error(self.rank, "broadcast", t, missing)
+            raise timeout_error(self.rank, "broadcast", timeout, missing)
         return got[root]
 
-    def close(self) -> None:
+    def _close_impl(self) -> None:
         """Free the private communicator.
 
         Requests abandoned at a timeout (to or from a rank that is gone) may never complete; then
         the communicator is left unfreed, since freeing it could block on them.
         """
-        if self._closed:
-            return
-        self._closed = True
         self._abandoned = [(r, b) for r, b in self._abandoned if not r.Test()]
         if self._abandoned:
             logger.warning("dist_hooks: MPICommunicator closed with %d unfinished message(s)",

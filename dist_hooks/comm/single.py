@@ -7,29 +7,28 @@ from .base import DEFAULT_TIMEOUT, Communicator
 
 
 class SingleCommunicator(Communicator):
-    """World of one process: every collective is the identity, nothing can go missing."""
+    """World of one process: every collective is the identity, nothing can go missing.
+
+    The base class already answers a world of one without calling the transport; the methods
+    below say what that answer is, should they ever be called.
+    """
 
     name = "single"
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT):
         super().__init__(0, 1, timeout)
 
-    def barrier(self, timeout: float | None = None) -> None:
-        self._timeout(timeout)
+    def _barrier_impl(self, timeout: float) -> None:
+        pass
 
-    def gather(self, obj: Any, root: int = 0, timeout: float | None = None) -> list | None:
-        self._timeout(timeout)
-        self._check_root(root)
+    def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
         return [obj]
 
-    def allgather(self, obj: Any, timeout: float | None = None) -> list:
-        self._timeout(timeout)
+    def _allgather_impl(self, obj: Any, timeout: float) -> list:
         return [obj]
 
-    def broadcast(self, obj: Any, root: int = 0, timeout: float | None = None) -> Any:
-        self._timeout(timeout)
-        self._check_root(root)
+    def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
         return obj
 
-    def close(self) -> None:
-        self._closed = True
+    def _close_impl(self) -> None:
+        pass

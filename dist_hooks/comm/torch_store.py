@@ -173,29 +173,22 @@ class TorchCommunicator(Communicator):
         return self._seq
 
     # -- collectives -----------------------------------------------------------------------------
-    def barrier(self, timeout: float | None = None) -> None:
-        t = self._timeout(timeout)
-        if self.world_size == 1:
-            return
-        deadline, seq = time.monotonic() + t, self._next()
-        with self._guard("barrier", t):
+    def _barrier_impl(self, timeout: float) -> None:
+        deadline, seq = time.monotonic() + timeout, self._next()
+        with self._guard("barrier", timeout):
             self._arrive(seq, b"")
-            self._await_all(seq, "barrier", t, deadline)
+            self._await_all(seq, "barrier", timeout, deadline)
             self._release(seq, self.world_size,
                           self._data_keys(seq) + [f"{seq}/n", f"{seq}/done"])
 
-    def gather(self, obj: Any, root: int = 0, timeout: float | None = None) -> list | None:
-        t = self._timeout(timeout)
-        self._check_root(root)
-        if self.world_size == 1:
-            return [obj]
-        deadline, seq = time.monotonic() + t, self._next()
+    def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
+        deadline, seq = time.monotonic() + timeout, self._next()
         payload = b"" if self.rank == root else pickle.dumps(obj, PICKLE_PROTOCOL)
-        with self._guard("gather", t):
+        with self._guard("gather", timeout):
             self._arrive(seq, payload)
             if self.rank != root:
                 return None
-            self._await_all(seq, "gather", t, deadline)
+            self._await_all(seq, "gather", timeout, deadline)
             others = [r for r in range(self.world_size) if r != root]
             values = self._store.multi_get([f"{seq}/d/{r}" for r in others])
             for key in self._data_keys(seq) + [f"{seq}/n", f"{seq}/done"]:
@@ -206,15 +199,12 @@ class TorchCommunicator(Communicator):
         result[root] = obj
         return result
 
-    def allgather(self, obj: Any, timeout: float | None = None) -> list:
-        t = self._timeout(timeout)
-        if self.world_size == 1:
-            return [obj]
-        deadline, seq = time.monotonic() + t, self._next()
+    def _allgather_impl(self, obj: Any, timeout: float) -> list:
+        deadline, seq = time.monotonic() + timeout, self._next()
         payload = pickle.dumps(obj, PICKLE_PROTOCOL)
-        with self._guard("allgather", t):
+        with self._guard("allgather", timeout):
             self._arrive(seq, payload)
-            self._await_all(seq, "allgather", t, deadline)
+            self._await_all(seq, "allgather", timeout, deadline)
             others = [r for r in range(self.world_size) if r != self.rank]
             values = self._store.multi_get([f"{seq}/d/{r}" for r in others])
             self._release(seq, self.world_size,
@@ -225,26 +215,22 @@ class TorchCommunicator(Communicator):
         result[self.rank] = obj
         return result
 
-    def broadcast(self, obj: Any, root: int = 0, timeout: float | None = None) -> Any:
-        t = self._timeout(timeout)
-        self._check_root(root)
-        if self.world_size == 1:
-            return obj
-        deadline, seq = time.monotonic() + t, self._next()
+    def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
+        deadline, seq = time.monotonic() + timeout, self._next()
         key = f"{seq}/d/{root}"
         if self.rank == root:
             payload = pickle.dumps(obj, PICKLE_PROTOCOL)
-            with self._guard("broadcast", t):
+            with self._guard("broadcast", timeout):
                 self._store.set(key, payload)
             return obj
-        with self._guard("broadcast", t):
+        with self._guard("broadcast", timeout):
             if not self._wait_key(key, deadline):
-                raise timeout_error(self.rank, "broadcast", t, [root])
+                raise timeout_error(self.rank, "broadcast", timeout, [root])
             value = self._store.get(key)
             self._release(seq, self.world_size - 1, [key])
         return pickle.loads(value)
 
-    def close(self) -> None:
+    def _close_impl(self) -> None:
         """Stop using the store; destroy the process group if this communicator created it.
 
         When the store server lives in rank 0's own process (no torchrun agent), rank 0 waits (up
@@ -253,9 +239,6 @@ class TorchCommunicator(Communicator):
         close its communicator.  Rank 0 skips the wait once one of its calls has timed out (the
         peers it would wait for are likely gone).
         """
-        if self._closed:
-            return
-        self._closed = True
         if self.world_size > 1:
             try:
                 self._store.add("closed", 1)
