@@ -1,4 +1,4 @@
-"""Small-object collectives (barrier, gather, allgather, broadcast) that fail loudly, never hang.
+"""Small-object collectives (barrier, gather, broadcast) that fail loudly, never hang.
 
 The coordinator exchanges metadata at checkpoint boundaries: per-rank manifests, committed
 lengths, decisions.  Those exchanges happen exactly when jobs die (pre-emption, OOM, node loss),

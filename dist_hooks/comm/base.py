@@ -17,7 +17,7 @@ PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def timeout_error(rank: int, op: str, timeout: float, missing: Sequence[int],
-                   detail: str = "") -> CommTimeoutError:
+                  detail: str = "") -> CommTimeoutError:
     missing = sorted(missing)
     who = f"ranks {missing}" if missing else "other ranks (which ones is unknown)"
     message = f"rank {rank}: timed out after {timeout:.1f} s in {op!r} waiting for {who}"
@@ -79,13 +79,6 @@ class Communicator(ABC):
             return [obj]
         return self._gather_impl(obj, root, t)
 
-    def allgather(self, obj: Any, timeout: float | None = None) -> list:
-        """Every rank gets the list of all ranks' objects, indexed by rank."""
-        t = self._timeout(timeout)
-        if self.world_size == 1:
-            return [obj]
-        return self._allgather_impl(obj, t)
-
     def broadcast(self, obj: Any, root: int = 0, timeout: float | None = None) -> Any:
         """Return ``root``'s ``obj`` on every rank (other ranks' ``obj`` is ignored).
 
@@ -118,10 +111,6 @@ class Communicator(ABC):
     @abstractmethod
     def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
         """The list by rank on ``root`` (its own entry ``obj`` itself), ``None`` elsewhere."""
-
-    @abstractmethod
-    def _allgather_impl(self, obj: Any, timeout: float) -> list:
-        """The list by rank on every rank (its own entry ``obj`` itself)."""
 
     @abstractmethod
     def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:

@@ -36,7 +36,7 @@ class MPICommunicator(Communicator):
     stall its receivers.  Small sends complete at once; a large send to a rank that never arrives
     makes the sender time out naming that rank.
 
-    Barrier and allgather are a gather to rank 0 followed by a release message from rank 0.  When
+    A barrier is a gather to rank 0 followed by a release message from rank 0.  When
     rank 0 times out it sends the ranks that did arrive an abort naming the missing ranks, so every
     survivor reports the real culprit; non-root ranks wait a little longer than the timeout
     (10 % + 1 s, at most 30 s more) so that this report can reach them, and name rank 0 if nothing
@@ -59,7 +59,7 @@ class MPICommunicator(Communicator):
         done, _ = self._wait_some([request], time.monotonic() + self.timeout)
         if not done:
             raise timeout_error(self.rank, "init", self.timeout, [],
-                                 "not every rank created its MPICommunicator")
+                                "not every rank created its MPICommunicator")
         self._comm = dup
         tag_ub = dup.Get_attr(MPI.TAG_UB)
         self._tag_ub = int(tag_ub) if tag_ub else 32767
@@ -196,38 +196,32 @@ class MPICommunicator(Communicator):
     def _grace(self, timeout: float) -> float:
         return min(0.1 * timeout + 1.0, 30.0)
 
-    def _gather_release(self, obj: Any, op: str, timeout: float, deliver: bool) -> Any:
-        """Gather to rank 0, then rank 0 releases everyone (with the list when ``deliver``)."""
+    # -- collectives -----------------------------------------------------------------------------
+    def _barrier_impl(self, timeout: float) -> None:
+        """Gather nothing to rank 0, then rank 0 releases everyone (or relays who is missing)."""
+        op = "barrier"
         start = time.monotonic()
         tag = self._next_tag()
         grace = self._grace(timeout)
-        gathered = self._gather_to(obj, 0, tag, op, timeout, start + timeout, True)
+        self._gather_to(None, 0, tag, op, timeout, start + timeout, True)
         if self.rank == 0:
-            release = pickle.dumps(("ok", gathered if deliver else None), PICKLE_PROTOCOL)
+            release = pickle.dumps(("ok", None), PICKLE_PROTOCOL)
             undelivered = self._send(release, range(1, self.world_size), tag,
                                      start + timeout + grace)
             if undelivered:
                 raise timeout_error(self.rank, op, timeout, undelivered,
-                                     "they arrived but did not take the result")
-            return gathered
+                                    "they arrived but did not take the result")
+            return
         got, _ = self._recv([0], tag, start + timeout + grace)
         if 0 not in got:
             raise timeout_error(self.rank, op, timeout, [0])
         reply = got[0]
         if reply[0] == "abort":
             raise timeout_error(self.rank, op, reply[2], reply[1], "reported by rank 0")
-        return reply[1]
-
-    # -- collectives -----------------------------------------------------------------------------
-    def _barrier_impl(self, timeout: float) -> None:
-        self._gather_release(None, "barrier", timeout, deliver=False)
 
     def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
         tag = self._next_tag()
         return self._gather_to(obj, root, tag, "gather", timeout, time.monotonic() + timeout, False)
-
-    def _allgather_impl(self, obj: Any, timeout: float) -> list:
-        return self._gather_release(obj, "allgather", timeout, deliver=True)
 
     def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
         deadline, tag = time.monotonic() + timeout, self._next_tag()

@@ -24,9 +24,6 @@ class SingleCommunicator(Communicator):
     def _gather_impl(self, obj: Any, root: int, timeout: float) -> list | None:
         return [obj]
 
-    def _allgather_impl(self, obj: Any, timeout: float) -> list:
-        return [obj]
-
     def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
         return obj
 

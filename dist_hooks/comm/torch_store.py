@@ -199,22 +199,6 @@ class TorchCommunicator(Communicator):
         result[root] = obj
         return result
 
-    def _allgather_impl(self, obj: Any, timeout: float) -> list:
-        deadline, seq = time.monotonic() + timeout, self._next()
-        payload = pickle.dumps(obj, PICKLE_PROTOCOL)
-        with self._guard("allgather", timeout):
-            self._arrive(seq, payload)
-            self._await_all(seq, "allgather", timeout, deadline)
-            others = [r for r in range(self.world_size) if r != self.rank]
-            values = self._store.multi_get([f"{seq}/d/{r}" for r in others])
-            self._release(seq, self.world_size,
-                          self._data_keys(seq) + [f"{seq}/n", f"{seq}/done"])
-        result: list[Any] = [None] * self.world_size
-        for r, value in zip(others, values):
-            result[r] = pickle.loads(value)
-        result[self.rank] = obj
-        return result
-
     def _broadcast_impl(self, obj: Any, root: int, timeout: float) -> Any:
         deadline, seq = time.monotonic() + timeout, self._next()
         key = f"{seq}/d/{root}"
