@@ -8,7 +8,7 @@ import logging
 import pickle
 import struct
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .base import DEFAULT_TIMEOUT, PICKLE_PROTOCOL, Communicator, timeout_error
 
@@ -69,18 +69,21 @@ class MPICommunicator(Communicator):
         self._abandoned: list[tuple[Any, Any]] = []
 
     # -- polling primitives ----------------------------------------------------------------------
-    def _wait_some(self, requests: list[Any], deadline: float) -> tuple[set[int], set[int]]:
-        """Poll ``requests`` until all complete or ``deadline``: (done indices, pending indices)."""
+    def _poll(self, requests: list[Any], deadline: float, on_done: Callable[[int], None]) -> None:
+        """Call ``on_done(i)`` as each of ``requests`` completes, until all have or ``deadline``.
+
+        ``on_done`` may append requests (a body following its header); they are polled too.
+        """
         MPI = self._MPI
-        pending, done = set(range(len(requests))), set()
-        delay = _POLL_MIN
-        while pending:
+        completed, delay = 0, _POLL_MIN
+        while completed < len(requests):
             indices = MPI.Request.Testsome(requests)
             if indices is None:  # every request inactive: nothing left to wait for
                 break
             if indices:
-                done.update(indices)
-                pending.difference_update(indices)
+                completed += len(indices)
+                for i in indices:
+                    on_done(i)
                 delay = _POLL_MIN
                 continue
             now = time.monotonic()
@@ -88,7 +91,12 @@ class MPICommunicator(Communicator):
                 break
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2.0, _POLL_MAX)
-        return done, pending
+
+    def _wait_some(self, requests: list[Any], deadline: float) -> tuple[set[int], set[int]]:
+        """Poll ``requests`` until all complete or ``deadline``: (done indices, pending indices)."""
+        done: set[int] = set()
+        self._poll(requests, deadline, done.add)
+        return done, set(range(len(requests))) - done
 
     def _abandon(self, requests: list[Any], buffers: list[Any], cancel: bool) -> None:
         for request, buffer in zip(requests, buffers):
@@ -138,37 +146,24 @@ class MPICommunicator(Communicator):
         owners = list(sources)
         is_body = [False] * len(sources)
         got: dict[int, Any] = {}
-        delay = _POLL_MIN
-        outstanding = len(requests)
-        while outstanding:
-            indices = MPI.Request.Testsome(requests)
-            if indices is None:
-                break
-            if indices:
-                delay = _POLL_MIN
-                for i in indices:
-                    outstanding -= 1
-                    src, buf = owners[i], buffers[i]
-                    if is_body[i]:
-                        got[src] = pickle.loads(buf)
-                        continue
-                    (length,) = self._HEADER.unpack_from(buf)
-                    if length + self._HEADER.size <= self._INLINE:
-                        got[src] = pickle.loads(memoryview(buf)[self._HEADER.size:
-                                                                self._HEADER.size + length])
-                    else:  # the body follows as a second message with the same tag
-                        body = bytearray(length)
-                        requests.append(comm.Irecv([body, MPI.BYTE], source=src, tag=tag))
-                        buffers.append(body)
-                        owners.append(src)
-                        is_body.append(True)
-                        outstanding += 1
-                continue
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2.0, _POLL_MAX)
+
+        def arrived(i: int) -> None:
+            src, buf = owners[i], buffers[i]
+            if is_body[i]:
+                got[src] = pickle.loads(buf)
+                return
+            (length,) = self._HEADER.unpack_from(buf)
+            if length + self._HEADER.size <= self._INLINE:
+                got[src] = pickle.loads(memoryview(buf)[self._HEADER.size:
+                                                        self._HEADER.size + length])
+            else:  # the body follows as a second message with the same tag
+                body = bytearray(length)
+                requests.append(comm.Irecv([body, MPI.BYTE], source=src, tag=tag))
+                buffers.append(body)
+                owners.append(src)
+                is_body.append(True)
+
+        self._poll(requests, deadline, arrived)
         missing = sorted(set(sources) - set(got))
         if missing:
             live = [i for i, r in enumerate(requests) if r != MPI.REQUEST_NULL]
