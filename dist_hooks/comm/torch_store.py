@@ -49,6 +49,8 @@ class TorchCommunicator(Communicator):
     torchrun) is reported as :class:`CommTimeoutError` naming rank 0 as soon as the connection
     breaks.  Under torchrun a rank that *exits with an error* makes the agent stop all workers, so
     the timeout path is for ranks that hang, exit cleanly too early, or die on other launchers.
+    Every rank should :meth:`close` it: without the agent, rank 0's close waits for the others so
+    that its store outlives their last call (see ``_close_impl``).
     """
 
     name = "torch"
