@@ -17,9 +17,11 @@ from dist_hooks.comm import (CommTimeoutError, Communicator, SingleCommunicator,
 from dist_hooks.launch import detect_launch
 
 try:
+    from mp.comm_worker import allgather
     from mp.runner import mpi_available, run_mpiexec, run_plain_env, run_torchrun, \
         torchrun_available
 except ImportError:  # tests/ became a package
+    from tests.mp.comm_worker import allgather
     from tests.mp.runner import mpi_available, run_mpiexec, run_plain_env, run_torchrun, \
         torchrun_available
 
@@ -124,18 +126,18 @@ def test_torch_rank_exits_before_gather(tmp_path):
 
 
 @needs_torch
-def test_torch_rank0_exits_before_allgather(tmp_path):
+def test_torch_rank0_exits_before_barrier(tmp_path):
     # Under torchrun the store lives in the agent, so rank 1 sees a plain timeout naming rank 0.
-    rec = _early(run_torchrun, tmp_path, 2, 0, "allgather")[1]
-    _check_timeout(rec, "allgather", [0])
+    rec = _early(run_torchrun, tmp_path, 2, 0, "barrier")[1]
+    _check_timeout(rec, "barrier", [0])
 
 
 @needs_torch
 def test_torch_store_host_dies(tmp_path):
     # Without torchrun's agent the store server is inside rank 0: its exit breaks the connection,
     # which must surface at once as CommTimeoutError naming rank 0, not a hang or a raw DistError.
-    rec = _early(run_plain_env, tmp_path, 2, 0, "allgather")[1]
-    _check_timeout(rec, "allgather", [0], lost_store=True)
+    rec = _early(run_plain_env, tmp_path, 2, 0, "barrier")[1]
+    _check_timeout(rec, "barrier", [0], lost_store=True)
 
 
 @needs_torch
@@ -153,17 +155,17 @@ def test_mpi_rank_exits_before_gather(tmp_path):
 
 @needs_mpi
 def test_mpi_rank0_never_arrives(tmp_path):
-    rec = _early(run_mpiexec, tmp_path, 2, 0, "allgather", style="sleep")[1]
-    _check_timeout(rec, "allgather", [0])
+    rec = _early(run_mpiexec, tmp_path, 2, 0, "barrier", style="sleep")[1]
+    _check_timeout(rec, "barrier", [0])
 
 
 @needs_mpi
 def test_mpi_root_reports_missing_rank_to_survivors(tmp_path):
     # Rank 2 hangs; rank 0 (the root of the gather phase) names it, and relays that to rank 1,
     # which otherwise could only have blamed rank 0.
-    recs = _early(run_mpiexec, tmp_path, 3, 2, "allgather", style="sleep")
-    _check_timeout(recs[0], "allgather", [2])
-    _check_timeout(recs[1], "allgather", [2])
+    recs = _early(run_mpiexec, tmp_path, 3, 2, "barrier", style="sleep")
+    _check_timeout(recs[0], "barrier", [2])
+    _check_timeout(recs[1], "barrier", [2])
     assert "reported by rank 0" in recs[1]["error"]
 
 
@@ -177,7 +179,7 @@ def test_single_communicator():
     obj = {"a": [1, 2]}
     comm.barrier()
     assert comm.gather(obj) == [obj]
-    assert comm.allgather(obj) == [obj]
+    assert allgather(comm, obj) == [obj]
     assert comm.broadcast(obj) is obj
     with pytest.raises(ValueError, match="root"):
         comm.gather(obj, root=1)

@@ -2,8 +2,8 @@
 
 Usage: comm_worker.py OUT_DIR MODE [--kind auto] [--timeout S] [--early-rank R] [--op OP]
 
-MODE ``ok``: run barrier / gather / allgather / broadcast with non-trivial objects and write what
-this rank received to OUT_DIR/rank-<r>.json.
+MODE ``ok``: run barrier / gather / broadcast (and ``allgather``, built here from gather and
+broadcast) with non-trivial objects and write what this rank received to OUT_DIR/rank-<r>.json.
 
 MODE ``early``: after a first barrier, rank R leaves without calling OP (``--early-style``:
 ``exit`` = ``os._exit(0)``, a clean status so the launcher does not tear the job down, and no
@@ -30,6 +30,13 @@ def payload(rank: int) -> dict:
             "nested": {"even": rank % 2 == 0, "tags": ["a"] * (rank + 1)}, "none": None}
 
 
+def allgather(comm, obj, timeout: float | None = None) -> list:
+    """Every rank gets the list of all ranks' objects, indexed by rank: a gather to rank 0, then
+    its broadcast.  Only tests need it (the package gathers to the coordinator and broadcasts its
+    decision), so it lives here, on top of the two collectives under test."""
+    return comm.broadcast(comm.gather(obj, root=0, timeout=timeout), root=0, timeout=timeout)
+
+
 def store_key_count(comm) -> int | None:
     store = getattr(comm, "_store", None)
     return store.num_keys() if store is not None else None
@@ -42,21 +49,21 @@ def run_ok(comm, out: Path) -> None:
     comm.barrier()
     record["gather0"] = comm.gather(payload(rank), root=0)
     record["gather_last"] = comm.gather(payload(rank), root=last)
-    record["allgather"] = comm.allgather(payload(rank))
+    record["allgather"] = allgather(comm, payload(rank))
     record["bcast0"] = comm.broadcast(payload(rank) if rank == 0 else None, root=0)
     record["bcast_last"] = comm.broadcast(payload(rank) if rank == last else "ignored", root=last)
     # A few MB through the communicator: rank 1 broadcasts 3 MB, everyone allgathers 256 kB.
     blob = comm.broadcast(os.urandom(3 << 20).hex()[: 3 << 20] if rank == 1 else None, root=1)
     record["blob_len"] = len(blob)
     record["blob_sha"] = hashlib.sha256(blob.encode()).hexdigest()
-    shas = comm.allgather(hashlib.sha256(("x" * (256 << 10) + str(rank)).encode()).hexdigest())
-    big = comm.allgather("x" * (256 << 10) + str(rank))
+    shas = allgather(comm, hashlib.sha256(("x" * (256 << 10) + str(rank)).encode()).hexdigest())
+    big = allgather(comm, "x" * (256 << 10) + str(rank))
     record["big_ok"] = [hashlib.sha256(b.encode()).hexdigest() for b in big] == shas
     # Many rounds must not grow the store (torch): count keys after a quiet barrier.
     counts = []
     for rounds in (3, 30):
         for i in range(rounds):
-            comm.allgather({"i": i, "r": rank})
+            allgather(comm, {"i": i, "r": rank})
             comm.gather(i, root=i % world)
             comm.broadcast(i, root=i % world)
             comm.barrier()
@@ -94,8 +101,6 @@ def run_early(comm, out: Path, early_rank: int, op: str, timeout: float, style: 
     try:
         if op == "gather":
             result = comm.gather(payload(rank), root=0, timeout=timeout)
-        elif op == "allgather":
-            result = comm.allgather(payload(rank), timeout=timeout)
         elif op == "barrier":
             result = comm.barrier(timeout=timeout)
         elif op == "broadcast":
