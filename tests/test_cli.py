@@ -31,6 +31,8 @@ from dist_hooks.reader import open_run
 from dist_hooks.tools import Progress
 
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
+#: dist-hooks with consolidate SIGKILLed after N pieces of output (its test seam)
+KILLED = str(REPO_ROOT / "tests" / "mp" / "consolidate_killed.py")
 DEMO = ["--steps", "60", "--relax-steps", "40", "--systems-per-rank", "5", "--min-atoms", "8",
         "--max-atoms", "20", "--fmax", "0.02", "--checkpoint-every", "20", "--snapshot-every", "5",
         "--timeout", "90", "--quiet"]
@@ -242,9 +244,8 @@ def test_consolidate_killed_midway_then_rerun(runs, tmp_path):
     assert cli("consolidate", run, "--block-records", "4")[0] == 0
     want = tree_hashes(run / "consolidated")
     shutil.rmtree(run / "consolidated")
-    p = run_command([sys.executable, "-m", "dist_hooks.cli", "consolidate", str(run),
-                     "--block-records", "4"], timeout=90,
-                    env=clean_env({"DIST_HOOKS_FAULT_CONSOLIDATE_AFTER_WINDOWS": "3"}))
+    p = run_command([sys.executable, KILLED, "3", "consolidate", str(run),
+                     "--block-records", "4"], timeout=90, env=clean_env())
     assert p.returncode in (-9, 137), (p.returncode, p.stderr[-2000:])
     leftovers = [e.name for e in run.iterdir() if e.name.startswith(".consolidated.tmp-")]
     assert leftovers, "the killed consolidate wrote into a temporary directory"
