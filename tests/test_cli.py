@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 from mp.runner import REPO_ROOT, clean_env, mpi_available, mpiexec_path, run_command
 
 from consolidated_ref import assert_bit_identical, group, reference, trajectory
-from dist_hooks.cli import build_parser, main
+from dist_hooks.cli import EXIT_MEANINGS, build_parser, main
 from dist_hooks.reader import open_run
 from dist_hooks.tools import Progress
 
@@ -463,6 +464,16 @@ def test_usage_errors_and_help(tmp_path):
     for code in ("0 ", "1 ", "2 ", "3 ", "4 "):
         assert f"\n  {code}" in help_text
     assert "lock" in help_text
+
+
+def test_exit_table_in_docs_matches_help():
+    table = (REPO_ROOT / "docs" / "cli.md").read_text().split("## Exit status", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    codes = [int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)]
+    assert codes == [code for code, _ in EXIT_MEANINGS]
+    help_text = build_parser().format_help()
+    for code, meaning in EXIT_MEANINGS:
+        assert f"\n  {code:<4} {meaning}\n" in help_text
 
 
 def test_consolidate_refuses_out_inside_run_data(runs):
