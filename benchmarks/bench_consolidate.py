@@ -62,7 +62,7 @@ def make_synthetic_run(path: str | os.PathLike, *, ranks: int = 2, steps: int = 
     from dist_hooks.store.group_writer import GroupWriter
     from dist_hooks.store.zarr_sink import ZarrSink
     from dist_hooks.records import merge_blocks
-    from dist_hooks.tools.consolidate import ZarrSource
+    from dist_hooks.tools.record_source import ZarrSource
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

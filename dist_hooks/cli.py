@@ -2,7 +2,9 @@
 
 Thin by design: parsing and exit codes live here, the work in :mod:`dist_hooks.tools` (each
 command is a function there, usable from Python). ``main(argv)`` returns the exit status
-instead of exiting, so tests and wrappers can call it in-process. Reference: ``docs/cli.md``.
+instead of exiting, so tests and wrappers can call it in-process. Each command imports its tool
+only when it runs, so ``--help`` and usage errors load neither zarr nor pyarrow. Reference:
+``docs/cli.md``.
 """
 from __future__ import annotations
 
@@ -11,15 +13,53 @@ import json
 import sys
 from typing import Any
 
-EXIT_CODES = """\
-exit status:
-  0    success (verify: no damage found; consolidate: written or already up to date)
-  1    damage found (verify), or refused because committed data are damaged
-  2    usage error: bad options, or RUN is not a dist_hooks run directory
-  3    another `dist-hooks consolidate` of the same run holds its lock
-  4    an optional dependency is missing (export: ase, plot: matplotlib)
-  130  interrupted (Ctrl-C); outputs are left as they were before the command
-"""
+from .errors import (
+    EXIT_DAMAGE,
+    EXIT_INTERRUPTED,
+    EXIT_LOCKED,
+    EXIT_MISSING_DEPENDENCY,
+    EXIT_OK,
+    EXIT_USAGE,
+    RunError,
+    exit_code_of,
+)
+
+#: The exit statuses and what each means: one table, for every ``--help`` (docs/cli.md lists
+#: the same; the codes themselves are :mod:`dist_hooks.errors`'s).
+EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success (verify: no damage found; consolidate: written or already up to date)"),
+    (EXIT_DAMAGE, "damage found (verify), or refused because committed data are damaged"),
+    (EXIT_USAGE, "usage error: bad options, or RUN is not a dist_hooks run directory"),
+    (EXIT_LOCKED, "another `dist-hooks consolidate` of the same run holds its lock"),
+    (EXIT_MISSING_DEPENDENCY, "an optional dependency is missing (export: ase, plot: matplotlib)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C); outputs are left as they were before the command"),
+)
+EXIT_CODES = "exit status:\n" + "".join(f"  {code:<4} {meaning}\n"
+                                         for code, meaning in EXIT_MEANINGS)
+
+
+def _add_command(sub: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand, its description kept as written and the exit table under its help."""
+    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=EXIT_CODES, help=help, description=description)
+
+
+def _add_rank_root(p: argparse.ArgumentParser,
+                   holds: str = "its --local-dir, copied or mounted") -> None:
+    """``--rank-root``, the same on every command; ``holds``: what the command reads there."""
+    p.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
+                   help=f"for a run recorded with storage='local': a directory holding a "
+                        f"node's local files ({holds}); repeat for each node")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    """``--progress``, shared by the commands that read every committed byte."""
+    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bar on stderr (auto: only when stderr is a terminal)")
+
+
+def _add_json(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--json", action="store_true", help=help)
 
 
 def _progress(value: str) -> bool | None:
@@ -28,16 +68,15 @@ def _progress(value: str) -> bool | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dist-hooks`` (every subcommand, with its options)."""
-    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        prog="dist-hooks", formatter_class=fmt,
+        prog="dist-hooks", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tools for dist_hooks runs: consolidate, inspect, verify, export, plot. "
                     "Only what the last checkpoint boundary committed is read.",
         epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser(
-        "consolidate", formatter_class=fmt, epilog=EXIT_CODES,
+    c = _add_command(
+        sub, "consolidate",
         help="merge all ranks' shards and CSVs of RUN into one readable output",
         description="Merge every rank's committed records into one Zarr group per snapshot "
                     "hook and one converged group (ordered by step, rank, sample id), and "
@@ -57,75 +96,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy trajectory shard files after checking only their index, without "
                         "decoding every atom row against its committed crc32 (faster; for a run "
                         "`dist-hooks verify` has checked)")
-    c.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                   help="progress bar on stderr (auto: only when stderr is a terminal)")
+    _add_progress(c)
     c.add_argument("--block-records", type=int, default=4096, metavar="N",
                    help="records read per rank per block (memory/speed trade-off; default 4096)")
     c.add_argument("--block-atoms", type=int, default=65536, metavar="N",
                    help="atom rows read per rank per block (default 65536)")
-    c.add_argument("--json", action="store_true", help="print the summary as JSON")
-    c.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
-                   help="for a run recorded with storage='local': a directory holding a "
-                        "node's local files (its --local-dir, copied or mounted); repeat for "
-                        "each node")
+    _add_json(c, "print the summary as JSON")
+    _add_rank_root(c)
 
-    i = sub.add_parser("info", formatter_class=fmt, epilog=EXIT_CODES,
-                       help="summarise RUN: launcher, world size, boundaries, per-rank counts",
-                       description="Summarise a run from its manifest: launcher, world size, "
-                                   "boundaries, per-rank record and row counts per hook, "
-                                   "converged count, step range and disk use.")
+    i = _add_command(sub, "info",
+                     help="summarise RUN: launcher, world size, boundaries, per-rank counts",
+                     description="Summarise a run from its manifest: launcher, world size, "
+                                 "boundaries, per-rank record and row counts per hook, "
+                                 "converged count, step range and disk use.")
     i.add_argument("run", metavar="RUN", help="run directory")
-    i.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    _add_json(i, "machine-readable output (stable keys)")
     i.add_argument("--no-disk", action="store_true", help="skip the disk-use walk")
-    i.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
-                   help="for a run recorded with storage='local': a directory holding a "
-                        "node's local files (for the step range); repeat for each node")
+    _add_rank_root(i, "for the step range")
 
-    v = sub.add_parser("verify", formatter_class=fmt, epilog=EXIT_CODES,
-                       help="check RUN's committed lengths, checksums and pointers against the "
-                            "bytes on disk",
-                       description="Read every committed byte of RUN and check it against the "
-                                   "manifest: lengths, crc32 checksums, CSR pointers, shapes, "
-                                   "dtypes, CSV rows, paths. Prints one line per problem, "
-                                   "naming the file and place.")
+    v = _add_command(sub, "verify",
+                     help="check RUN's committed lengths, checksums and pointers against the "
+                          "bytes on disk",
+                     description="Read every committed byte of RUN and check it against the "
+                                 "manifest: lengths, crc32 checksums, CSR pointers, shapes, "
+                                 "dtypes, CSV rows, paths. Prints one line per problem, "
+                                 "naming the file and place.")
     v.add_argument("run", metavar="RUN", help="run directory")
-    v.add_argument("--json", action="store_true", help="print the report as JSON")
-    v.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                   help="progress bar on stderr (auto: only when stderr is a terminal)")
-    v.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
-                   help="for a run recorded with storage='local': a directory holding a "
-                        "node's local files (its --local-dir, copied or mounted); repeat for "
-                        "each node")
+    _add_json(v, "print the report as JSON")
+    _add_progress(v)
+    _add_rank_root(v)
 
-    e = sub.add_parser("export", formatter_class=fmt, epilog=EXIT_CODES,
-                       help="export structures of RUN to ASE-readable files",
-                       description="Export converged structures or a snapshot trajectory to "
-                                   "extended XYZ or an ASE database, with energy, forces, step, "
-                                   "rank and sample id. Needs the 'ase' extra.")
+    e = _add_command(sub, "export",
+                     help="export structures of RUN to ASE-readable files",
+                     description="Export converged structures or a snapshot trajectory to "
+                                 "extended XYZ or an ASE database, with energy, forces, step, "
+                                 "rank and sample id. Needs the 'ase' extra.")
     e.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
     e.add_argument("--what", choices=("converged", "trajectory"), required=True)
     e.add_argument("--format", dest="fmt", choices=("extxyz", "ase-db"), required=True)
     e.add_argument("--out", metavar="PATH", required=True, help="output file")
     e.add_argument("--hook", default=None,
                    help="snapshot hook for --what trajectory (default: the only one)")
-    e.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
-                   help="for a run recorded with storage='local': a directory holding a "
-                        "node's local files (its --local-dir, copied or mounted); repeat for "
-                        "each node")
+    _add_rank_root(e)
 
-    pl = sub.add_parser("plot", formatter_class=fmt, epilog=EXIT_CODES,
-                        help="plot energy, fmax and temperature of RUN versus step",
-                        description="Plot energy, fmax and temperature versus step: the mean "
-                                    "per rank, and the distribution over all systems. Needs "
-                                    "the 'plot' extra (matplotlib).")
+    pl = _add_command(sub, "plot",
+                      help="plot energy, fmax and temperature of RUN versus step",
+                      description="Plot energy, fmax and temperature versus step: the mean "
+                                  "per rank, and the distribution over all systems. Needs "
+                                  "the 'plot' extra (matplotlib).")
     pl.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
     pl.add_argument("--out", metavar="PNG", required=True, help="output PNG file")
     pl.add_argument("--hook", default="log", help="CSV log to plot (default: log)")
     pl.add_argument("--dpi", type=int, default=110)
-    pl.add_argument("--rank-root", action="append", default=[], metavar="DIR", dest="rank_roots",
-                   help="for a run recorded with storage='local': a directory holding a "
-                        "node's local files (its --local-dir, copied or mounted); repeat for "
-                        "each node")
+    _add_rank_root(pl)
     return p
 
 
@@ -212,9 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from .reader import RunError
-    from .tools import EXIT_INTERRUPTED, exit_code_of
-
     try:
         return COMMANDS[args.command](args)
     except RunError as exc:

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,11 +27,13 @@ import pytest
 from mp.runner import REPO_ROOT, clean_env, mpi_available, mpiexec_path, run_command
 
 from consolidated_ref import assert_bit_identical, group, reference, trajectory
-from dist_hooks.cli import build_parser, main
+from dist_hooks.cli import EXIT_MEANINGS, build_parser, main
 from dist_hooks.reader import open_run
 from dist_hooks.tools import Progress
 
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
+#: dist-hooks with consolidate SIGKILLed after N pieces of output (its test seam)
+KILLED = str(REPO_ROOT / "tests" / "mp" / "consolidate_killed.py")
 DEMO = ["--steps", "60", "--relax-steps", "40", "--systems-per-rank", "5", "--min-atoms", "8",
         "--max-atoms", "20", "--fmax", "0.02", "--checkpoint-every", "20", "--snapshot-every", "5",
         "--timeout", "90", "--quiet"]
@@ -242,9 +245,8 @@ def test_consolidate_killed_midway_then_rerun(runs, tmp_path):
     assert cli("consolidate", run, "--block-records", "4")[0] == 0
     want = tree_hashes(run / "consolidated")
     shutil.rmtree(run / "consolidated")
-    p = run_command([sys.executable, "-m", "dist_hooks.cli", "consolidate", str(run),
-                     "--block-records", "4"], timeout=90,
-                    env=clean_env({"DIST_HOOKS_FAULT_CONSOLIDATE_AFTER_WINDOWS": "3"}))
+    p = run_command([sys.executable, KILLED, "3", "consolidate", str(run),
+                     "--block-records", "4"], timeout=90, env=clean_env())
     assert p.returncode in (-9, 137), (p.returncode, p.stderr[-2000:])
     leftovers = [e.name for e in run.iterdir() if e.name.startswith(".consolidated.tmp-")]
     assert leftovers, "the killed consolidate wrote into a temporary directory"
@@ -462,6 +464,16 @@ def test_usage_errors_and_help(tmp_path):
     for code in ("0 ", "1 ", "2 ", "3 ", "4 "):
         assert f"\n  {code}" in help_text
     assert "lock" in help_text
+
+
+def test_exit_table_in_docs_matches_help():
+    table = (REPO_ROOT / "docs" / "cli.md").read_text().split("## Exit status", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    codes = [int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)]
+    assert codes == [code for code, _ in EXIT_MEANINGS]
+    help_text = build_parser().format_help()
+    for code, meaning in EXIT_MEANINGS:
+        assert f"\n  {code:<4} {meaning}\n" in help_text
 
 
 def test_consolidate_refuses_out_inside_run_data(runs):

@@ -12,7 +12,7 @@ import pytest
 
 from dist_hooks.reader import Unit
 from dist_hooks.store.csv_log import CsvLog
-from dist_hooks.tools.consolidate import _write_parquet, merge_csv
+from dist_hooks.tools.csv_merge import merge_csv, write_parquet as _write_parquet
 
 
 def _write_rank(run: Path, rank: int, blocks: list[dict]) -> Unit:

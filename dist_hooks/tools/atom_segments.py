@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import zarr
 
 from ..reader import DamageError
 from ..store.atomic_store import AtomicLocalStore, fsync_file, fsync_tree
@@ -185,8 +186,6 @@ class _LazyArray:
         self._lock = threading.Lock()
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        import zarr
-
         with self._lock:
             if self._arr is None:
                 self._arr = zarr.open_array(self._store, path=self._path, mode="r+")
@@ -327,8 +326,6 @@ def _write_all(fd: int, data: bytes) -> int:
 
 def _copy_zarr(f: str, seg: Segment, out: Any, unit_rows: int, progress: Any) -> int:
     """The fallback for a source laid out unlike the output: decode, check, re-encode."""
-    import zarr
-
     try:
         src = zarr.open_array(AtomicLocalStore(seg.data_root, read_only=True),
                               path=f"{seg.group}/{f}", mode="r")

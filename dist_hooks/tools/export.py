@@ -19,10 +19,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..reader import RunError, RunReader, open_run
+from ..errors import MissingDependencyError, RunError
+from ..reader import RunReader, open_run
+from ..records import CsrBlock, merge_blocks
 from ..store import layout
 from ..store.group_reader import GroupReader
-from . import MissingDependencyError
+from .record_source import ZarrSource
 
 __all__ = ["export", "iter_blocks"]
 
@@ -34,12 +36,9 @@ IDENTITY = ("step", "rank", "sample_id", "graph_idx", "status")
 
 
 def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
-                block_records: int = 4096, block_atoms: int = 65536) -> Iterator[Any]:
-    """Bounded :class:`~dist_hooks.tools.consolidate.CsrBlock` s of ``what`` ("converged" or
+                block_records: int = 4096, block_atoms: int = 65536) -> Iterator[CsrBlock]:
+    """Bounded :class:`~dist_hooks.records.CsrBlock` s of ``what`` ("converged" or
     "trajectory") in (step, rank, sample_id) order, committed records only."""
-    from ..records import merge_blocks
-    from .consolidate import ZarrSource
-
     kw = {"block_records": block_records, "block_atoms": block_atoms}
     if what == "converged":
         if run.consolidated is not None and (run.summary or {}).get("converged"):
@@ -79,11 +78,9 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
     return merge_blocks(sources)
 
 
-def _reader_blocks(reader: GroupReader, block_records: int) -> Iterator[Any]:
+def _reader_blocks(reader: GroupReader, block_records: int) -> Iterator[CsrBlock]:
     """Bounded blocks through the reader, which also reads a consolidated trajectory's indexed
     layout (atom rows as per-rank segments) in record order."""
-    from ..records import CsrBlock
-
     for a in range(0, len(reader), max(block_records, 1)):
         d = reader.records(a, a + block_records)
         ptr = np.asarray(d.pop(layout.ATOMS_PTR), dtype=np.int64)
@@ -91,7 +88,7 @@ def _reader_blocks(reader: GroupReader, block_records: int) -> Iterator[Any]:
                        {n: v for n, v in d.items() if reader.fields[n][0] == "atom"}, ptr)
 
 
-def _atoms_of(block: Any, ase: Any) -> list[Any]:
+def _atoms_of(block: CsrBlock, ase: Any) -> list[Any]:
     from ase.calculators.singlepoint import SinglePointCalculator
 
     ptr = block.ptr

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import zarr
+
 from ..reader import (
     Unit,
     committed_units,
@@ -49,7 +51,6 @@ def _disk_use(run_dir: Path) -> dict[str, Any]:
 
 
 def _zarr_steps(run_dir: Path, u: Unit) -> tuple[int, int] | None:
-    import zarr
     n = u.records
     if n <= 0:
         return None

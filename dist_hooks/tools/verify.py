@@ -26,8 +26,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from ..reader import (
     DamageError,
     Unit,
@@ -36,9 +34,11 @@ from ..reader import (
     load_manifest,
     run_path,
 )
+from ..records import merge_blocks
 from ..store import layout
 from ..store.csv_log import read_header, scan_prefix
-from . import Progress
+from .progress import Progress
+from .record_source import BlockCrc, ZarrSource
 
 __all__ = ["format_report", "quick_unit_problems", "verify_run"]
 
@@ -98,8 +98,6 @@ def _check_csv(run_dir: Path, u: Unit, bar: Progress) -> list[str]:
 
 def _check_zarr(run_dir: Path, u: Unit, bar: Progress, schemas: dict[str, tuple[int, dict]],
                 block_records: int, block_atoms: int) -> list[str]:
-    from .consolidate import ZarrSource
-
     u.path(run_dir)
     src = ZarrSource(run_dir / layout.DATA_DIR, u.group, place=u.rel, records=u.records,
                      atoms=u.atoms, expect_crc=u.info.get("crc32") or {},
@@ -186,10 +184,10 @@ def _check_boundaries(run_dir: Path, m: dict) -> list[str]:
 def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
                   block_records: int, block_atoms: int,
                   roots: dict[int, Path] | None = None) -> list[str]:
-    """The coordinator's merged group against the ranks' committed converged records."""
-    from ..records import merge_blocks
-    from .consolidate import ZarrSource
-
+    """The coordinator's merged group against the ranks' committed converged records, merged
+    as the coordinator merges them (:func:`~dist_hooks.records.merge_blocks`, de-duplicated).
+    The manifest commits only the merged group's lengths, not its checksums: comparing with
+    the ranks' records is what shows it intact."""
     merged = (m.get("last") or {}).get("merged") or {}
     n, a = int(merged.get("records", 0)), int(merged.get("atoms", 0))
     place = f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}"
@@ -198,41 +196,27 @@ def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
     src = ZarrSource(run_dir / layout.DATA_DIR, layout.CONVERGED_GROUP, place=place,
                      records=n, atoms=a, block_records=block_records, block_atoms=block_atoms,
                      progress=bar)
-    got = _stream_crc(iter(src))
+    got = BlockCrc.of(src)
     roots = roots or {}
     if not conv_units or any(u.rank not in roots for u in conv_units):
         return []  # the ranks' converged groups are not all here (node-local storage)
     sources = [(u.rank, ZarrSource(roots[u.rank] / layout.DATA_DIR, u.group, place=u.rel,
                                    records=u.records, atoms=u.atoms, block_records=block_records,
                                    block_atoms=block_atoms)) for u in conv_units]
-    want = _stream_crc(merge_blocks(sources, dedup=True))
+    want = BlockCrc.of(merge_blocks(sources, dedup=True))
     out = []
-    if want["records"] != n:
+    if want.records != n:
         out.append(f"{place}: {layout.MANIFEST} commits {n} merged records, the ranks' committed "
-                   f"converged records give {want['records']}")
+                   f"converged records give {want.records}")
         return out
-    for name, (lvl, crc) in want["crc"].items():
-        if name not in got["crc"]:
+    for name, crc in want.crc.items():
+        if name not in got.crc:
             out.append(f"{place}/{name}: array missing")
-        elif got["crc"][name][1] != crc:
-            what = "records" if lvl == "record" else "atom rows"
-            rows = n if lvl == "record" else a
+        elif got.crc[name] != crc:
+            what, rows = (("records", n) if want.levels[name] == "record" else ("atom rows", a))
             out.append(f"{place}/{name}: differs from the ranks' committed converged records "
                        f"over {what} [0, {rows})")
     return out
-
-
-def _stream_crc(blocks: Any) -> dict:
-    crc: dict[str, tuple[str, int]] = {}
-    records = 0
-    for b in blocks:
-        records += len(b)
-        for lvl, cols in (("record", b.rec), ("atom", b.atoms)):
-            for name, v in cols.items():
-                v = np.ascontiguousarray(v)
-                prev = crc.get(name, (lvl, 0))[1]
-                crc[name] = (lvl, zlib.crc32(v, prev) if v.size else prev)
-    return {"records": records, "crc": crc}
 
 
 def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
