@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from . import packing
 from .errors import DamageError, SchemaChangedError
 from .batch import BatchView
+from .launch import detect_launch
 from .writer_runtime import Channel, HostBufferPool, Streams, register_for_exit
 from .stages import Stage, as_stage, stage_matches
-from .store.csv_log import FLOAT_COLUMNS
+from .store import GroupReader
+from .store.csv_log import FLOAT_COLUMNS, CsvLog
 
 log = logging.getLogger("dist_hooks")
 
@@ -39,10 +42,6 @@ def resolve_rank(explicit: int | None) -> int:
         return int(explicit)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    try:
-        from .launch import detect_launch
-    except ImportError:  # pragma: no cover - launch module always ships
-        return int(os.environ.get("RANK", 0))
     return detect_launch().rank
 
 
@@ -222,7 +221,6 @@ class LoggingHook(_RecordingHook):
             self._warn_once(k, f"batch has no {need}: column {k!r} is left empty")
         self._counts_inv: torch.Tensor | None = None
         if self.backend == "csv":
-            from .store.csv_log import CsvLog
             self.path = self.rank_path(self.rank)
             self._sink = CsvLog(self.path)
             rp = self._resume_point
@@ -340,7 +338,6 @@ class LoggingHook(_RecordingHook):
 
     def _emit(self, cols: dict[str, Any], steps: list[int], nrows: int) -> None:
         if self.backend == "csv":
-            import pyarrow as pa
             self._sink.append({k: (pa.nulls(nrows, pa.float64()) if v is None else v) for k, v in cols.items()})
             return
         B = nrows // len(steps)
@@ -574,6 +571,5 @@ def _existing_sample_ids(writer: Any) -> np.ndarray:
     """Sample ids already in this rank's converged group (a resumed run must not write them again)."""
     if not writer.lengths.get("records"):
         return np.empty(0, dtype=np.int64)
-    from .store import GroupReader
     writer.flush()
     return np.unique(GroupReader(writer.store.root, writer.group_path).column("sample_id"))
