@@ -12,7 +12,7 @@ no text formatting. Encoding and disk I/O happen in the process's writer thread.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -33,10 +33,27 @@ def resolve_rank(explicit: int | None) -> int:
     return detect_launch().rank
 
 
+class _Output(Protocol):
+    """What the base flushes and closes in the writer thread: a hook's open sink or group writer."""
+
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class _RecordingHook:
-    """What the three hooks share: protocol attributes, lazy start, the channel, flush/close."""
+    """What the three hooks share: protocol attributes, lazy start, the channel, flush/sync/close.
+
+    A subclass issues its device work in ``__call__``, opens its output in ``_start`` (stored in
+    ``_output``: flushed and closed here, in the writer thread) and says what a checkpoint
+    records of it in ``_sync_files``.
+    """
 
     name: str
+    #: what a checkpoint boundary records this hook's files as in the manifest: ``"csv"`` (a log
+    #: file, resumed by byte length) or ``"zarr"`` (a record group, resumed by row counts)
+    commit_kind: ClassVar[Literal["csv", "zarr"]]
+    #: whether the run merges this hook's records across ranks into ``data.zarr/converged``
+    merges_converged: ClassVar[bool] = False
 
     def __init__(self, *, frequency: int, stage: Any, name: str, rank: int | None):
         if int(frequency) < 1:
@@ -50,11 +67,25 @@ class _RecordingHook:
         self.rank: int | None = None
         self._channel: Channel | None = None
         self._streams: Streams | None = None
+        self._output: _Output | None = None
         self._closed = False
         self._warned: set[str] = set()
         self._layout: tuple | None = None  # field names of the last batch seen (BatchView.layout)
-        # set by a resumed Run before the first call: the lengths the last boundary committed
+        # the committed entry this hook resumes from (see bind); None: a new run
         self._resume_point: dict | None = None
+
+    def bind(self, *, rank: int, resume_point: dict | None) -> None:
+        """Place this hook in a run (``Run`` does this when it hands the hook out).
+
+        Call before the first firing: the hook opens its output then, at ``rank`` (instead of the
+        ``rank=`` it was built with, or the launcher's), and first cuts it back to ``resume_point``,
+        this hook's committed entry in the manifest of the run being resumed. ``{}`` means the hook
+        never reached a boundary: cut back to nothing. None means a new run: nothing to cut.
+        """
+        if self._channel is not None:
+            raise RuntimeError(f"{self.name}: bind() after the hook's first firing; bind it before")
+        self._rank_arg = int(rank)
+        self._resume_point = resume_point
 
     # -- protocol -------------------------------------------------------------------------------
     def _runs_on_stage(self, stage: Any) -> bool:
@@ -126,8 +157,18 @@ class _RecordingHook:
                 self._channel.submit(self._close_files)
                 self._channel.drain()
 
+    def _flush_files(self) -> None:
+        if self._output is not None:
+            self._output.flush()
+
+    def _close_files(self) -> None:
+        if self._output is not None:
+            self._output.close()
+
     # implemented by subclasses
-    def _flush_device(self) -> None: ...
-    def _flush_files(self) -> None: ...
-    def _sync_files(self) -> dict: return {}
-    def _close_files(self) -> None: ...
+    def _flush_device(self) -> None:
+        """Ship device-side state to the writer (LoggingHook's ring); nothing by default."""
+
+    def _sync_files(self) -> dict:
+        """In the writer thread, after a flush: make the output durable, return its commit entry."""
+        return {}

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from ..batch import BatchView
-from ..errors import DamageError
-from ..store.csv_log import FLOAT_COLUMNS, CsvLog
+from ..store.csv_log import FLOAT_COLUMNS
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
 from .base import _RecordingHook
+from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
+                        csv_rank_path, is_csv_file_path)
 
 KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
 DEFAULT_SCALARS = FLOAT_COLUMNS
+
 
 class LoggingHook(_RecordingHook):
     """Per-system scalars (step, rank, sample_id, graph_idx, status, energy, fmax, temperature and
@@ -35,6 +37,9 @@ class LoggingHook(_RecordingHook):
     other path is a directory holding ``rank-00003.csv``; ``{rank}`` in the path is formatted instead.
     Directories are created; an unwritable location fails at construction.
     """
+
+    commit_kind = "csv"
+    _output: LogSink | None
 
     def __init__(self, backend: str = "csv", frequency: int = 1, log_path: str | os.PathLike | None = None,
                  custom_scalars: Mapping[str, Callable[[Any, Any], Any]] | None = None,
@@ -55,25 +60,23 @@ class LoggingHook(_RecordingHook):
         self.ring_size = int(ring_size)
         self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
         if backend in ("csv", "tensorboard"):
-            _check_writable_dir(self.log_path if not self._is_file_path() else self.log_path.parent)
+            check_writable_dir(self.log_path if not is_csv_file_path(self.log_path) else self.log_path.parent)
+        # the backend, chosen here once: opened at the first firing as open_sink(rank, resume_point)
+        self._open_sink: Callable[[int, dict | None], LogSink] = {
+            "csv": partial(CsvLogSink, self.log_path),
+            "tensorboard": partial(TensorBoardLogSink, self.log_path),
+            "custom": partial(CustomLogSink, writer_fn, columnar),
+        }[backend]
         self._pool = HostBufferPool(buffers, pinned=True)
         self._names: list[str] | None = None
         self._ring: torch.Tensor | None = None
         self._steps: list[int] = []
-        self._sink: Any = None
         self.path: Path | None = None
         self._ones: dict = {}
 
-    def _is_file_path(self) -> bool:
-        return self.log_path.suffix.lower() == ".csv"
-
     def rank_path(self, rank: int) -> Path:
-        s = str(self.log_path)
-        if "{rank" in s:
-            return Path(s.format(rank=rank))
-        if self._is_file_path():
-            return self.log_path.with_name(f"{self.log_path.stem}.rank-{rank:05d}{self.log_path.suffix}")
-        return self.log_path / f"rank-{rank:05d}.csv"
+        """The CSV that rank ``rank`` writes (backend ``"csv"``)."""
+        return csv_rank_path(self.log_path, rank)
 
     # columns of the ring: sample_id, status, then the float scalars
     def _scalar_names(self) -> list[str]:
@@ -89,24 +92,8 @@ class LoggingHook(_RecordingHook):
         for k in sorted(self._missing):
             need = {"energy": "energy", "fmax": "forces", "temperature": "velocities and atomic_masses"}[k]
             self._warn_once(k, f"batch has no {need}: column {k!r} is left empty")
-        self._counts_inv: torch.Tensor | None = None
-        if self.backend == "csv":
-            self.path = self.rank_path(self.rank)
-            self._sink = CsvLog(self.path)
-            rp = self._resume_point
-            if rp is not None:  # a resumed run: cut back to what the last boundary committed
-                self._sink.truncate(int(rp.get("bytes", 0)), int(rp.get("rows", 0)))
-                if "crc32" in rp and self._sink.crc32 != rp["crc32"]:
-                    raise DamageError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
-                                             "their checksum in run.json; the file was changed after the checkpoint")
-        elif self.backend == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ImportError("backend='tensorboard' needs the tensorboard package: "
-                                  "pip install 'dist_hooks[tensorboard]'") from exc
-            self.path = self.log_path / f"rank-{self.rank:05d}"
-            self._sink = SummaryWriter(log_dir=str(self.path))
+        self._output = self._open_sink(self.rank, self._resume_point)
+        self.path = self._output.path
 
     def __call__(self, ctx: Any, stage: Any = None) -> None:
         if not self._should_fire(ctx, stage):
@@ -202,47 +189,12 @@ class LoggingHook(_RecordingHook):
             }
             for j, name in enumerate(self._names):
                 cols[name] = None if name in self._missing else a[:, 2 + j, :].reshape(-1).copy()
-            self._emit(cols, steps, n * B)
+            self._output.append(cols, steps)
         finally:
             self._pool.release(buf)
 
-    def _emit(self, cols: dict[str, Any], steps: list[int], nrows: int) -> None:
-        if self.backend == "csv":
-            self._sink.append({k: (pa.nulls(nrows, pa.float64()) if v is None else v) for k, v in cols.items()})
-            return
-        B = nrows // len(steps)
-        if self.backend == "tensorboard":
-            for name in self._names:
-                if cols[name] is None:
-                    continue
-                vals = cols[name].reshape(len(steps), B)
-                for i, step in enumerate(steps):
-                    for g in range(B):
-                        self._sink.add_scalar(f"{name}/graph_{g}", float(vals[i, g]), step)
-            return
-        for i, step in enumerate(steps):
-            block = {k: (None if v is None else v[i * B:(i + 1) * B]) for k, v in cols.items()}
-            if self.columnar:
-                self.writer_fn(step, block)
-            else:
-                keys = [k for k in block if block[k] is not None]
-                rows = [dict(zip(keys, vals)) for vals in zip(*(block[k].tolist() for k in keys))]
-                self.writer_fn(step, rows)
-
-    def _flush_files(self) -> None:
-        if self._sink is not None:
-            self._sink.flush()
-
     def _sync_files(self) -> dict:
-        if self.backend == "csv" and self._sink is not None:
-            self._sink.sync()
-            return {"path": str(self.path), "bytes": self._sink.size, "rows": self._sink.rows,
-                    "crc32": self._sink.crc32}
-        return {}
-
-    def _close_files(self) -> None:
-        if self._sink is not None:
-            self._sink.close()
+        return self._output.sync() if self._output is not None else {}
 
 
 def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:
@@ -256,13 +208,3 @@ def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:
         dst.copy_(value.reshape(-1))
     else:
         dst.fill_(float(value))
-
-
-def _check_writable_dir(path: Path) -> None:
-    """Create ``path`` and fail now, with the path named, if we cannot write there."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"cannot create log directory {path}: {exc.strerror}") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"log directory {path} is not writable")
