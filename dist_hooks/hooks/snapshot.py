@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +17,36 @@ from ..writer_runtime import HostBufferPool
 from .base import _RecordingHook
 
 
+class _RootedStore(Protocol):
+    root: Path  # the Zarr root; ConvergedSnapshotHook reopens its group from it to resume
+
+
+class RecordWriter(Protocol):
+    """What a snapshot hook needs of one group writer (``store.GroupWriter``): append-only CSR
+    records, cut back on resume, flushed and made durable at checkpoint boundaries."""
+
+    group_path: str
+    store: _RootedStore
+
+    @property
+    def lengths(self) -> dict[str, int]: ...
+    def append(self, records: Mapping[str, Any], atoms: Mapping[str, Any], n_atoms: Any) -> None: ...
+    def truncate(self, records: int, atoms: int) -> None: ...
+    def flush(self) -> None: ...
+    def sync(self) -> None: ...
+    def committed_lengths(self) -> dict[str, int]: ...
+    def take_file_checksums(self) -> dict[str, list[int]]: ...
+    def close(self) -> None: ...
+
+
+class RecordSink(Protocol):
+    """What the snapshot hooks are given (``store.ZarrSink``): one group writer per rank and hook,
+    created, or reopened to resume."""
+
+    def writer(self, rank: int, hook_name: str, *,
+               attrs: Mapping[str, Any] | None = None) -> RecordWriter: ...
+
+
 class SnapshotHook(_RecordingHook):
     """The full per-system state — every atom-level and system-level tensor, status and system id
     included, neighbour data excluded — appended to this rank's group of a ``ZarrSink``.
@@ -26,9 +57,12 @@ class SnapshotHook(_RecordingHook):
     (a trailing singleton axis, as in energy (B,1), is dropped); atom columns: the atom fields.
     """
 
+    commit_kind = "zarr"
+    #: record only the systems of ``ctx.converged_mask`` (and skip firings without one)
     converged_only = False
+    _output: RecordWriter | None
 
-    def __init__(self, sink: Any, frequency: int = 1, stage: Any = Stage.AFTER_STEP, *,
+    def __init__(self, sink: RecordSink, frequency: int = 1, stage: Any = Stage.AFTER_STEP, *,
                  name: str = "snapshots", rank: int | None = None, buffers: int = 4,
                  exclude: tuple[str, ...] = ()):
         super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
@@ -36,16 +70,15 @@ class SnapshotHook(_RecordingHook):
         self.exclude = set(exclude)
         self._pool = HostBufferPool(buffers, pinned=True)
         self._schema: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] | None = None
-        self._writer: Any = None
 
     def _start(self, view: BatchView) -> None:
         super()._start(view)
-        self._writer = self.sink.writer(self.rank, self.name)
+        self._output = self.sink.writer(self.rank, self.name)
         self._schema = {name: (lvl, t.dtype, tuple(t.shape[1:])) for lvl, name, t in self._fields(view)}
         self._crc: dict[str, int] = {}
         rp = self._resume_point
         if rp is not None:  # a resumed run: cut back to what the last boundary committed
-            self._writer.truncate(int(rp.get("records", 0)), int(rp.get("atoms", 0)))
+            self._output.truncate(int(rp.get("records", 0)), int(rp.get("atoms", 0)))
             self._crc = dict(rp.get("crc32", {}))
 
     def _fields(self, view: BatchView):
@@ -136,24 +169,16 @@ class SnapshotHook(_RecordingHook):
             atoms = {k: np.ascontiguousarray(v) for k, v in atoms.items()}
             for k, v in (*records.items(), *atoms.items()):  # running checksum of each column, in order
                 self._crc[k] = zlib.crc32(v.reshape(-1).view(np.uint8), self._crc.get(k, 0))
-            self._writer.append(records, atoms, n_atoms.astype(np.int64))
+            self._output.append(records, atoms, n_atoms.astype(np.int64))
         finally:
             self._pool.release(buf)
 
-    def _flush_files(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def _sync_files(self) -> dict:
-        if self._writer is None:
+        if self._output is None:
             return {}
-        self._writer.sync()
-        return {"group": self._writer.group_path, **self._writer.committed_lengths(), "crc32": dict(self._crc),
-                "files": self._writer.take_file_checksums()}
-
-    def _close_files(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self._output.sync()
+        return {"group": self._output.group_path, **self._output.committed_lengths(), "crc32": dict(self._crc),
+                "files": self._output.take_file_checksums()}
 
 
 class ConvergedSnapshotHook(SnapshotHook):
@@ -166,8 +191,9 @@ class ConvergedSnapshotHook(SnapshotHook):
     """
 
     converged_only = True
+    merges_converged = True
 
-    def __init__(self, sink: Any, frequency: int = 1, stage: Any = Stage.ON_CONVERGE, *,
+    def __init__(self, sink: RecordSink, frequency: int = 1, stage: Any = Stage.ON_CONVERGE, *,
                  name: str = "converged", rank: int | None = None, buffers: int = 4,
                  exclude: tuple[str, ...] = ()):
         super().__init__(sink, frequency, stage, name=name, rank=rank, buffers=buffers, exclude=exclude)
@@ -175,7 +201,7 @@ class ConvergedSnapshotHook(SnapshotHook):
 
     def _select(self, sid: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         if self._written is None:
-            self._written = _existing_sample_ids(self._writer)
+            self._written = _existing_sample_ids(self._output)
         sel = mask & ~np.isin(sid, self._written)
         # a system converged twice within one batch slot list counts once (first position)
         new_ids, first = np.unique(sid[sel], return_index=True)
@@ -185,7 +211,7 @@ class ConvergedSnapshotHook(SnapshotHook):
         return keep
 
 
-def _existing_sample_ids(writer: Any) -> np.ndarray:
+def _existing_sample_ids(writer: RecordWriter) -> np.ndarray:
     """Sample ids already in this rank's converged group (a resumed run must not write them again)."""
     if not writer.lengths.get("records"):
         return np.empty(0, dtype=np.int64)
