@@ -186,10 +186,9 @@ class Run:
     def _add(self, hook: _RecordingHook) -> _RecordingHook:
         if hook.name in self._hooks:
             raise ValueError(f"a hook named {hook.name!r} is already part of this run")
-        hook._rank_arg = self.rank
-        if self._resume_points is not None:
-            # a hook that never reached a boundary is cut back to nothing
-            hook._resume_point = self._resume_points.get(hook.name, {})
+        # resuming, a hook that never reached a boundary is cut back to nothing ({})
+        hook.bind(rank=self.rank, resume_point=None if self._resume_points is None
+                  else self._resume_points.get(hook.name, {}))
         self._hooks[hook.name] = hook
         return hook
 
@@ -321,8 +320,8 @@ class Run:
             if not info:
                 info = dict(getattr(hook, "_resume_point", {}) or {})
             if info:
-                info["kind"] = "csv" if isinstance(hook, LoggingHook) else "zarr"
-                info["converged"] = isinstance(hook, ConvergedSnapshotHook)
+                info["kind"] = hook.commit_kind
+                info["converged"] = hook.merges_converged
                 hooks[name] = _relative(info, self.rank_root)
         record = {"rank": self.rank, "step": step, "final": final, "signal": self._signal, "time": time.time(),
                   "hooks": hooks}
