@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..batch import BatchView
-from ..store.csv_log import FLOAT_COLUMNS
+from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
 from .base import _RecordingHook
@@ -180,13 +180,13 @@ class LoggingHook(_RecordingHook):
         try:
             a = host.numpy()  # (n, C, B)
             n, _, B = a.shape
-            cols: dict[str, Any] = {
-                "step": np.repeat(np.asarray(steps, dtype=np.int64), B),
-                "rank": np.full(n * B, self.rank, dtype=np.int64),
-                "sample_id": a[:, 0, :].reshape(-1).astype(np.int64),
-                "graph_idx": np.tile(np.arange(B, dtype=np.int64), n),
-                "status": a[:, 1, :].reshape(-1).astype(np.int64),
-            }
+            ints = {"step": np.repeat(np.asarray(steps, dtype=np.int64), B),
+                    "rank": np.full(n * B, self.rank, dtype=np.int64),
+                    "sample_id": a[:, 0, :].reshape(-1).astype(np.int64),
+                    "graph_idx": np.tile(np.arange(B, dtype=np.int64), n),
+                    "status": a[:, 1, :].reshape(-1).astype(np.int64)}
+            # the CSV schema's integer columns in its order, then the float scalars
+            cols: dict[str, Any] = {k: ints[k] for k in INT_COLUMNS}
             for j, name in enumerate(self._names):
                 cols[name] = None if name in self._missing else a[:, 2 + j, :].reshape(-1).copy()
             self._output.append(cols, steps)
