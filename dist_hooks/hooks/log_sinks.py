@@ -4,7 +4,8 @@ The hook's writer thread hands a sink one block at a time: every firing since th
 columns of ``len(steps) * B`` rows (B systems per firing, firings in order), the integer columns of
 ``store/csv_log.INT_COLUMNS`` first, then the float scalars (``None``: a column left empty). A sink
 is opened at the hook's first firing, when the rank is known, and only ever used from the writer
-thread, so it needs no locking.
+thread, so it needs no locking; a resumed run first cuts it back with ``resume`` (main thread, at
+the first firing, before any block).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ class LogSink(ABC):
     def append(self, columns: Columns, steps: Sequence[int]) -> None:
         """Write one block: ``columns`` hold ``len(steps)`` firings of equally many rows each."""
 
+    def resume(self, resume_point: dict) -> None:
+        """Cut back to the committed entry of a resumed run (what ``sync`` returned); by default
+        there is nothing to cut back."""
+
     def flush(self) -> None:
         """Hand what was appended to the OS (or the consumer)."""
 
@@ -60,21 +65,19 @@ def is_csv_file_path(log_path: Path) -> bool:
 
 
 class CsvLogSink(LogSink):
-    """One CSV per rank (``store/csv_log.CsvLog``: pyarrow encodes each block in C++, GIL released).
+    """One CSV per rank (``store/csv_log.CsvLog``: pyarrow encodes each block in C++, GIL released),
+    opened for append; resumed by cutting it back to the committed bytes and checking their crc32."""
 
-    ``resume_point`` (a resumed run's committed entry) cuts the file back to the committed bytes and
-    rows, and checks the checksum of what is left, before anything is appended.
-    """
-
-    def __init__(self, log_path: Path, rank: int, resume_point: dict | None):
+    def __init__(self, log_path: Path, rank: int):
         self.path = csv_rank_path(log_path, rank)
         self._log = CsvLog(self.path)
+
+    def resume(self, resume_point: dict) -> None:
         rp = resume_point
-        if rp is not None:  # a resumed run: cut back to what the last boundary committed
-            self._log.truncate(int(rp.get("bytes", 0)), int(rp.get("rows", 0)))
-            if "crc32" in rp and self._log.crc32 != rp["crc32"]:
-                raise DamageError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
-                                  "their checksum in run.json; the file was changed after the checkpoint")
+        self._log.truncate(int(rp.get("bytes", 0)), int(rp.get("rows", 0)))
+        if "crc32" in rp and self._log.crc32 != rp["crc32"]:
+            raise DamageError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
+                              "their checksum in run.json; the file was changed after the checkpoint")
 
     def append(self, columns: Columns, steps: Sequence[int]) -> None:
         nrows = len(next(iter(columns.values())))  # the first column (step) is never empty
@@ -93,9 +96,10 @@ class CsvLogSink(LogSink):
 
 class TensorBoardLogSink(LogSink):
     """One TensorBoard run per rank (``log_path/rank-00003``): each float scalar of each system as
-    ``add_scalar(f"{name}/graph_{i}", value, step)``; the integer columns are not logged."""
+    ``add_scalar(f"{name}/graph_{i}", value, step)``; the integer columns are not logged. A resumed
+    run appends events to the run's directory (nothing is cut back)."""
 
-    def __init__(self, log_path: Path, rank: int, resume_point: dict | None):
+    def __init__(self, log_path: Path, rank: int):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
@@ -125,8 +129,7 @@ class CustomLogSink(LogSink):
     """The user's ``writer_fn(step, rows)``, once per firing: rows a list of dicts (one per system,
     empty columns left out), or with ``columnar=True`` one dict of numpy columns (empty ones None)."""
 
-    def __init__(self, writer_fn: Callable[[int, Any], None], columnar: bool, rank: int,
-                 resume_point: dict | None):
+    def __init__(self, writer_fn: Callable[[int, Any], None], columnar: bool, rank: int):
         self.writer_fn = writer_fn
         self.columnar = columnar
 

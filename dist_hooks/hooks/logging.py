@@ -61,8 +61,8 @@ class LoggingHook(_RecordingHook):
         self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
         if backend in ("csv", "tensorboard"):
             check_writable_dir(self.log_path if not is_csv_file_path(self.log_path) else self.log_path.parent)
-        # the backend, chosen here once: opened at the first firing as open_sink(rank, resume_point)
-        self._open_sink: Callable[[int, dict | None], LogSink] = {
+        # the backend, chosen here once; opened at the first firing, as _open_sink(rank)
+        self._open_sink: Callable[[int], LogSink] = {
             "csv": partial(CsvLogSink, self.log_path),
             "tensorboard": partial(TensorBoardLogSink, self.log_path),
             "custom": partial(CustomLogSink, writer_fn, columnar),
@@ -92,8 +92,10 @@ class LoggingHook(_RecordingHook):
         for k in sorted(self._missing):
             need = {"energy": "energy", "fmax": "forces", "temperature": "velocities and atomic_masses"}[k]
             self._warn_once(k, f"batch has no {need}: column {k!r} is left empty")
-        self._output = self._open_sink(self.rank, self._resume_point)
+        self._output = self._open_sink(self.rank)
         self.path = self._output.path
+        if self._resume_point is not None:  # a resumed run: cut back to what the last boundary committed
+            self._output.resume(self._resume_point)
 
     def __call__(self, ctx: Any, stage: Any = None) -> None:
         if not self._should_fire(ctx, stage):
