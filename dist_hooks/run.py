@@ -36,7 +36,7 @@ import torch
 from .comm import Communicator, get_communicator
 from .coordinator import BoundaryMessage, Coordinator, group_block
 from .errors import DamageError, ResumeError
-from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, _RecordingHook
+from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, RecordingHook
 from .launch import LaunchInfo, detect_launch
 from .records import CsrBlock
 from .stages import Stage, stage_matches
@@ -119,7 +119,7 @@ class Run:
         self.settings = dict(settings or {})
         self.stage = Stage.BEFORE_STEP
         self.frequency = 1
-        self._hooks: dict[str, _RecordingHook] = {}
+        self._hooks: dict[str, RecordingHook] = {}
         self._sink = None
         self._sink_options = dict(sink_options or {})
         self._prev: dict[str, HookCommit] = {}  # this rank's hooks in its previous commit record
@@ -174,7 +174,7 @@ class Run:
             self._sink = ZarrSink(self.rank_root / layout.DATA_DIR, **self._sink_options)
         return self._sink
 
-    def add_hook(self, hook: _RecordingHook) -> _RecordingHook:
+    def add_hook(self, hook: RecordingHook) -> RecordingHook:
         """Make ``hook`` part of this run: it records as this rank, is committed at every
         boundary and, on a resumed run, is cut back to what the boundary in force committed."""
         if hook.name in self._hooks:
@@ -307,7 +307,7 @@ class Run:
         self._prev = hooks
         return BoundaryMessage(record, converged)
 
-    def _commit_of(self, hook: _RecordingHook, info: dict) -> HookCommit:
+    def _commit_of(self, hook: RecordingHook, info: dict) -> HookCommit:
         """A hook's ``sync()`` result as its commit entry, paths relative to the rank root."""
         if hook.commit_kind == "csv":
             p = Path(info["path"])

@@ -1,0 +1,174 @@
+"""The recording-hook base: what LoggingHook, SnapshotHook and ConvergedSnapshotHook share.
+
+Protocol (../shared/design/seed-api.md): ``frequency``, ``stage``, ``__call__(ctx, stage)``; the
+engine calls a hook when the stage matches and ``step_count % frequency == 0``. We re-check both in
+``__call__`` so that a plain loop can call every hook at every step. Engines that never enter or close
+their hooks are covered by lazy start on the first call, explicit ``flush()``/``close()`` and an
+``atexit`` close.
+
+The per-step call issues device work only (see ``writer_runtime.py``): no loop over systems, no host sync,
+no text formatting. Encoding and disk I/O happen in the process's writer thread.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+
+from ..batch import BatchView
+from ..launch import detect_launch
+from ..stages import Stage, as_stage, stage_matches
+from ..writer_runtime import Channel, Streams, register_for_exit
+
+log = logging.getLogger("dist_hooks")
+
+
+def resolve_rank(explicit: int | None) -> int:
+    """The global rank of this process: explicit, else torch.distributed's, else the launcher's."""
+    if explicit is not None:
+        return int(explicit)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return detect_launch().rank
+
+
+class _Output(Protocol):
+    """What the base flushes and closes in the writer thread: a hook's open sink or group writer."""
+
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class RecordingHook:
+    """What the three hooks share: protocol attributes, lazy start, the channel, flush/sync/close.
+
+    A subclass issues its device work in ``__call__``, opens its output in ``_start`` (stored in
+    ``_output``: flushed and closed here, in the writer thread) and says what a checkpoint
+    records of it in ``_sync_files``.
+    """
+
+    name: str
+    #: what a checkpoint boundary records this hook's files as in the manifest: ``"csv"`` (a log
+    #: file, resumed by byte length) or ``"zarr"`` (a record group, resumed by row counts)
+    commit_kind: ClassVar[Literal["csv", "zarr"]]
+    #: whether the run merges this hook's records across ranks into ``data.zarr/converged``
+    merges_converged: ClassVar[bool] = False
+
+    def __init__(self, *, frequency: int, stage: Any, name: str, rank: int | None):
+        if int(frequency) < 1:
+            raise ValueError(f"frequency must be >= 1, got {frequency}")
+        if as_stage(stage) is None:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {[s.name for s in Stage]}")
+        self.frequency = int(frequency)
+        self.stage = stage
+        self.name = name
+        self._rank_arg = rank
+        self.rank: int | None = None
+        self._channel: Channel | None = None
+        self._streams: Streams | None = None
+        self._output: _Output | None = None
+        self._closed = False
+        self._warned: set[str] = set()
+        self._layout: tuple | None = None  # field names of the last batch seen (BatchView.layout)
+        # the committed entry this hook resumes from (see bind); None: a new run
+        self._resume_point: dict | None = None
+
+    def bind(self, *, rank: int, resume_point: dict | None) -> None:
+        """Place this hook in a run (``Run`` does this when it hands the hook out).
+
+        Call before the first firing: the hook opens its output then, at ``rank`` (instead of the
+        ``rank=`` it was built with, or the launcher's), and first cuts it back to ``resume_point``,
+        this hook's committed entry in the manifest of the run being resumed. ``{}`` means the hook
+        never reached a boundary: cut back to nothing. None means a new run: nothing to cut.
+        """
+        if self._channel is not None:
+            raise RuntimeError(f"{self.name}: bind() after the hook's first firing; bind it before")
+        self._rank_arg = int(rank)
+        self._resume_point = resume_point
+
+    # -- protocol -------------------------------------------------------------------------------
+    def _runs_on_stage(self, stage: Any) -> bool:
+        """Stage test by name or value, for engines whose own stage enum is not ours (nvalchemi's
+        ``HookStageEnum``); passing the engine's member as ``stage=`` works as well."""
+        return stage_matches(self.stage, stage)
+
+    def _should_fire(self, ctx: Any, stage: Any) -> bool:
+        if stage is not None and not stage_matches(self.stage, stage):
+            return False
+        return int(getattr(ctx, "step_count", 0)) % self.frequency == 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def on_register(self, engine: Any) -> None:  # nvalchemi calls this; nothing to prepare eagerly
+        pass
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _start(self, view: BatchView) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: hook was closed; create a new one to record again")
+        self.rank = resolve_rank(self._rank_arg)
+        self._channel = Channel(f"{type(self).__name__}({self.name!r}, rank {self.rank})")
+        self._streams = Streams(view.device)
+        register_for_exit(self)
+
+    def _view(self, batch: Any) -> BatchView:
+        view = BatchView.of(batch, self._layout)
+        self._layout = view.layout
+        return view
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s: %s", self.name, msg)
+
+    def flush(self) -> None:
+        """Push everything recorded so far to the writer and wait until it is written."""
+        if self._channel is None:
+            return
+        self._flush_device()
+        self._channel.drain()
+        self._channel.submit(self._flush_files)
+        self._channel.drain()
+
+    def sync(self) -> dict:
+        """Flush, make the files durable (fsync), and return this hook's committed lengths."""
+        if self._channel is None:
+            return {}
+        self.flush()
+        out: dict = {}
+        self._channel.submit(lambda: out.update(self._sync_files()))
+        self._channel.drain()
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.submit(self._close_files)
+                self._channel.drain()
+
+    def _flush_files(self) -> None:
+        if self._output is not None:
+            self._output.flush()
+
+    def _close_files(self) -> None:
+        if self._output is not None:
+            self._output.close()
+
+    # implemented by subclasses
+    def _flush_device(self) -> None:
+        """Ship device-side state to the writer (LoggingHook's ring); nothing by default."""
+
+    def _sync_files(self) -> dict:
+        """In the writer thread, after a flush: make the output durable, return its commit entry."""
+        return {}

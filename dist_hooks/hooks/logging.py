@@ -1,0 +1,212 @@
+"""``LoggingHook``: per-system scalars reduced on the device, written in blocks by the writer thread."""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..batch import BatchView
+from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
+from ..stages import Stage
+from ..writer_runtime import HostBufferPool
+from .base import RecordingHook
+from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
+                        csv_rank_path, is_csv_file_path)
+
+KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
+DEFAULT_SCALARS = FLOAT_COLUMNS
+
+
+class LoggingHook(RecordingHook):
+    """Per-system scalars (step, rank, sample_id, graph_idx, status, energy, fmax, temperature and
+    custom scalars), one row per system per firing.
+
+    Values are reduced on the device into a ring of ``ring_size`` firings; one device-to-host copy per
+    full ring (or flush) moves the block, and the writer encodes it in bulk. Values match
+    nvalchemi's LoggingHook: fmax = max over atoms of ||F_i||, temperature = sum(m v^2) / (3 N k_B).
+
+    Backends: ``"csv"`` (one file per rank, see ``log_path``), ``"tensorboard"`` (one run per rank,
+    tag ``name/graph_i``), ``"custom"`` (``writer_fn(step, rows)`` with rows a list of dicts, one per
+    system; pass ``columnar=True`` to get one dict of numpy columns instead).
+
+    ``log_path``: a ``.csv`` path gets the rank inserted (``log.csv`` -> ``log.rank-00003.csv``); any
+    other path is a directory holding ``rank-00003.csv``; ``{rank}`` in the path is formatted instead.
+    Directories are created; an unwritable location fails at construction.
+    """
+
+    commit_kind = "csv"
+    _output: LogSink | None
+
+    def __init__(self, backend: str = "csv", frequency: int = 1, log_path: str | os.PathLike | None = None,
+                 custom_scalars: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+                 writer_fn: Callable[[int, Any], None] | None = None, stage: Any = Stage.AFTER_STEP, *,
+                 name: str = "log", rank: int | None = None, ring_size: int = 64, buffers: int = 4,
+                 columnar: bool = False):
+        super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
+        if backend not in ("csv", "tensorboard", "custom"):
+            raise ValueError(f"backend must be 'csv', 'tensorboard' or 'custom', got {backend!r}")
+        if backend == "custom" and writer_fn is None:
+            raise ValueError("backend='custom' needs writer_fn(step, rows)")
+        if ring_size < 1:
+            raise ValueError(f"ring_size must be >= 1, got {ring_size}")
+        self.backend = backend
+        self.writer_fn = writer_fn
+        self.columnar = columnar
+        self.custom_scalars = dict(custom_scalars or {})
+        self.ring_size = int(ring_size)
+        self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
+        if backend in ("csv", "tensorboard"):
+            check_writable_dir(self.log_path if not is_csv_file_path(self.log_path) else self.log_path.parent)
+        # the backend, chosen here once; opened at the first firing, as _open_sink(rank)
+        self._open_sink: Callable[[int], LogSink] = {
+            "csv": partial(CsvLogSink, self.log_path),
+            "tensorboard": partial(TensorBoardLogSink, self.log_path),
+            "custom": partial(CustomLogSink, writer_fn, columnar),
+        }[backend]
+        self._pool = HostBufferPool(buffers, pinned=True)
+        self._names: list[str] | None = None
+        self._ring: torch.Tensor | None = None
+        self._steps: list[int] = []
+        self.path: Path | None = None
+        self._ones: dict = {}
+
+    def rank_path(self, rank: int) -> Path:
+        """The CSV that rank ``rank`` writes (backend ``"csv"``)."""
+        return csv_rank_path(self.log_path, rank)
+
+    # columns of the ring: sample_id, status, then the float scalars
+    def _scalar_names(self) -> list[str]:
+        return list(DEFAULT_SCALARS) + [k for k in self.custom_scalars if k not in DEFAULT_SCALARS]
+
+    def _start(self, view: BatchView) -> None:
+        super()._start(view)
+        self._names = self._scalar_names()
+        self._custom_keys = tuple(self.custom_scalars)
+        present = {"energy": "energy" in view.system_fields, "fmax": "forces" in view.atom_fields,
+                   "temperature": "velocities" in view.atom_fields and "atomic_masses" in view.atom_fields}
+        self._missing = {k for k, ok in present.items() if not ok and k not in self.custom_scalars}
+        for k in sorted(self._missing):
+            need = {"energy": "energy", "fmax": "forces", "temperature": "velocities and atomic_masses"}[k]
+            self._warn_once(k, f"batch has no {need}: column {k!r} is left empty")
+        self._output = self._open_sink(self.rank)
+        self.path = self._output.path
+        if self._resume_point is not None:  # a resumed run: cut back to what the last boundary committed
+            self._output.resume(self._resume_point)
+
+    def __call__(self, ctx: Any, stage: Any = None) -> None:
+        if not self._should_fire(ctx, stage):
+            return
+        if self._channel is not None:
+            self._channel.check()
+        view = self._view(ctx.batch)
+        if self._names is None:
+            self._start(view)
+        elif tuple(self.custom_scalars) != self._custom_keys:
+            raise ValueError(f"{self.name}: custom scalars changed from {list(self._custom_keys)} to "
+                             f"{list(self.custom_scalars)} after the first row was logged; a CSV keeps the "
+                             "columns it started with — declare every custom scalar before the run")
+        B = view.num_systems
+        if self._ring is not None and self._ring.shape[2] != B:
+            self._flush_device()  # batch size changed: ship what we have, then resize the ring
+            self._ring = None
+        if self._ring is None:
+            self._ring = self._streams.protect(torch.empty(self.ring_size, 2 + len(self._names), B,
+                                                           dtype=torch.float64, device=view.device))
+        slot = self._ring[len(self._steps)]
+        with self._streams.reading():
+            self._reduce(view, ctx, slot)
+        self._steps.append(int(getattr(ctx, "step_count", 0)))
+        if len(self._steps) == self.ring_size:
+            self._flush_device()
+
+    def _reduce(self, view: BatchView, ctx: Any, out: torch.Tensor) -> None:
+        """Write one firing's per-system values into ``out`` (C, B) on the current stream."""
+        B = view.num_systems
+        seg = None
+        out[0].copy_(view.sample_ids())
+        out[1].copy_(view.status())
+        row = 2
+        for name in self._names:
+            dst = out[row]
+            row += 1
+            fn = self.custom_scalars.get(name)
+            if fn is not None:
+                _fill(dst, fn(ctx.batch, getattr(ctx, "workflow", None)), name, B)
+            elif name in self._missing:
+                dst.fill_(float("nan"))
+            elif name == "energy":
+                dst.copy_(view.system_scalar("energy"))
+            elif name == "fmax":
+                # max of squared norms, square root of the B maxima only; (F*F) @ 1 is a fast row sum
+                f = view.atom_fields["forces"]
+                seg = view.atom_to_system() if seg is None else seg
+                f2 = (f * f) @ self._ones3(f)
+                m2 = torch.zeros(B, dtype=f2.dtype, device=f2.device)
+                m2.scatter_reduce_(0, seg, f2, "amax", include_self=False)
+                dst.copy_(m2).sqrt_()
+            elif name == "temperature":
+                v = view.atom_fields["velocities"]
+                m = view.atom_fields["atomic_masses"].reshape(-1)
+                mv2 = ((v * v) @ self._ones3(v)).mul_(m)
+                seg = view.atom_to_system() if seg is None else seg
+                dst.zero_().index_add_(0, seg, mv2.to(torch.float64))
+                counts = (view.atoms_ptr[1:] - view.atoms_ptr[:-1]).to(torch.float64)
+                dst.div_(counts.mul_(3.0 * KB_EV_PER_K))
+
+    def _ones3(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.dtype, like.device)
+        t = self._ones.get(key)
+        if t is None:
+            t = self._ones[key] = torch.ones(like.shape[-1], dtype=like.dtype, device=like.device)
+        return t
+
+    def _flush_device(self) -> None:
+        n = len(self._steps)
+        if n == 0 or self._ring is None:
+            return
+        ring, steps = self._ring[:n], self._steps
+        self._steps = []
+        nbytes = ring.numel() * 8
+        buf = self._pool.acquire(nbytes, self._channel.check)
+        host = buf[:nbytes].view(torch.float64).view(ring.shape)
+        with self._streams.copying():
+            host.copy_(ring, non_blocking=True)
+            event = self._streams.event()
+        self._channel.submit(lambda: self._write_block(buf, host, steps), event)
+
+    def _write_block(self, buf: torch.Tensor, host: torch.Tensor, steps: list[int]) -> None:
+        try:
+            a = host.numpy()  # (n, C, B)
+            n, _, B = a.shape
+            ints = {"step": np.repeat(np.asarray(steps, dtype=np.int64), B),
+                    "rank": np.full(n * B, self.rank, dtype=np.int64),
+                    "sample_id": a[:, 0, :].reshape(-1).astype(np.int64),
+                    "graph_idx": np.tile(np.arange(B, dtype=np.int64), n),
+                    "status": a[:, 1, :].reshape(-1).astype(np.int64)}
+            # the CSV schema's integer columns in its order, then the float scalars
+            cols: dict[str, Any] = {k: ints[k] for k in INT_COLUMNS}
+            for j, name in enumerate(self._names):
+                cols[name] = None if name in self._missing else a[:, 2 + j, :].reshape(-1).copy()
+            self._output.append(cols, steps)
+        finally:
+            self._pool.release(buf)
+
+    def _sync_files(self) -> dict:
+        return self._output.sync() if self._output is not None else {}
+
+
+def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and B != 1:
+            dst.fill_(value.reshape(()))
+            return
+        if value.numel() != B:
+            raise ValueError(f"custom scalar {name!r} returned shape {tuple(value.shape)}; expected ({B},) "
+                             "(one value per system) or a single value")
+        dst.copy_(value.reshape(-1))
+    else:
+        dst.fill_(float(value))
