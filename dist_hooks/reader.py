@@ -7,12 +7,11 @@ across ranks. Every accessor here is limited to those lengths, and reads the sam
 ``dist-hooks consolidate`` has run (then the merged CSV/Parquet and groups are used) or not
 (then the per-rank files are read and merged on the fly).
 
-It also holds the small helpers that the ``dist-hooks`` tools share: loading the manifest,
-refusing manifest paths that leave the run directory, listing the committed (rank, hook) units,
-and reading the committed prefix of a per-rank CSV.
+It also holds what the ``dist-hooks`` tools share about a run as committed: loading its
+manifest, listing the committed (rank, hook) units, and finding each rank's files.
 
     run = open_run("runs/x")              # or "runs/x/consolidated"
-    run.manifest["world_size"], run.ranks
+    run.manifest.world_size, run.ranks
     cols = run.logs("log")                # dict of numpy arrays, ordered by (step, rank, sample_id)
     snap = run.group(1, "snapshots")      # GroupReader limited to rank 1's committed records
     conv = run.converged()                # GroupReader of the merged converged records
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +32,10 @@ from .store import layout
 from .store.csv_log import (KEY_COLUMNS, iter_csv_batches, narrow_table, read_csv_committed,
                             sort_table)
 from .store.group_reader import GroupReader
+from .store.manifest import (BoundaryEntry, BoundarySummary, CsvCommit, GroupCommit, HookCommit,
+                             HookSettings, Manifest)
+from .store.manifest import manifest_crc32 as _manifest_crc32
+from .store.storage import LocalRunStorage, run_path
 
 __all__ = [
     "CONSOLIDATED_FORMAT",
@@ -63,46 +65,20 @@ CONSOLIDATED_FORMAT = "dist_hooks-consolidated"
 # ------------------------------------------------------------------------------------ manifest
 def manifest_crc32(run_dir: str | Path) -> int:
     """crc32 of ``run.json``'s bytes: identifies the committed state a consolidation was made of."""
-    return zlib.crc32((Path(run_dir) / layout.MANIFEST).read_bytes())
+    return _manifest_crc32((Path(run_dir) / layout.MANIFEST).read_bytes())
 
 
-def load_manifest(run_dir: str | Path, data: bytes | None = None) -> dict:
-    """The parsed ``run.json`` (or ``data``, its bytes read earlier); :class:`RunError` if there
+def load_manifest(run_dir: str | Path, data: bytes | None = None) -> Manifest:
+    """The checked ``run.json`` (or ``data``, its bytes read earlier); :class:`RunError` if there
     is none, :class:`DamageError` if it cannot be parsed or is not a dist_hooks manifest of a
-    version this code reads."""
-    path = Path(run_dir) / layout.MANIFEST
+    version this code reads (:meth:`Manifest.parse <dist_hooks.store.manifest.Manifest.parse>`)."""
     if data is None:
         if not Path(run_dir).is_dir():
             raise RunError(f"{run_dir}: no such directory")
-        if not path.is_file():
+        data = LocalRunStorage(run_dir).read_manifest()
+        if data is None:
             raise RunError(f"{run_dir}: not a dist_hooks run directory (no {layout.MANIFEST})")
-        data = path.read_bytes()
-    try:
-        m = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DamageError(f"{layout.MANIFEST}: not valid JSON ({exc})") from exc
-    if not isinstance(m, dict) or m.get("format") != layout.FORMAT_NAME:
-        raise DamageError(f"{layout.MANIFEST}: not a {layout.FORMAT_NAME} manifest")
-    if m.get("format_version") != layout.FORMAT_VERSION:
-        raise DamageError(f"{layout.MANIFEST}: format version {m.get('format_version')}, this "
-                          f"dist_hooks reads version {layout.FORMAT_VERSION}")
-    return m
-
-
-def run_path(run_dir: str | Path, rel: str | os.PathLike, place: str | None = None) -> Path:
-    """``run_dir / rel``, refusing a path that leaves the run directory.
-
-    Why: the manifest is data, not code; a damaged or hand-edited manifest pointing at
-    ``/etc/passwd`` or ``../other_run`` must neither be read as this run's data nor written to.
-    Symlinks are resolved before the check.
-    """
-    root = Path(run_dir).resolve()
-    p = Path(rel)
-    target = (root / p).resolve()
-    if p.is_absolute() or not target.is_relative_to(root):
-        raise DamageError(f"{place or layout.MANIFEST}: path {str(rel)!r} points outside the run "
-                          f"directory")
-    return target
+    return Manifest.parse(data)
 
 
 @dataclass(frozen=True)
@@ -111,71 +87,70 @@ class Unit:
 
     rank: int
     hook: str
-    kind: str  # "csv" | "zarr"
-    converged: bool
-    info: dict = field(hash=False, compare=False)
+    commit: HookCommit = field(hash=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``"csv"`` or ``"zarr"``."""
+        return self.commit.kind
+
+    @property
+    def converged(self) -> bool:
+        """A converged hook's records (the coordinator merges them)."""
+        return self.commit.converged
 
     @property
     def rel(self) -> str:
         """Path relative to the run directory, as messages name it."""
-        if self.kind == "csv":
-            return str(self.info.get("path", f"{layout.LOGS_DIR}/{self.hook}/"
-                                              f"{layout.rank_name(self.rank)}.csv"))
+        if isinstance(self.commit, CsvCommit):
+            return self.commit.path
         return f"{layout.DATA_DIR}/{self.group}"
 
     @property
     def group(self) -> str:
-        return str(self.info.get("group", layout.hook_group(self.rank, self.hook))).strip("/")
+        return self.commit.group.strip("/") if isinstance(self.commit, GroupCommit) else ""
 
     @property
     def records(self) -> int:
-        return int(self.info.get("rows" if self.kind == "csv" else "records", 0) or 0)
+        """Committed records (CSV: data rows)."""
+        return self.commit.length
 
     @property
     def atoms(self) -> int:
-        return int(self.info.get("atoms", 0) or 0)
+        return self.commit.atoms if isinstance(self.commit, GroupCommit) else 0
 
     def path(self, run_dir: str | Path) -> Path:
         """Absolute path, checked to lie inside the run directory (:class:`DamageError` if not)."""
         return run_path(run_dir, self.rel, f"{layout.MANIFEST} ({self.hook}, rank {self.rank})")
 
 
-def committed_units(manifest: dict) -> list[Unit]:
+def committed_units(manifest: Manifest) -> list[Unit]:
     """Every (rank, hook) the last boundary committed, ordered by hook then rank."""
-    last = manifest.get("last") or {}
-    out = []
-    for r in last.get("ranks", []) or []:
-        for name, info in (r.get("hooks") or {}).items():
-            kind = info.get("kind", "zarr" if "group" in info else "csv")
-            out.append(Unit(int(r["rank"]), str(name), kind, bool(info.get("converged")), info))
+    out = [Unit(r.rank, name, c) for r in manifest.ranks for name, c in r.hooks.items()]
     return sorted(out, key=lambda u: (u.hook, u.rank))
 
 
-def committed_files(run_dir: str | Path, manifest: dict) -> dict[tuple[int, str], dict]:
+def committed_files(run_dir: str | Path, manifest: Manifest) -> dict[tuple[int, str], dict]:
     """``{(rank, hook): {"<array>/<shard file>": (bytes, crc32)}}``: the file checksums that
     the commit records of every boundary in force reported (format.md, commit records), the
     latest entry of each file winning. A boundary file that cannot be read contributes nothing
     (callers then check those files the slow way, by decoding them)."""
     out: dict[tuple[int, str], dict] = {}
-    for b in manifest.get("boundaries") or []:
-        rel = b.get("file")
+    for b in manifest.boundaries:
         try:
-            entry = json.loads(run_path(run_dir, rel).read_bytes()) if rel else None
-        except (OSError, ValueError, DamageError):
+            entry = BoundaryEntry.parse(run_path(run_dir, b.file).read_bytes(), b.file)
+        except (OSError, DamageError):
             continue
-        if not isinstance(entry, dict):
-            continue
-        for r in entry.get("ranks", []) or []:
-            for hook, info in (r.get("hooks") or {}).items():
-                files = info.get("files") if isinstance(info, dict) else None
-                if isinstance(files, dict):
-                    d = out.setdefault((int(r["rank"]), str(hook)), {})
-                    for k, v in files.items():
+        for r in entry.ranks:
+            for hook, c in r.hooks.items():
+                if isinstance(c, GroupCommit) and c.files is not None:
+                    d = out.setdefault((r.rank, hook), {})
+                    for k, v in c.files.items():
                         d[str(k)] = (int(v[0]), int(v[1]))
     return out
 
 
-def find_rank_roots(run_dir: str | Path, manifest: dict,
+def find_rank_roots(run_dir: str | Path, manifest: Manifest,
                     candidates: Sequence[str | os.PathLike] = ()) -> dict[int, Path]:
     """Where each committed rank's files (logs, groups, saved state) are: its *rank root*.
 
@@ -186,15 +161,13 @@ def find_rank_roots(run_dir: str | Path, manifest: dict,
     in no candidate are absent from the result.
     """
     run_dir = Path(run_dir)
-    last = manifest.get("last") or {}
-    ranks = [int(r["rank"]) for r in last.get("ranks", []) or []]
-    if manifest.get("storage") != "local":
+    ranks = [r.rank for r in manifest.ranks]
+    if manifest.storage != "local":
         return {r: run_dir for r in ranks}
     units: dict[int, list[Unit]] = {}
     for u in committed_units(manifest):
         units.setdefault(u.rank, []).append(u)
-    states = {int(r["rank"]): (r.get("state") or {}).get("path")
-              for r in last.get("ranks", []) or []}
+    states = {r.rank: r.state.path if r.state is not None else None for r in manifest.ranks}
     out: dict[int, Path] = {}
     for r in ranks:
         for c in (Path(c) for c in candidates):
@@ -227,15 +200,14 @@ class RunReader:
     older state of the run is ignored) and ``summary`` (its ``consolidated.json``).
     """
 
-    def __init__(self, path: Path | None, manifest: dict, consolidated: Path | None,
+    def __init__(self, path: Path | None, manifest: Manifest, consolidated: Path | None,
                  summary: dict | None, rank_roots: Sequence[str | os.PathLike] = ()) -> None:
         self.path = path
         self.manifest = manifest
         self.consolidated = consolidated
         self.summary = summary
         self.units = committed_units(manifest)
-        last = manifest.get("last") or {}
-        self.ranks: list[int] = sorted(int(r["rank"]) for r in last.get("ranks", []) or [])
+        self.ranks: list[int] = sorted(r.rank for r in manifest.ranks)
         #: rank -> directory holding its files (see :func:`find_rank_roots`)
         self.roots: dict[int, Path] = (find_rank_roots(path, manifest, rank_roots)
                                        if path is not None else {})
@@ -245,19 +217,19 @@ class RunReader:
         root = self._require_run_dir(what)
         if rank in self.roots:
             return self.roots[rank]
-        if self.manifest.get("storage") == "local":
+        if self.manifest.storage == "local":
             raise local_storage_error(root, [rank])
         return root
 
     # --- manifest views
     @property
-    def hooks(self) -> dict[str, dict]:
-        """``name -> {type, frequency, stage}`` as the manifest records them."""
-        return dict(self.manifest.get("hooks") or {})
+    def hooks(self) -> dict[str, HookSettings]:
+        """``name -> settings`` (type, frequency, stage) as the manifest records them."""
+        return dict(self.manifest.hooks)
 
     @property
-    def boundaries(self) -> list[dict]:
-        return list(self.manifest.get("boundaries") or [])
+    def boundaries(self) -> list[BoundarySummary]:
+        return list(self.manifest.boundaries)
 
     def unit(self, rank: int, hook: str) -> Unit:
         for u in self.units:
@@ -293,7 +265,7 @@ class RunReader:
                 known = sorted({u.hook for u in self.units if u.kind == "csv"})
                 raise KeyError(f"no committed CSV log {hook!r}; logs: {known}")
             parts = [read_csv_committed(u.path(self.root_of(u.rank, "logs()")),
-                                        int(u.info.get("bytes", 0)), narrow=False)
+                                        u.commit.bytes, narrow=False)
                      for u in units]
             parts = [p for p in parts if p.num_columns]
             if not parts:
@@ -322,9 +294,8 @@ class RunReader:
             return GroupReader(self.consolidated / layout.DATA_DIR, c["group"],
                                limit_records=int(c["records"]))
         root = self._require_run_dir("converged()")
-        merged = (self.manifest.get("last") or {}).get("merged") or {}
         return GroupReader(root / layout.DATA_DIR, layout.CONVERGED_GROUP,
-                           limit_records=int(merged.get("records", 0)))
+                           limit_records=self.manifest.merged.records)
 
     def trajectory(self, hook: str) -> GroupReader:
         """The consolidated group of a snapshot hook (all ranks, ordered by step, rank,
@@ -338,7 +309,7 @@ class RunReader:
 
     def __repr__(self) -> str:
         where = self.path if self.path is not None else self.consolidated
-        return (f"RunReader({str(where)!r}, world_size={self.manifest.get('world_size')}, "
+        return (f"RunReader({str(where)!r}, world_size={self.manifest.world_size}, "
                 f"boundaries={len(self.boundaries)}, consolidated={self.consolidated is not None})")
 
 
@@ -393,4 +364,5 @@ def open_run(path: str | os.PathLike,
                 source_dir = src
         except OSError:
             pass
-    return RunReader(source_dir, summary["manifest"], p, summary, rank_roots)
+    manifest = Manifest.from_json(summary.get("manifest"), f"{CONSOLIDATED_MARKER}: manifest")
+    return RunReader(source_dir, manifest, p, summary, rank_roots)

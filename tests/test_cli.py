@@ -367,6 +367,23 @@ def test_damaged_merged_converged_group(runs, tmp_path):
                          reference(run, "converged", dedup=True), "rebuilt converged")
 
 
+def test_consolidate_reuses_the_intact_merged_group(runs, tmp_path):
+    """With the boundary's checksums of data.zarr/converged intact, consolidate writes that
+    group and does not read the ranks' converged records again: damage in one of those (which
+    only a rebuild would read) does not stop it, and the output equals the merged group."""
+    run = _damaged_copy(runs, tmp_path, "r4")
+    assert manifest(run)["last"]["merged"]["crc32"]  # recorded by this code
+    f = run / "data.zarr/ranks/rank-00001/converged/energy/c.0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x40  # inside a chunk: the file keeps its size and index
+    f.write_bytes(bytes(data))
+    assert cli("verify", run)[0] == 1  # verify compares with the ranks and finds it
+    rc, _, err = cli("consolidate", run)
+    assert rc == 0, err
+    assert_bit_identical(group(run / "consolidated/data.zarr/converged"),
+                         group(run / "data.zarr/converged"), "reused converged")
+
+
 def test_manifest_path_outside_run(runs, tmp_path):
     run = _damaged_copy(runs, tmp_path)
     m = manifest(run)

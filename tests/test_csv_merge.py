@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from dist_hooks.reader import Unit
+from dist_hooks.store.manifest import CsvCommit
 from dist_hooks.store.csv_log import CsvLog
 from dist_hooks.tools.csv_merge import merge_csv, write_parquet as _write_parquet
 
@@ -21,8 +22,7 @@ def _write_rank(run: Path, rank: int, blocks: list[dict]) -> Unit:
     for b in blocks:
         log.append(b)
     log.sync()
-    unit = Unit(rank, "log", "csv", False,
-                {"path": rel, "bytes": log.size, "rows": log.rows, "crc32": log.crc32})
+    unit = Unit(rank, "log", CsvCommit(str(rel), log.size, log.rows, log.crc32))
     log.close()
     return unit
 

@@ -93,7 +93,7 @@ def _append_uncommitted(run: Path) -> None:
 def test_open_unconsolidated(run):
     m = _manifest(run)
     r = open_run(run)
-    assert r.manifest["world_size"] == 3 and r.ranks == [0, 1, 2]
+    assert r.manifest.world_size == 3 and r.ranks == [0, 1, 2]
     assert r.consolidated is None
     assert set(r.hooks) == {"log", "snapshots", "converged"}
     logs = r.logs()
@@ -159,7 +159,7 @@ def test_same_before_and_after_consolidate(run, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(run / "consolidated", moved)
     alone = open_run(moved)
-    assert alone.path is None and alone.manifest["world_size"] == 3
+    assert alone.path is None and alone.manifest.world_size == 3
     assert alone.logs(as_table=True).equals(logs_raw)
     assert len(alone.converged()) == len(conv_raw)
     with pytest.raises(RunError, match="run directory"):

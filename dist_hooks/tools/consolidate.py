@@ -31,10 +31,12 @@ How, and why:
 * One consolidate per run at a time: ``fcntl.flock`` on ``RUN/.consolidate.lock``.
 * The output is plain Zarr v3 + CSV (+ Parquet): readable with ``zarr`` and ``pandas`` alone.
 * Node-local runs: each rank's files are read from its *rank root* (``rank_roots``).
-* The converged group is rebuilt from the ranks' converged groups, not copied from the
-  coordinator's ``data.zarr/converged``: the manifest commits only that group's lengths, not its
-  checksums, so nothing short of merging the ranks again could prove it intact. It is read as
-  it is only when the ranks' groups are not here (``storage="local"`` without rank roots).
+* The converged group is the coordinator's ``data.zarr/converged`` when the boundary's checksums
+  of it (``merged.crc32``) show it intact and it is in (step, rank, sample_id) order, as it is
+  unless ranks reached their last boundaries at different steps; otherwise it is rebuilt from the
+  ranks' converged groups, merged and de-duplicated as the coordinator does. The output is the
+  same either way. Runs recorded before merged checksums existed are rebuilt; without the
+  ranks' groups (``storage="local"`` without rank roots) the merged group is all there is.
 
 Where the parts live: the record stream read from a group (:mod:`.record_source`), the output
 groups (:mod:`.output_groups`, atom rows copied by :mod:`.atom_segments`), the CSV merge
@@ -60,9 +62,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import zarr
 
 from ..errors import DamageError
+from ..store.manifest import Manifest
 from ..reader import (
     CONSOLIDATED_FORMAT,
     CONSOLIDATED_MARKER,
@@ -137,7 +141,7 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
             return {**old, "status": "up-to-date", "out": str(out)}
         units = committed_units(manifest)
         roots = find_rank_roots(run_dir, manifest, rank_roots)
-        if manifest.get("storage") == "local" and not rank_roots and units:
+        if manifest.storage == "local" and not rank_roots and units:
             raise local_storage_error(run_dir, sorted({u.rank for u in units}))
         units, skipped = _usable_units(run_dir, manifest, units, roots, skip_damaged,
                                        rank_roots)
@@ -151,9 +155,9 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                 "complete": True, "options": options, "skipped": skipped,
                 "source": {"manifest_crc32": mcrc, "relative": os.path.relpath(run_dir.resolve(),
                                                                                out.resolve()),
-                           "boundary": (manifest.get("last") or {}).get("index"),
-                           "world_size": manifest.get("world_size")},
-                "manifest": manifest})
+                           "boundary": manifest.last.index if manifest.last else None,
+                           "world_size": manifest.world_size},
+                "manifest": manifest.to_json()})
             atomic_write_bytes(tmp / CONSOLIDATED_MARKER,
                                json.dumps(summary, indent=1, sort_keys=True).encode())
             sync_dir(tmp)
@@ -164,7 +168,7 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     return {**summary, "status": "written", "out": str(out)}
 
 
-def _usable_units(run_dir: Path, manifest: dict, units: list[Unit], roots: dict[int, Path],
+def _usable_units(run_dir: Path, manifest: Manifest, units: list[Unit], roots: dict[int, Path],
                   skip_damaged: bool, rank_roots: Sequence[str | os.PathLike],
                   ) -> tuple[list[Unit], list[str]]:
     """The units to consolidate and the damage left out. With ``skip_damaged`` the run is
@@ -197,7 +201,7 @@ class _Inputs:
     """What one build reads and how; shared by its steps."""
 
     run_dir: Path
-    manifest: dict
+    manifest: Manifest
     units: list[Unit]
     roots: dict[int, Path]
     bar: Progress
@@ -220,12 +224,12 @@ class _Inputs:
         u.path(self.root(u))
         n = sum(1 for v in self.units if v.kind == "zarr" and v.hook == u.hook)
         return ZarrSource(self.root(u) / layout.DATA_DIR, u.group, place=u.rel,
-                          records=u.records, atoms=u.atoms, expect_crc=u.info.get("crc32") or {},
+                          records=u.records, atoms=u.atoms, expect_crc=u.commit.crc32,
                           block_records=self.block_records, block_atoms=self.block_atoms,
                           progress=self.bar, fetch_bytes=fetch_bytes_for(n), levels=levels)
 
 
-def _build(run_dir: Path, manifest: dict, units: list[Unit], tmp: Path, *,
+def _build(run_dir: Path, manifest: Manifest, units: list[Unit], tmp: Path, *,
            progress: bool | None, parquet: bool, block_records: int, block_atoms: int,
            checksums: bool = True, roots: dict[int, Path] | None = None) -> dict:
     """Write every output into ``tmp``; raise DamageError on checksum mismatches."""
@@ -276,7 +280,7 @@ def _write_outputs(inputs: _Inputs, store: AtomicLocalStore, tmp: Path, pool: Th
     conv_job = pool.submit(_write_converged, inputs, store, conv)
     records = {h: [(u, inputs.source(u, ("record",))) for u in t.units]
                for h, t in trajectories.items()}
-    bar.total = (sum(int(u.info.get("bytes", 0)) for u in inputs.csv_units())
+    bar.total = (sum(u.commit.bytes for u in inputs.csv_units())
                  + sum(s.nbytes for ss in records.values() for _, s in ss)
                  + sum(t.atom_bytes for t in trajectories.values())
                  + sum(s.nbytes for s in conv.sources))
@@ -334,12 +338,16 @@ def _start_trajectories(inputs: _Inputs, store: AtomicLocalStore, files: dict, c
 
 @dataclass
 class _ConvergedInput:
-    """Where the converged group comes from: the ranks' converged groups (merged and
-    de-duplicated on (rank, sample_id) as the coordinator does), or, when those stayed on the
-    nodes, the coordinator's merged group, read as it is (all there is here)."""
+    """Where the converged group comes from: the coordinator's merged group (``merged``), or
+    the ranks' converged groups merged and de-duplicated on (rank, sample_id) as the
+    coordinator does (``ranks``). ``chunking_of`` and ``records`` size the output the same way
+    in both cases, so that both give the same bytes."""
 
     ranks: list[tuple[int, ZarrSource]]
     merged: ZarrSource | None
+    rank_ids: list[int]
+    chunking_of: ZarrSource | None
+    records: int
 
     @property
     def sources(self) -> list[ZarrSource]:
@@ -351,16 +359,50 @@ class _ConvergedInput:
 
 def _converged_input(inputs: _Inputs) -> _ConvergedInput:
     conv = inputs.zarr_units(converged=True)
-    merged = (inputs.manifest.get("last") or {}).get("merged") or {}
-    if (conv or inputs.manifest.get("storage") != "local"
-            or not int(merged.get("records", 0))):
-        return _ConvergedInput([(u.rank, inputs.source(u)) for u in conv], None)
-    # rank data stayed on the nodes: the coordinator's merged group is all there is here
-    return _ConvergedInput([], ZarrSource(
-        inputs.run_dir / layout.DATA_DIR, layout.CONVERGED_GROUP,
-        place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}", records=int(merged["records"]),
-        atoms=int(merged["atoms"]), block_records=inputs.block_records,
-        block_atoms=inputs.block_atoms, progress=inputs.bar))
+    merged = inputs.manifest.merged
+    ids = [u.rank for u in conv]
+    if not conv and inputs.manifest.storage == "local" and merged.records:
+        # rank data stayed on the nodes: the coordinator's merged group is all there is here
+        src = _merged_source(inputs, merged.crc32)
+        return _ConvergedInput([], src, [], src, merged.records)
+    # the merged group holds every rank's records: usable only when none was left out
+    every = len(conv) == sum(1 for u in committed_units(inputs.manifest)
+                             if u.kind == "zarr" and u.converged)
+    if (conv and every and merged.records and merged.crc32 is not None
+            and _merged_is_intact(_merged_source(inputs, merged.crc32))):
+        return _ConvergedInput([], _merged_source(inputs, merged.crc32), ids,
+                               inputs.source(conv[0]), sum(u.records for u in conv))
+    ranks = [(u.rank, inputs.source(u)) for u in conv]
+    return _ConvergedInput(ranks, None, ids, ranks[0][1] if ranks else None,
+                           sum(u.records for u in conv))
+
+
+def _merged_source(inputs: _Inputs, expect_crc: dict[str, int] | None) -> ZarrSource:
+    merged = inputs.manifest.merged
+    return ZarrSource(inputs.run_dir / layout.DATA_DIR, layout.CONVERGED_GROUP,
+                      place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}", records=merged.records,
+                      atoms=merged.atoms, expect_crc=expect_crc,
+                      block_records=inputs.block_records, block_atoms=inputs.block_atoms)
+
+
+def _merged_is_intact(src: ZarrSource) -> bool:
+    """The merged group matches its committed checksums and is in (step, rank, sample_id)
+    order (one pass over a group of one record per system: small)."""
+    last: tuple[int, int, int] | None = None
+    try:
+        for b in src:
+            keys = np.stack([b.rec["step"], b.rec["rank"], b.rec["sample_id"]], axis=1)
+            if last is not None:
+                keys = np.concatenate([np.asarray([last]), keys])
+            d = np.diff(keys, axis=0)
+            # each row's first non-zero difference must be positive (lexicographic order)
+            first = np.take_along_axis(d, np.argmax(d != 0, axis=1)[:, None], axis=1)[:, 0]
+            if (first < 0).any():
+                return False
+            last = tuple(int(x) for x in keys[-1])
+    except DamageError:
+        return False
+    return not src.problems()
 
 
 def _write_converged(inputs: _Inputs, store: AtomicLocalStore,
@@ -369,15 +411,14 @@ def _write_converged(inputs: _Inputs, store: AtomicLocalStore,
     run's time when it came after them, with the other threads idle)."""
     if not conv.sources:
         return None, []
-    ref = conv.sources[0]
-    n = sum(s.records for s in conv.sources)
-    sink = GroupSink(store, layout.CONVERGED_GROUP, _out_chunking(ref.chunking(), n))
+    sink = GroupSink(store, layout.CONVERGED_GROUP,
+                     _out_chunking(conv.chunking_of.chunking(), conv.records))
     for block in conv.blocks():
         sink.append(block)
         if inputs.on_window is not None:
             inputs.on_window()
     found = [p for s in conv.sources for p in s.problems()]
-    info = {**sink.close(), "ranks": [r for r, _ in conv.ranks]}
+    info = {**sink.close(), "ranks": conv.rank_ids}
     # to disk now, with whatever else was written so far: the last sync, on the critical path
     # after the trajectories, then has less to do
     store.sync()

@@ -77,7 +77,7 @@ def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path
         path = u.path(roots if isinstance(roots, Path) else roots[u.rank])
         c: dict = {}
         counters.append(c)
-        cols, it = _csv_source(path, int(u.info.get("bytes", 0)), int(u.info.get("rows", 0)),
+        cols, it = _csv_source(path, u.commit.bytes, u.commit.rows,
                                u.rank, u.rel, c, progress, block_bytes)
         if "rank" not in cols and cols:
             cols = [*cols, "rank"]
@@ -122,10 +122,10 @@ def merge_csv(units: list[Unit], roots: Path | Mapping[int, Path], csv_out: Path
         os.fsync(raw.fileno())
     problems = []
     for u, c in zip(units, counters):
-        want_b, want_rows = int(u.info.get("bytes", 0)), int(u.info.get("rows", 0))
+        want_b, want_rows = u.commit.bytes, u.commit.rows
         if c.get("bytes", 0) != want_b:
             problems.append(f"{u.rel}: file is {c.get('bytes', 0)} bytes, committed {want_b}")
-        elif c.get("crc32") != int(u.info.get("crc32", 0)):
+        elif c.get("crc32") != u.commit.crc32:
             problems.append(f"{u.rel}: crc32 mismatch over bytes [0, {want_b})")
         elif c.get("rows", 0) != want_rows:
             problems.append(f"{u.rel}: {c.get('rows', 0)} data rows, committed {want_rows}")

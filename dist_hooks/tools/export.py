@@ -48,11 +48,10 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
                                    records=c["records"], atoms=c["atoms"], **kw))
         if run.path is None:
             raise RunError("the consolidated output holds no converged records")
-        merged = (run.manifest.get("last") or {}).get("merged") or {}
+        merged = run.manifest.merged
         return iter(ZarrSource(run.path / layout.DATA_DIR, layout.CONVERGED_GROUP,
                                place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}",
-                               records=int(merged.get("records", 0)),
-                               atoms=int(merged.get("atoms", 0)), **kw))
+                               records=merged.records, atoms=merged.atoms, **kw))
     if what != "trajectory":
         raise RunError(f"--what must be 'converged' or 'trajectory', got {what!r}")
     hooks = sorted({u.hook for u in run.units if u.kind == "zarr" and not u.converged})

@@ -62,8 +62,8 @@ def _zarr_steps(run_dir: Path, u: Unit) -> tuple[int, int] | None:
 
 
 def _csv_steps(run_dir: Path, u: Unit) -> tuple[int, int] | None:
-    nbytes = int(u.info.get("bytes", 0))
-    if int(u.info.get("rows", 0)) <= 0:
+    nbytes = u.commit.bytes
+    if u.commit.rows <= 0:
         return None
     try:
         with open(u.path(run_dir), "rb") as fh:
@@ -84,20 +84,18 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
     run_dir = Path(run_dir)
     m = load_manifest(run_dir)
     roots = find_rank_roots(run_dir, m, rank_roots)
-    last = m.get("last") or {}
     units = committed_units(m)
     ranks = []
-    for r in sorted(last.get("ranks", []) or [], key=lambda r: r["rank"]):
+    for r in sorted(m.ranks, key=lambda r: r.rank):
         hooks = {}
-        for u in (u for u in units if u.rank == r["rank"]):
+        for u in (u for u in units if u.rank == r.rank):
             if u.kind == "csv":
-                hooks[u.hook] = {"kind": "csv", "rows": u.records,
-                                 "bytes": int(u.info.get("bytes", 0))}
+                hooks[u.hook] = {"kind": "csv", "rows": u.records, "bytes": u.commit.bytes}
             else:
                 hooks[u.hook] = {"kind": "zarr", "records": u.records, "atoms": u.atoms,
                                  "converged": u.converged}
-        ranks.append({"rank": int(r["rank"]), "step": r.get("step"), "final": r.get("final"),
-                      "signal": r.get("signal"), "hooks": hooks})
+        ranks.append({"rank": r.rank, "step": r.step, "final": r.final, "signal": r.signal,
+                      "hooks": hooks})
     totals: dict[str, dict] = {}
     for u in units:
         t = totals.setdefault(u.hook, {"kind": u.kind})
@@ -120,31 +118,30 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
     if summary is not None:
         consolidated = {"path": str(out_dir), "up_to_date":
                         summary.get("source", {}).get("manifest_crc32") == manifest_crc32(run_dir)}
-    hooks = {name: {**h, "kind": totals.get(name, {}).get("kind")}
-             for name, h in (m.get("hooks") or {}).items()}
-    merged = last.get("merged") or {}
+    hooks = {name: {**h.to_json(), "kind": totals.get(name, {}).get("kind")}
+             for name, h in m.hooks.items()}
     return {
         "info_version": INFO_VERSION,
         "run": str(run_dir.resolve()),
-        "format": m.get("format"),
-        "format_version": m.get("format_version"),
-        "dist_hooks_version": m.get("dist_hooks_version"),
-        "created": m.get("created"),
-        "world_size": m.get("world_size"),
-        "launcher": m.get("launcher"),
-        "job_id": m.get("job_id"),
-        "storage": m.get("storage"),
-        "checkpoint_every": m.get("checkpoint_every"),
+        "format": m.format,
+        "format_version": m.format_version,
+        "dist_hooks_version": m.dist_hooks_version,
+        "created": m.created,
+        "world_size": m.world_size,
+        "launcher": m.launcher,
+        "job_id": m.job_id,
+        "storage": m.storage,
+        "checkpoint_every": m.checkpoint_every,
         "hooks": hooks,
-        "boundaries": [{k: b.get(k) for k in ("index", "time", "steps", "converged_count",
-                                              "all_final")}
-                       for b in m.get("boundaries") or []],
-        "last_boundary": last.get("index"),
-        "complete": bool(last.get("all_final")),
+        "boundaries": [{"index": b.index, "time": b.time, "steps": b.steps,
+                        "converged_count": b.converged_count, "all_final": b.all_final}
+                       for b in m.boundaries],
+        "last_boundary": m.last.index if m.last is not None else None,
+        "complete": bool(m.last is not None and m.last.all_final),
         "ranks": ranks,
         "totals": totals,
-        "converged_count": int(merged.get("records", 0)),
-        "converged_atoms": int(merged.get("atoms", 0)),
+        "converged_count": m.merged.records,
+        "converged_atoms": m.merged.atoms,
         "step_range": None if lo is None else [lo, hi],
         "disk_bytes": _disk_use(run_dir) if disk else None,
         "consolidated": consolidated,

@@ -161,7 +161,7 @@ class TrajectoryOutput:
         self.segments = [
             Segment(rank=u.rank, data_root=root(u) / layout.DATA_DIR, group=u.group,
                     place=u.rel, atoms=u.atoms,
-                    expect_crc={k: v for k, v in (u.info.get("crc32") or {}).items()
+                    expect_crc={k: v for k, v in u.commit.crc32.items()
                                 if k in self.atom_fields},
                     files=files.get((u.rank, u.hook), {}))
             for u in units]

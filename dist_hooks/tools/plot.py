@@ -90,7 +90,7 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike, *, hook: str = "log
             right.set_yscale("log")
     for ax in axes[-1]:
         ax.set_xlabel("step")
-    world = run.manifest.get("world_size")
+    world = run.manifest.world_size
     fig.suptitle(f"{Path(run_dir).resolve().name}: {len(steps)} rows, world size {world}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

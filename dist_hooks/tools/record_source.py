@@ -24,6 +24,7 @@ from ..errors import DamageError, ShardDamage
 from ..records import CsrBlock
 from ..store import layout
 from ..store.array_layout import writer_chunking
+from ..store.checksums import fold_column_crc32
 from ..store.group_reader import GroupReader
 from ..store.shard_files import RawArrayReader
 from .progress import Progress
@@ -307,8 +308,5 @@ class BlockCrc:
         """Fold in ``block``."""
         self.records += len(block)
         for level, cols in (("record", block.rec), ("atom", block.atoms)):
-            for name, v in cols.items():
-                v = np.ascontiguousarray(v)  # crc32 reads the buffer
-                prev = self.crc.get(name, 0)
-                self.crc[name] = zlib.crc32(v, prev) if v.size else prev
-                self.levels[name] = level
+            fold_column_crc32(self.crc, cols)
+            self.levels.update(dict.fromkeys(cols, level))

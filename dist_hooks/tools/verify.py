@@ -20,7 +20,6 @@ Data past the committed lengths (left by a crash) are ignored: they are not prom
 """
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..reader import (
     run_path,
 )
 from ..records import merge_blocks
+from ..store.manifest import BoundaryEntry, CommitRecord, Manifest
 from ..store import layout
 from ..store.csv_log import read_header, scan_prefix
 from .progress import Progress
@@ -54,7 +54,7 @@ def quick_unit_problems(run_dir: Path | None, u: Unit) -> list[str]:
     except DamageError as exc:
         return [str(exc)]
     if u.kind == "csv":
-        want = int(u.info.get("bytes", 0))
+        want = u.commit.bytes
         if not path.is_file():
             return [f"{u.rel}: file missing (committed {want} bytes)"]
         size = path.stat().st_size
@@ -77,10 +77,10 @@ def _problem(message: str, u: Unit | None = None) -> dict[str, Any]:
 
 def _check_csv(run_dir: Path, u: Unit, bar: Progress) -> list[str]:
     path = u.path(run_dir)
-    want, rows = int(u.info.get("bytes", 0)), int(u.info.get("rows", 0))
+    want, rows = u.commit.bytes, u.commit.rows
     got = scan_prefix(path, want, progress=bar.update)
     out = []
-    if got.crc32 != int(u.info.get("crc32", 0)):
+    if got.crc32 != u.commit.crc32:
         out.append(f"{u.rel}: crc32 mismatch over bytes [0, {want})")
         return out
     if want and got.last_byte != b"\n":
@@ -100,7 +100,7 @@ def _check_zarr(run_dir: Path, u: Unit, bar: Progress, schemas: dict[str, tuple[
                 block_records: int, block_atoms: int) -> list[str]:
     u.path(run_dir)
     src = ZarrSource(run_dir / layout.DATA_DIR, u.group, place=u.rel, records=u.records,
-                     atoms=u.atoms, expect_crc=u.info.get("crc32") or {},
+                     atoms=u.atoms, expect_crc=u.commit.crc32,
                      block_records=block_records, block_atoms=block_atoms, progress=bar)
     out = []
     fields = {n: (lvl, str(dt), tuple(tr)) for n, (lvl, dt, tr) in src.fields.items()}
@@ -119,33 +119,32 @@ def _check_zarr(run_dir: Path, u: Unit, bar: Progress, schemas: dict[str, tuple[
     return out
 
 
-def _check_state(run_dir: Path, rank: dict) -> list[str]:
-    st = rank.get("state")
-    if not st:
+def _check_state(run_dir: Path, rank: CommitRecord) -> list[str]:
+    st = rank.state
+    if st is None:
         return []
     try:
-        path = run_path(run_dir, st["path"], f"{layout.MANIFEST} (state of rank {rank['rank']})")
+        path = run_path(run_dir, st.path, f"{layout.MANIFEST} (state of rank {rank.rank})")
     except DamageError as exc:
         return [str(exc)]
-    rel = str(st["path"])
+    rel = st.path
     if not path.is_file():
-        return [f"{rel}: file missing (committed {st.get('bytes')} bytes)"]
+        return [f"{rel}: file missing (committed {st.bytes} bytes)"]
     data = path.read_bytes()
-    if len(data) != int(st.get("bytes", -1)):
-        return [f"{rel}: file is {len(data)} bytes, committed {st.get('bytes')}"]
-    if zlib.crc32(data) != int(st.get("crc32", -1)):
+    if len(data) != st.bytes:
+        return [f"{rel}: file is {len(data)} bytes, committed {st.bytes}"]
+    if zlib.crc32(data) != st.crc32:
         return [f"{rel}: crc32 mismatch over bytes [0, {len(data)})"]
     return []
 
 
-def _check_boundaries(run_dir: Path, m: dict) -> list[str]:
+def _check_boundaries(run_dir: Path, m: Manifest) -> list[str]:
     out = []
-    bs = m.get("boundaries") or []
-    last = m.get("last")
+    bs, last = m.boundaries, m.last
     for i, b in enumerate(bs):
-        if b.get("index") != i:
-            out.append(f"{layout.MANIFEST}: boundary {i} has index {b.get('index')}")
-        rel = b.get("file")
+        if b.index != i:
+            out.append(f"{layout.MANIFEST}: boundary {i} has index {b.index}")
+        rel = b.file
         if not rel:
             continue
         try:
@@ -154,25 +153,23 @@ def _check_boundaries(run_dir: Path, m: dict) -> list[str]:
             out.append(str(exc))
             continue
         try:
-            entry = json.loads(path.read_bytes())
+            entry = BoundaryEntry.parse(path.read_bytes(), rel)
         except FileNotFoundError:
             out.append(f"{rel}: file missing")
             continue
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            out.append(f"{rel}: not valid JSON ({exc})")
+        except DamageError as exc:
+            out.append(str(exc))
             continue
-        if entry.get("index") != i:
-            out.append(f"{rel}: holds boundary {entry.get('index')}, expected {i}")
+        if entry.index != i:
+            out.append(f"{rel}: holds boundary {entry.index}, expected {i}")
         if i == len(bs) - 1 and last is not None and entry != last:
             out.append(f"{rel}: differs from the last boundary recorded in {layout.MANIFEST}")
     if bs and last is None:
         out.append(f"{layout.MANIFEST}: {len(bs)} boundaries but no 'last' entry")
     if last is not None:
-        ws = m.get("world_size")
-        ranks = [r.get("rank") for r in last.get("ranks", [])]
-        if not isinstance(ws, int) or ws < 1:
-            out.append(f"{layout.MANIFEST}: world_size {ws!r} is not a positive integer")
-        elif sorted(ranks) != list(range(ws)):
+        ws = m.world_size
+        ranks = [r.rank for r in last.ranks]
+        if sorted(ranks) != list(range(ws)):
             missing = sorted(set(range(ws)) - set(ranks))
             dup = sorted({r for r in ranks if ranks.count(r) > 1})
             out.append(f"{layout.MANIFEST}: last boundary has ranks {sorted(ranks)} for world "
@@ -181,30 +178,29 @@ def _check_boundaries(run_dir: Path, m: dict) -> list[str]:
     return out
 
 
-def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
+def _check_merged(run_dir: Path, m: Manifest, conv_units: list[Unit], bar: Progress,
                   block_records: int, block_atoms: int,
                   roots: dict[int, Path] | None = None) -> list[str]:
-    """The coordinator's merged group against the ranks' committed converged records, merged
-    as the coordinator merges them (:func:`~dist_hooks.records.merge_blocks`, de-duplicated).
-    The manifest commits only the merged group's lengths, not its checksums: comparing with
-    the ranks' records is what shows it intact."""
-    merged = (m.get("last") or {}).get("merged") or {}
-    n, a = int(merged.get("records", 0)), int(merged.get("atoms", 0))
+    """The coordinator's merged group against its committed checksums (runs recorded before
+    those existed have none) and against the ranks' committed converged records, merged as the
+    coordinator merges them (:func:`~dist_hooks.records.merge_blocks`, de-duplicated): the
+    second shows that it holds exactly their union, which its own checksums cannot."""
+    n, a = m.merged.records, m.merged.atoms
     place = f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}"
     if n == 0 and not conv_units:
         return []
     src = ZarrSource(run_dir / layout.DATA_DIR, layout.CONVERGED_GROUP, place=place,
-                     records=n, atoms=a, block_records=block_records, block_atoms=block_atoms,
-                     progress=bar)
+                     records=n, atoms=a, expect_crc=m.merged.crc32, block_records=block_records,
+                     block_atoms=block_atoms, progress=bar)
     got = BlockCrc.of(src)
+    out = src.problems()
     roots = roots or {}
     if not conv_units or any(u.rank not in roots for u in conv_units):
-        return []  # the ranks' converged groups are not all here (node-local storage)
+        return out  # the ranks' converged groups are not all here (node-local storage)
     sources = [(u.rank, ZarrSource(roots[u.rank] / layout.DATA_DIR, u.group, place=u.rel,
                                    records=u.records, atoms=u.atoms, block_records=block_records,
                                    block_atoms=block_atoms)) for u in conv_units]
     want = BlockCrc.of(merge_blocks(sources, dedup=True))
-    out = []
     if want.records != n:
         out.append(f"{place}: {layout.MANIFEST} commits {n} merged records, the ranks' committed "
                    f"converged records give {want.records}")
@@ -219,7 +215,7 @@ def _check_merged(run_dir: Path, m: dict, conv_units: list[Unit], bar: Progress,
     return out
 
 
-def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
+def verify_run(run_dir: str | os.PathLike, *, manifest: Manifest | None = None,
                check_merged: bool = True, progress: bool | None = False,
                block_records: int = 4096, block_atoms: int = 65536,
                rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
@@ -239,22 +235,21 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
             return {"ok": False, "problems": [_problem(str(exc))], "checked": {}}
     for msg in _check_boundaries(run_dir, manifest):
         problems.append(_problem(msg))
-    last = manifest.get("last") or {}
-    local = manifest.get("storage") == "local"
+    local = manifest.storage == "local"
     roots = find_rank_roots(run_dir, manifest, rank_roots)
-    for r in last.get("ranks", []) or []:
-        if int(r["rank"]) in roots:  # node-local state not given: nothing to read here
-            for msg in _check_state(roots[int(r["rank"])], r):
+    for r in manifest.ranks:
+        if r.rank in roots:  # node-local state not given: nothing to read here
+            for msg in _check_state(roots[r.rank], r):
                 problems.append(_problem(msg))
     units = committed_units(manifest)
     notes = []
-    if not manifest.get("last"):
+    if manifest.last is None:
         notes.append("no checkpoint boundary committed yet: nothing is promised")
     if local and not rank_roots:
         notes.append("storage=local: rank data stay on the nodes; only the merged group and "
                      "the manifest are checked here (give the nodes' directories with "
                      "--rank-root to check them too)")
-    bar = Progress(sum(int(u.info.get("bytes", 0)) for u in units if u.kind == "csv"),
+    bar = Progress(sum(u.commit.bytes for u in units if u.kind == "csv"),
                    "verify", enabled=progress)
     schemas: dict[str, tuple[int, dict]] = {}
     damaged: set[tuple[int, str]] = set()
@@ -286,8 +281,8 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: dict | None = None,
             problems.extend(_problem(p) for p in exc.places)
     bar.close()
     return {"ok": not problems, "problems": problems, "notes": notes,
-            "checked": {"units": checked, "boundaries": len(manifest.get("boundaries") or []),
-                        "world_size": manifest.get("world_size")}}
+            "checked": {"units": checked, "boundaries": len(manifest.boundaries),
+                        "world_size": manifest.world_size}}
 
 
 def format_report(run_dir: str | os.PathLike, report: dict) -> str:
