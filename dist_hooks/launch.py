@@ -208,36 +208,32 @@ def _slurm_restart(env: Mapping[str, str]) -> int:
     return _parse_int("SLURM_RESTART_COUNT", value) if value else 0
 
 
-def _read_openmpi(env: Mapping[str, str], reader: _Reader) -> dict[str, Any]:
+def _read_mpi(env: Mapping[str, str], reader: _Reader, rank: str, size: str, local_rank: str,
+              local_size: str, node_rank: str | None) -> dict[str, Any]:
+    """An MPI launcher's variables (Open MPI and MPICH name the same facts differently)."""
     fields: dict[str, Any] = {
-        "rank": reader.get("rank", ("OMPI_COMM_WORLD_RANK",), required=True,
-                           missing_hint=" (OMPI_COMM_WORLD_SIZE is set)"),
-        "world_size": reader.get("world_size", ("OMPI_COMM_WORLD_SIZE",), required=True,
-                                 missing_hint=" (OMPI_COMM_WORLD_RANK is set)"),
-        "local_rank": reader.get("local_rank", ("OMPI_COMM_WORLD_LOCAL_RANK",), required=False),
-        "local_world_size": reader.get("local_world_size", ("OMPI_COMM_WORLD_LOCAL_SIZE",),
-                                       required=False),
-        "node_rank": reader.get("node_rank", ("OMPI_COMM_WORLD_NODE_RANK",), required=False),
+        "rank": reader.get("rank", (rank,), required=True, missing_hint=f" ({size} is set)"),
+        "world_size": reader.get("world_size", (size,), required=True,
+                                 missing_hint=f" ({rank} is set)"),
+        "local_rank": reader.get("local_rank", (local_rank,), required=False),
+        "local_world_size": reader.get("local_world_size", (local_size,), required=False),
+        "node_rank": reader.get("node_rank", (node_rank,) if node_rank else (), required=False),
     }
-    _fill_local(reader, fields, ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"))
+    _fill_local(reader, fields, (local_rank, local_size))
     fields["job_id"] = env.get("SLURM_JOB_ID") or None
     fields["restart_count"] = _slurm_restart(env)
     return fields
+
+
+def _read_openmpi(env: Mapping[str, str], reader: _Reader) -> dict[str, Any]:
+    return _read_mpi(env, reader, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                     "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                     "OMPI_COMM_WORLD_NODE_RANK")
 
 
 def _read_mpich(env: Mapping[str, str], reader: _Reader) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "rank": reader.get("rank", ("PMI_RANK",), required=True, missing_hint=" (PMI_SIZE is set)"),
-        "world_size": reader.get("world_size", ("PMI_SIZE",), required=True,
-                                 missing_hint=" (PMI_RANK is set)"),
-        "local_rank": reader.get("local_rank", ("MPI_LOCALRANKID",), required=False),
-        "local_world_size": reader.get("local_world_size", ("MPI_LOCALNRANKS",), required=False),
-        "node_rank": reader.get("node_rank", (), required=False),
-    }
-    _fill_local(reader, fields, ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
-    fields["job_id"] = env.get("SLURM_JOB_ID") or None
-    fields["restart_count"] = _slurm_restart(env)
-    return fields
+    return _read_mpi(env, reader, "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+                     None)
 
 
 def _read_slurm(env: Mapping[str, str], reader: _Reader) -> dict[str, Any]:
