@@ -27,7 +27,6 @@ import os
 import signal
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -339,7 +338,7 @@ class Run:
         data = buf.getvalue()
         rel = self._state_rel(self._boundary_index)
         self.rank_files.replace(rel, data)
-        return StateFile(rel, len(data), zlib.crc32(data))
+        return StateFile.of(rel, data)
 
     def _prune_states(self) -> None:
         files = [n for n in self.rank_files.list(self._state_rel()) if n.startswith("b-")
@@ -397,7 +396,7 @@ class Run:
     def _load_state(self, state: StateFile) -> Any:
         where = self.rank_files.path(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
         data = self.rank_files.read(state.path)
-        if data is None or len(data) != state.bytes or zlib.crc32(data) != state.crc32:
+        if data is None or state.mismatch(data) is not None:
             raise ResumeError(f"{where}: saved simulation state does not match its checksum in "
                               "run.json")
         return torch.load(io.BytesIO(data), weights_only=False)["state"]

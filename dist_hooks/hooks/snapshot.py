@@ -1,7 +1,6 @@
 """``SnapshotHook`` and ``ConvergedSnapshotHook``: the full per-system state, appended to a Zarr group."""
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -12,6 +11,7 @@ from .. import packing
 from ..batch import BatchView
 from ..errors import SchemaChangedError
 from ..store import GroupReader
+from ..store.checksums import fold_column_crc32
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
 from .base import RecordingHook
@@ -167,8 +167,7 @@ class SnapshotHook(RecordingHook):
             # and the buffer goes back to the pool only after that (finally, below)
             records = {k: np.ascontiguousarray(v) for k, v in records.items()}
             atoms = {k: np.ascontiguousarray(v) for k, v in atoms.items()}
-            for k, v in (*records.items(), *atoms.items()):  # running checksum of each column, in order
-                self._crc[k] = zlib.crc32(v.reshape(-1).view(np.uint8), self._crc.get(k, 0))
+            fold_column_crc32(self._crc, {**records, **atoms})  # each column's, in order
             self._output.append(records, atoms, n_atoms.astype(np.int64))
         finally:
             self._pool.release(buf)

@@ -99,6 +99,19 @@ class StateFile:
         f = _Fields(obj, where)
         return cls(f.str("path"), f.int("bytes"), f.int("crc32"))
 
+    @classmethod
+    def of(cls, path: str, data: bytes) -> "StateFile":
+        """The entry of a state file being written with ``data``."""
+        return cls(path, len(data), zlib.crc32(data))
+
+    def mismatch(self, data: bytes) -> str | None:
+        """What is wrong with ``data`` as this file's content, or ``None``."""
+        if len(data) != self.bytes:
+            return f"file is {len(data)} bytes, committed {self.bytes}"
+        if zlib.crc32(data) != self.crc32:
+            return f"crc32 mismatch over bytes [0, {len(data)})"
+        return None
+
     def to_json(self) -> dict:
         return {"path": self.path, "bytes": self.bytes, "crc32": self.crc32}
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +65,7 @@ import numpy as np
 import zarr
 
 from ..errors import DamageError
-from ..store.manifest import Manifest
+from ..store.manifest import Manifest, manifest_crc32
 from ..reader import (
     CONSOLIDATED_FORMAT,
     CONSOLIDATED_MARKER,
@@ -133,7 +132,7 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         remove_stale(out)
         data = (run_dir / layout.MANIFEST).read_bytes()  # one read: parse and fingerprint agree
         manifest = load_manifest(run_dir, data)
-        mcrc = zlib.crc32(data)
+        mcrc = manifest_crc32(data)
         old = read_consolidated_summary(out)
         if (old is not None and not force and old.get("options") == options
                 and old.get("format_version") == CONSOLIDATED_VERSION

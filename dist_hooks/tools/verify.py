@@ -21,7 +21,6 @@ Data past the committed lengths (left by a crash) are ignored: they are not prom
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -130,12 +129,8 @@ def _check_state(run_dir: Path, rank: CommitRecord) -> list[str]:
     rel = st.path
     if not path.is_file():
         return [f"{rel}: file missing (committed {st.bytes} bytes)"]
-    data = path.read_bytes()
-    if len(data) != st.bytes:
-        return [f"{rel}: file is {len(data)} bytes, committed {st.bytes}"]
-    if zlib.crc32(data) != st.crc32:
-        return [f"{rel}: crc32 mismatch over bytes [0, {len(data)})"]
-    return []
+    wrong = st.mismatch(path.read_bytes())
+    return [f"{rel}: {wrong}"] if wrong else []
 
 
 def _check_boundaries(run_dir: Path, m: Manifest) -> list[str]:
