@@ -5,7 +5,6 @@ deterministic per rank), reading the bytes back with plain zarr and numpy.
 """
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from consolidated_ref import in_merged_order
+from consolidated_ref import in_merged_order, manifest
 from mp.runner import REPO_ROOT, clean_env, mpiexec_path, run_command
 
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
@@ -45,9 +44,6 @@ def launch(kind: str, n: int, out: Path, extra=(), env=None, timeout=150, crash=
         cmd = [sys.executable, *args]
     return run_command(cmd, timeout=timeout, env=clean_env(env))
 
-
-def manifest(run: Path) -> dict:
-    return json.loads((run / "run.json").read_text())
 
 
 def group_arrays(run: Path, path: str, records: int | None = None) -> dict[str, np.ndarray]:
@@ -318,7 +314,7 @@ for step in range(37):               # never closed, never flushed: a ring and a
 def test_hooks_never_closed_are_flushed_at_exit(tmp_path):
     script = tmp_path / "atexit_case.py"
     script.write_text(ATEXIT)
-    res = run_command([sys.executable, str(script), str(tmp_path), str(REPO_ROOT / "tests")], timeout=60)
+    res = run_command([sys.executable, str(script), str(tmp_path), str(REPO_ROOT / "tests" / "support")], timeout=60)
     assert res.returncode == 0, res.stderr
     rows = (tmp_path / "log.rank-00000.csv").read_text().splitlines()
     assert len(rows) == 1 + 37 * 3

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from mp.runner import REPO_ROOT, clean_env, run_command
+from consolidated_ref import assert_merged_checksums
 from run_digest import tree_digest
-from test_run import assert_merged_checksums
 
 DATA = REPO_ROOT / "tests" / "data"
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")

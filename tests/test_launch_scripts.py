@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import zarr
 
+from consolidated_ref import manifest
 from mp.runner import REPO_ROOT, clean_env, mpi_available, run_command
 
 LAUNCH = REPO_ROOT / "launch"
@@ -43,9 +44,6 @@ DEMO = ["-m", "dist_hooks.demo", "--steps", str(STEPS), "--relax-steps", "90", "
 
 # ----------------------------------------------------------------------------- run directory checks
 
-
-def manifest(run: Path) -> dict:
-    return json.loads((run / "run.json").read_text())
 
 
 def read_group(data_root: Path, path: str, records: int | None = None) -> tuple[dict, dict]:

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle between its modules, no module over 600 lines.
+"""The package's shape: no import cycle between its modules, no module over 600 lines, and
+docs/architecture.md naming every module there is and none that is not.
 
 Imports inside functions count: a cycle dodged by importing late is still a cycle between two
 concepts. An edge goes to the module imported (``from .store import layout`` is an edge to
@@ -7,6 +8,7 @@ concepts. An edge goes to the module imported (``from .store import layout`` is 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dist_hooks"
@@ -93,3 +95,13 @@ def test_the_cycle_finder_finds_cycles():
 def test_no_module_over_600_lines():
     sizes = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_architecture_doc_names_every_module():
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    mods = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert sorted(m for m in mods if f"`{m}`" not in doc and f"`dist_hooks/{m}`" not in doc) == []
+    named = {m[len("dist_hooks/"):] if m.startswith("dist_hooks/") else m
+             for m in re.findall(r"`((?:dist_hooks/)?[a-z_/]+\.py)`", doc)}
+    assert sorted(n for n in named if not n.startswith(("test_", "tests/"))
+                  and not (PACKAGE / n).is_file()) == []

@@ -5,7 +5,6 @@ it, by ``benchmarks/bench_consolidate.py``), so this file needs no launcher and 
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -16,30 +15,23 @@ import pyarrow as pa
 import pytest
 import zarr
 
-from consolidated_ref import assert_bit_identical, group, reference, trajectory
+from consolidated_ref import assert_bit_identical, group, manifest, reference, trajectory
 from dist_hooks.reader import RunError, open_run
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import CsvLog
 from dist_hooks.store.zarr_sink import ZarrSink
 from dist_hooks.tools.consolidate import consolidate
 
-REPO = Path(__file__).resolve().parents[1]
 #: Positions of the uncommitted record that _append_uncommitted writes.
 UNCOMMITTED = 12345.0
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_consolidate",
-                                                  REPO / "benchmarks" / "bench_consolidate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
+def base_run(tmp_path_factory, bench_consolidate) -> Path:
     path = tmp_path_factory.mktemp("reader") / "run"
-    _bench().make_synthetic_run(path, ranks=3, steps=12, systems=6, chunk_records=16,
+    bench_consolidate.make_synthetic_run(path, ranks=3, steps=12, systems=6, chunk_records=16,
                                 chunk_atoms=128, chunks_per_shard=2, steps_per_append=3)
     return path
 
@@ -51,14 +43,11 @@ def run(base_run, tmp_path) -> Path:
     return p
 
 
-def _manifest(run: Path) -> dict:
-    return json.loads((run / "run.json").read_text())
-
 
 def _csv_reference(run: Path) -> dict[str, np.ndarray]:
     import pyarrow.csv as pacsv
     tables = []
-    for rk in _manifest(run)["last"]["ranks"]:
+    for rk in manifest(run)["last"]["ranks"]:
         info = rk["hooks"]["log"]
         tables.append(pacsv.read_csv(io.BytesIO((run / info["path"]).read_bytes()[: info["bytes"]])))
     t = pa.concat_tables(tables, promote_options="permissive")
@@ -79,7 +68,7 @@ def _append_uncommitted(run: Path) -> None:
     w = ZarrSink(run / "data.zarr", chunk_records=16, chunk_atoms=128, chunks_per_shard=2).writer(0, "snapshots")
     g = zarr.open_group(str(run / "data.zarr/ranks/rank-00000/snapshots"), mode="r",
                         use_consolidated=False)
-    n = _manifest(run)["last"]["ranks"][0]["hooks"]["snapshots"]["records"]
+    n = manifest(run)["last"]["ranks"][0]["hooks"]["snapshots"]["records"]
     ptr = g["atoms_ptr"][:]
     levels = dict(g.attrs["level"])
     recs = {k: np.asarray(g[k][n - 1: n]) for k, lvl in levels.items() if lvl == "record"}
@@ -91,7 +80,7 @@ def _append_uncommitted(run: Path) -> None:
 
 
 def test_open_unconsolidated(run):
-    m = _manifest(run)
+    m = manifest(run)
     r = open_run(run)
     assert r.manifest.world_size == 3 and r.ranks == [0, 1, 2]
     assert r.consolidated is None
@@ -129,7 +118,7 @@ def test_uncommitted_data_are_ignored(run):
         snap = zarr.open_group(str(run / "consolidated/data.zarr/hooks/snapshots"), mode="r")
         assert snap["step"][:].max() < 999
         assert snap["step"].shape[0] == sum(
-            rk["hooks"]["snapshots"]["records"] for rk in _manifest(run)["last"]["ranks"])
+            rk["hooks"]["snapshots"]["records"] for rk in manifest(run)["last"]["ranks"])
         # not even as unreferenced bytes: the whole array, padding between segments included
         assert not np.any(snap["positions"][:] == UNCOMMITTED)
         assert_bit_identical(trajectory(run / "consolidated/data.zarr/hooks/snapshots"),
@@ -232,7 +221,7 @@ def test_no_checksums_gives_the_same_bytes_and_still_checks_structure(run, tmp_p
 
 def _strip_file_checksums(run: Path) -> None:
     """What a run recorded before commit records carried shard-file checksums looks like."""
-    m = _manifest(run)
+    m = manifest(run)
     for entry in [m["last"]] + [json.loads((run / b["file"]).read_text()) for b in m["boundaries"]]:
         for rk in entry["ranks"]:
             for info in rk["hooks"].values():
@@ -274,7 +263,7 @@ def test_runs_without_file_checksums_are_checked_row_by_row(run, tmp_path):
 def test_stale_or_partial_consolidation_is_not_used(run):
     consolidate(run, progress=False)
     assert open_run(run).consolidated is not None
-    m = _manifest(run)
+    m = manifest(run)
     m["settings"]["touched"] = True  # a new manifest: the consolidated output is stale now
     (run / "run.json").write_text(json.dumps(m))
     assert open_run(run).consolidated is None
@@ -294,11 +283,11 @@ def test_not_a_run(tmp_path):
         open_run(tmp_path)
 
 
-def test_unsharded_run(tmp_path):
+def test_unsharded_run(tmp_path, bench_consolidate):
     """Ranks that wrote unsharded arrays: the output's record groups are then written through
     zarr (GroupWriter), not by the raw writer, and hold the same records."""
     run = tmp_path / "run"
-    _bench().make_synthetic_run(run, ranks=2, steps=10, systems=5, chunk_records=64,
+    bench_consolidate.make_synthetic_run(run, ranks=2, steps=10, systems=5, chunk_records=64,
                                 chunk_atoms=128, chunks_per_shard=0, steps_per_append=3)
     meta = json.loads((run / "data.zarr/ranks/rank-00000/snapshots/step/zarr.json").read_text())
     assert meta["codecs"][0]["name"] != "sharding_indexed"

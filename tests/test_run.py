@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import zlib
 
 import numpy as np
 import torch
 import zarr
 
 from batches import Ctx, make_batch, perturb
+from consolidated_ref import assert_merged_checksums
 from dist_hooks import Run, Stage
 
 OPTIONS = dict(chunk_records=4, chunk_atoms=16, chunks_per_shard=2, compressor="none",
@@ -57,15 +57,3 @@ def test_sink_options_reach_the_merged_group(tmp_path):
     np.testing.assert_array_equal(merged["positions"][:], conv["positions"][:])
     assert_merged_checksums(root)
 
-
-def assert_merged_checksums(root) -> None:
-    """run.json's crc32 of every field of data.zarr/converged matches the bytes zarr reads."""
-    m = json.loads((root / "run.json").read_text())["last"]["merged"]
-    g = zarr.open_group(str(root / "data.zarr"), path="converged", mode="r", use_consolidated=False)
-    ptr = g["atoms_ptr"][:]
-    levels = dict(g.attrs["level"])
-    want = {}
-    for name, level in levels.items():
-        rows = m["records"] if level == "record" else int(ptr[m["records"]])
-        want[name] = zlib.crc32(np.ascontiguousarray(g[name][:rows]).tobytes())
-    assert m["crc32"] == want and len(want) > 5

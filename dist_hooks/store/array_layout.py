@@ -107,7 +107,7 @@ class ArraySpec:
 
     def document(self, rows: int) -> dict[str, Any]:
         """The ``zarr.json`` of this layout with ``rows`` rows: what zarr writes for
-        :meth:`zarr_arguments` (``tests/test_raw_writer.py`` compares the bytes). Sharded
+        :meth:`zarr_arguments` (``tests/store/test_raw_group_writer.py`` compares the bytes). Sharded
         arrays with zstd only: the others are written through zarr."""
         if self.chunks_per_shard < 1 or not self.compressors or not all(
                 isinstance(c, ZstdCodec) for c in self.compressors):

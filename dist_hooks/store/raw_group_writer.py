@@ -4,7 +4,7 @@ and the consolidated metadata of a finished hierarchy.
 Why: ``dist-hooks consolidate`` writes every output group once and never changes it; zarr's
 write path cost a third of its Python time (see :mod:`.shard_files`, which writes the arrays).
 :class:`RawGroupWriter` gives the arrays, attributes and files a
-:class:`~.group_writer.GroupWriter` with sharding and zstd gives (``tests/test_raw_writer.py``).
+:class:`~.group_writer.GroupWriter` with sharding and zstd gives (``tests/store/test_raw_group_writer.py``).
 """
 from __future__ import annotations
 

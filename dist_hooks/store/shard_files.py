@@ -28,7 +28,7 @@ of consolidate's Python time on the benchmark (measured on 2 cores), for arrays 
 Here a shard is staged, its chunks compressed (numcodecs' zstd, which releases the GIL:
 measured, two threads compress twice the data in the same time), its index built and the file
 written in one piece; ``zarr.json`` (:meth:`~.array_layout.ArraySpec.document`) last, with the
-final shape. ``tests/test_raw_writer.py`` compares the files with zarr's for the same appends:
+final shape. ``tests/store/test_raw_group_writer.py`` compares the files with zarr's for the same appends:
 the metadata and every shard file are byte-identical, except that zarr leaves out a chunk whose
 values all equal the fill value, where this writer keeps it (so a chunk of ``-0.0`` reads back
 as written; zarr's reads back as ``0.0``). Chunks past the last row are left out (empty in the

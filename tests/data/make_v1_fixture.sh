@@ -22,7 +22,7 @@ cp -a run killed; cp -a run resumed
 "$py" -m dist_hooks.cli consolidate resumed --progress never
 "$py" - "$here" >&3 <<'PY'
 import json, sys
-sys.path.insert(0, sys.argv[1] + "/..")
+sys.path.insert(0, sys.argv[1] + "/../support")
 from run_digest import tree_digest
 report = json.load(open("verify.json"))
 print(json.dumps({"verify": {"ok": report["ok"], "checked": report["checked"]},

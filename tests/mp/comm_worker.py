@@ -1,4 +1,4 @@
-"""One rank of a communicator test job (run by tests/test_comm.py under torchrun / mpiexec).
+"""One rank of a communicator test job (run by tests/comm/test_comm.py under torchrun / mpiexec).
 
 Usage: comm_worker.py OUT_DIR MODE [--kind auto] [--timeout S] [--early-rank R] [--op OP]
 

@@ -1,4 +1,4 @@
-"""Independent references for consolidated outputs, shared by test_cli.py and test_reader.py.
+"""Independent references for what a run and its consolidated output hold, shared by the tests.
 
 Built with plain zarr, numpy and Python's sort only (no dist_hooks code), record by record, so
 that they do not share a bug with the consolidate they check.
@@ -6,6 +6,7 @@ that they do not share a bug with the consolidate they check.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,16 @@ def assert_bit_identical(got: dict, want: dict, what: str) -> None:
         x, y = np.ascontiguousarray(got[k]), np.ascontiguousarray(want[k])
         assert x.dtype == y.dtype and x.shape == y.shape, (what, k, x.dtype, y.dtype, x.shape, y.shape)
         assert x.tobytes() == y.tobytes(), (what, k)
+
+
+def assert_merged_checksums(root) -> None:
+    """run.json's crc32 of every field of data.zarr/converged matches the bytes zarr reads."""
+    m = json.loads((root / "run.json").read_text())["last"]["merged"]
+    g = zarr.open_group(str(root / "data.zarr"), path="converged", mode="r", use_consolidated=False)
+    ptr = g["atoms_ptr"][:]
+    levels = dict(g.attrs["level"])
+    want = {}
+    for name, level in levels.items():
+        rows = m["records"] if level == "record" else int(ptr[m["records"]])
+        want[name] = zlib.crc32(np.ascontiguousarray(g[name][:rows]).tobytes())
+    assert m["crc32"] == want and len(want) > 5

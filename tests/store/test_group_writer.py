@@ -31,7 +31,7 @@ from dist_hooks.store import atomic_store as atomic_store_mod
 from store_helpers import list_shards, pending_sync
 
 GROUP = layout.hook_group(0, "snap")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers

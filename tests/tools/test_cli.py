@@ -11,7 +11,6 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -26,7 +25,7 @@ import pytest
 
 from mp.runner import REPO_ROOT, clean_env, mpi_available, mpiexec_path, run_command
 
-from consolidated_ref import assert_bit_identical, group, reference, trajectory
+from consolidated_ref import assert_bit_identical, group, manifest, reference, trajectory
 from dist_hooks.cli import EXIT_MEANINGS, build_parser, main
 from dist_hooks.reader import open_run
 from dist_hooks.tools import Progress
@@ -39,12 +38,6 @@ DEMO = ["--steps", "60", "--relax-steps", "40", "--systems-per-rank", "5", "--mi
         "--timeout", "90", "--quiet"]
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location(
-        "bench_consolidate", REPO_ROOT / "benchmarks" / "bench_consolidate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _launch(n: int, out: Path, extra=()):
@@ -86,10 +79,6 @@ def cli(*args: str) -> tuple[int, str, str]:
 
 
 # ------------------------------------------------------------------ independent reference
-def manifest(run: Path) -> dict:
-    return json.loads((run / "run.json").read_text())
-
-
 def csv_reference(run: Path, hook: str = "log", roots: dict[int, Path] | None = None):
     import pandas as pd
     parts = []
@@ -517,10 +506,10 @@ def test_progress_bar_only_on_a_terminal():
             assert "50.0%" in s.getvalue()
 
 
-def test_memory_stays_bounded(tmp_path):
+def test_memory_stays_bounded(tmp_path, bench_consolidate):
     """Peak traced memory of a consolidate of a run 16x larger (and ~100 chunks long) grows far
     less than the data."""
-    bench = _bench_module()
+    bench = bench_consolidate
     small, large = tmp_path / "small", tmp_path / "large"
     kw = dict(ranks=2, systems=32, min_atoms=8, max_atoms=32, chunk_records=256,
               chunk_atoms=4096, chunks_per_shard=4)

@@ -25,7 +25,7 @@ except ImportError:  # tests/ became a package
     from tests.mp.runner import mpi_available, run_mpiexec, run_plain_env, run_torchrun, \
         torchrun_available
 
-WORKER = Path(__file__).parent / "mp" / "comm_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "mp" / "comm_worker.py"
 JOB_TIMEOUT = 120.0
 needs_mpi = pytest.mark.skipif(not mpi_available(), reason="mpi4py or mpiexec missing")
 needs_torch = pytest.mark.skipif(not torchrun_available(), reason="torch.distributed missing")
