@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
+import zarr
 
 from .records import CsrBlock, merge_blocks
 from .store import layout
@@ -188,7 +189,6 @@ class Coordinator:
         return group_block(reader, start, stop)
 
     def _consolidate_metadata(self) -> None:
-        import zarr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import __version__
 from .comm import Communicator, get_communicator
 from .coordinator import BoundaryMessage, Coordinator, group_block
 from .errors import DamageError, ResumeError
@@ -44,6 +45,7 @@ from .store.group_reader import GroupReader
 from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
     Manifest, StateFile
 from .store.storage import LocalRunStorage, RunStorage
+from .store.zarr_sink import ZarrSink
 
 log = logging.getLogger("dist_hooks")
 
@@ -166,10 +168,9 @@ class Run:
 
     # -- hooks placed in this run ------------------------------------------------------------------
     @property
-    def sink(self):
+    def sink(self) -> ZarrSink:
         """The ``ZarrSink`` of this rank's ``data.zarr`` (created on first use)."""
         if self._sink is None:
-            from .store import ZarrSink
             self._sink = ZarrSink(self.rank_root / layout.DATA_DIR, **self._sink_options)
         return self._sink
 
@@ -361,7 +362,6 @@ class Run:
 
     # -- manifest and resume ---------------------------------------------------------------------
     def _new_manifest(self) -> Manifest:
-        from . import __version__
         return Manifest(self.world_size, self.launch.launcher, self.storage, self.launch.job_id,
                         self.checkpoint_every, self.settings, dist_hooks_version=__version__,
                         created=time.time())

@@ -31,13 +31,8 @@ from ..errors import CommTimeoutError
 from .base import DEFAULT_TIMEOUT, Communicator
 from .factory import get_communicator
 from .mpi import MPICommunicator
-from .rendezvous import first_slurm_node, rendezvous_url
 from .single import SingleCommunicator
 from .torch_store import TorchCommunicator
-
-# The names tests import from when all of this was one module, comm.py.
-_first_slurm_node = first_slurm_node
-_rendezvous = rendezvous_url
 
 __all__ = [
     "DEFAULT_TIMEOUT",

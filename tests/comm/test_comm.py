@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_hooks.comm import (CommTimeoutError, Communicator, SingleCommunicator, _first_slurm_node,
-                             _rendezvous, get_communicator)
+from dist_hooks.comm import CommTimeoutError, Communicator, SingleCommunicator, get_communicator
+from dist_hooks.comm.rendezvous import first_slurm_node, rendezvous_url
 from dist_hooks.launch import detect_launch
 
 try:
@@ -219,17 +219,17 @@ def test_timeout_error_carries_ranks_across_pickle():
     ("a1,b2", "a1"),
     ("rack[1-2]-n[05-06]", "rack1-n05"),
 ])
-def test_first_slurm_node(nodelist, first):
-    assert _first_slurm_node(nodelist) == first
+def testfirst_slurm_node(nodelist, first):
+    assert first_slurm_node(nodelist) == first
 
 
 def test_slurm_rendezvous_address():
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
            "SLURM_STEP_ID": "2", "SLURM_JOB_ID": "1000", "SLURM_TASKS_PER_NODE": "2(x2)",
            "SLURM_STEP_NODELIST": "gpu[07-08]"}
-    url, _ = _rendezvous(detect_launch(env), env)
+    url, _ = rendezvous_url(detect_launch(env), env)
     assert url == f"tcp://gpu07:{20000 + (1000 * 131 + 2) % 20000}"
-    assert _rendezvous(detect_launch(env), {**env, "MASTER_ADDR": "h", "MASTER_PORT": "1"})[0] \
+    assert rendezvous_url(detect_launch(env), {**env, "MASTER_ADDR": "h", "MASTER_PORT": "1"})[0] \
         == "env://"
 
 
