@@ -99,7 +99,9 @@ class ShardDamage(DamageError):
 
 
 class ResumeError(RunError, RuntimeError):
-    """The run directory cannot be continued as asked (other world size, damaged manifest)."""
+    """The run directory cannot be continued as asked: another world size, ``resume="never"``
+    on an existing run, ``resume="always"`` on a new one. (Damaged committed data, the manifest
+    or a saved state included, raise :class:`DamageError`.)"""
 
 
 class LockHeldError(RunError):

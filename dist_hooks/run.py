@@ -373,7 +373,7 @@ class Run:
         try:
             return Manifest.parse(data, str(self.path / layout.MANIFEST))
         except DamageError as exc:
-            raise ResumeError(f"{exc}; it is written atomically, so it was damaged after the "
+            raise DamageError(f"{exc}; it is written atomically, so it was damaged after the "
                               "fact") from exc
 
     def _prepare_resume(self, manifest: Manifest) -> None:
@@ -397,7 +397,7 @@ class Run:
         where = self.rank_files.path(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
         data = self.rank_files.read(state.path)
         if data is None or state.mismatch(data) is not None:
-            raise ResumeError(f"{where}: saved simulation state does not match its checksum in "
+            raise DamageError(f"{where}: saved simulation state does not match its checksum in "
                               "run.json")
         return torch.load(io.BytesIO(data), weights_only=False)["state"]
 
