@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = _add_command(
         sub, "consolidate",
-        help="merge all ranks' shards and CSVs of RUN into one readable output",
+        help="merge all ranks' groups and CSVs of RUN into one readable output",
         description="Merge every rank's committed records into one Zarr group per snapshot "
                     "hook and one converged group (ordered by step, rank, sample id), and "
                     "every rank's CSV log into one CSV (+ Parquet). Streams with bounded "

@@ -5,7 +5,7 @@ node, node index, a job identifier and how many times the job was restarted) and
 different environment variables depending on the launcher.  This module reads them in one place,
 validates them, and turns contradictory or partial settings into a :class:`LaunchError` that names
 the offending variables, because a silently wrong rank is the worst failure a recorder can have:
-two processes that both believe they are rank 0 overwrite each other's shards.
+two processes that both believe they are rank 0 overwrite each other's files.
 
 Supported launchers and their variables:
 

@@ -380,7 +380,7 @@ class Run:
         if manifest.world_size != self.world_size:
             raise ResumeError(
                 f"{self.path} was recorded with world size {manifest.world_size}, this job has "
-                f"{self.world_size}: each rank continues its own shards and simulation state, so a "
+                f"{self.world_size}: each rank continues its own files and simulation state, so a "
                 "resume needs the same world size")
         self._boundary_index = len(manifest.boundaries)
         mine = manifest.last.rank(self.rank) if manifest.last is not None else None

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..reader import RunError, open_run
-from . import MissingDependencyError
+from ..errors import MissingDependencyError
 
 __all__ = ["plot", "step_quantiles"]
 

@@ -28,7 +28,7 @@ from mp.runner import REPO_ROOT, clean_env, mpi_available, mpiexec_path, run_com
 from consolidated_ref import assert_bit_identical, group, manifest, reference, trajectory
 from dist_hooks.cli import EXIT_MEANINGS, build_parser, main
 from dist_hooks.reader import open_run
-from dist_hooks.tools import Progress
+from dist_hooks.tools.progress import Progress
 
 ENTRY = str(REPO_ROOT / "tests" / "mp" / "demo_entry.py")
 #: dist-hooks with consolidate SIGKILLed after N pieces of output (its test seam)
