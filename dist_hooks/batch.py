@@ -145,7 +145,8 @@ class BatchView:
         t = self.system_fields.get(name)
         if t is None:
             return None
-        return t.reshape(self.num_systems, -1)[:, 0] if t.dim() > 1 else t
+        # flatten, not reshape(B, -1): an empty batch (B == 0) has no -1 to infer
+        return t.flatten(1)[:, 0] if t.dim() > 1 else t
 
     def sample_ids(self) -> torch.Tensor:
         sid = self.system_scalar("system_id")

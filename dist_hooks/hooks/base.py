@@ -18,6 +18,7 @@ import torch
 
 from ..batch import BatchView
 from ..launch import detect_launch
+from ..store.layout import RESERVED_NAMES
 from ..stages import Stage, as_stage, stage_matches
 from ..writer_runtime import Channel, Streams, register_for_exit
 
@@ -31,6 +32,32 @@ def resolve_rank(explicit: int | None) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return detect_launch().rank
+
+
+def field_name_problem(name: str) -> str | None:
+    """Why a batch field cannot be recorded under ``name`` in a record group, or None.
+
+    A field becomes a Zarr array: its name is one path component of the group's directory (no
+    ``/``, ``\\``, NUL, not empty, ``.`` or ``..``), not hidden (``.name`` is also how the store
+    names its temporaries), not ``zarr.json`` (the group's own metadata file) and not ``__name``
+    (Zarr v3 reserves those); and it must not be one of the format's own columns.
+    """
+    if name in RESERVED_NAMES:
+        return f"is the name of the format's own {name!r} column"
+    if (not name or name in (".", "..") or name.startswith((".", "__")) or name == "zarr.json"
+            or any(c in name for c in "/\\\0")):
+        return "cannot be a Zarr array name (one path component, not hidden, not '__'-prefixed)"
+    return None
+
+
+def column_name_problem(name: str) -> str | None:
+    """Why a custom scalar cannot be a CSV column named ``name``, or None: a format column's
+    name, or characters that the header line cannot hold unambiguously."""
+    if name in RESERVED_NAMES:
+        return f"is the name of the format's own {name!r} column"
+    if not name or any(c in name for c in ',"\r\n\0'):
+        return "cannot be a CSV column name (empty, or holds a comma, quote, line break or NUL)"
+    return None
 
 
 class _Output(Protocol):
@@ -69,6 +96,7 @@ class RecordingHook:
         self._streams: Streams | None = None
         self._output: _Output | None = None
         self._closed = False
+        self._final: dict = {}  # what close() made durable: what sync() returns after it
         self._warned: set[str] = set()
         self._layout: tuple | None = None  # field names of the last batch seen (BatchView.layout)
         # the committed entry this hook resumes from (see bind); None: a new run
@@ -118,9 +146,20 @@ class RecordingHook:
         register_for_exit(self)
 
     def _view(self, batch: Any) -> BatchView:
+        """The view of this firing's batch; a new layout (names found) is checked once, here.
+        An empty batch (every system retired) is neither checked nor remembered: its discovery
+        cannot place the fields whose level only their leading dimension tells, and the caller
+        records nothing for it."""
         view = BatchView.of(batch, self._layout)
-        self._layout = view.layout
+        if view.num_systems == 0:
+            return view
+        if view.layout != self._layout:
+            self._check_view(view)
+            self._layout = view.layout
         return view
+
+    def _check_view(self, view: BatchView) -> None:
+        """Refuse, naming the field, a batch this hook cannot record (at a layout change only)."""
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -128,8 +167,9 @@ class RecordingHook:
             log.warning("%s: %s", self.name, msg)
 
     def flush(self) -> None:
-        """Push everything recorded so far to the writer and wait until it is written."""
-        if self._channel is None:
+        """Push everything recorded so far to the writer and wait until it is written.
+        Before the first firing and after ``close()`` there is nothing to push: a no-op."""
+        if self._channel is None or self._closed:
             return
         self._flush_device()
         self._channel.drain()
@@ -137,7 +177,11 @@ class RecordingHook:
         self._channel.drain()
 
     def sync(self) -> dict:
-        """Flush, make the files durable (fsync), and return this hook's committed lengths."""
+        """Flush, make the files durable (fsync), and return this hook's committed lengths.
+        After ``close()`` (an engine closes its hooks before the run's final boundary): what the
+        close made durable, without touching the closed files."""
+        if self._closed:
+            return dict(self._final)
         if self._channel is None:
             return {}
         self.flush()
@@ -147,10 +191,13 @@ class RecordingHook:
         return out
 
     def close(self) -> None:
+        """Flush, make the files durable, close them. Idempotent; ``flush``/``sync`` after it are
+        no-ops (``sync`` returns the lengths made durable here), in any order."""
         if self._closed:
             return
         try:
-            self.flush()
+            if self._channel is not None:
+                self._final = self.sync()
         finally:
             self._closed = True
             if self._channel is not None:

@@ -13,12 +13,16 @@ from ..batch import BatchView
 from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
-from .base import RecordingHook
+from .base import RecordingHook, column_name_problem
 from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
                         csv_rank_path, is_csv_file_path)
 
 KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
 DEFAULT_SCALARS = FLOAT_COLUMNS
+#: the atom fields each default scalar reduces; they must be floating point (checked per layout)
+REDUCED_FIELDS = {"fmax": ("forces",), "temperature": ("velocities", "atomic_masses")}
+#: reduced in float32 instead of their own dtype (a row sum of squares in bfloat16 keeps ~3 digits)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class LoggingHook(RecordingHook):
@@ -57,6 +61,10 @@ class LoggingHook(RecordingHook):
         self.writer_fn = writer_fn
         self.columnar = columnar
         self.custom_scalars = dict(custom_scalars or {})
+        for key in self.custom_scalars:
+            problem = column_name_problem(key) if isinstance(key, str) else "is not a string"
+            if problem is not None:
+                raise ValueError(f"{name}: custom scalar {key!r} {problem}; give it another name")
         self.ring_size = int(ring_size)
         self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
         if backend in ("csv", "tensorboard"):
@@ -97,12 +105,24 @@ class LoggingHook(RecordingHook):
         if self._resume_point is not None:  # a resumed run: cut back to what the last boundary committed
             self._output.resume(self._resume_point)
 
+    def _check_view(self, view: BatchView) -> None:
+        for scalar, fields in REDUCED_FIELDS.items():
+            if scalar in self.custom_scalars:
+                continue
+            for f in fields:
+                t = view.atom_fields.get(f)
+                if t is not None and not t.dtype.is_floating_point:
+                    raise ValueError(f"{self.name}: batch field {f!r} is {t.dtype}; {scalar} needs a floating-"
+                                     f"point {f!r} (or a custom scalar named {scalar!r} instead)")
+
     def __call__(self, ctx: Any, stage: Any = None) -> None:
         if not self._should_fire(ctx, stage):
             return
         if self._channel is not None:
             self._channel.check()
         view = self._view(ctx.batch)
+        if view.num_systems == 0:
+            return  # every system retired: no rows for this firing
         if self._names is None:
             self._start(view)
         elif tuple(self.custom_scalars) != self._custom_keys:
@@ -117,14 +137,16 @@ class LoggingHook(RecordingHook):
             self._ring = self._streams.protect(torch.empty(self.ring_size, 2 + len(self._names), B,
                                                            dtype=torch.float64, device=view.device))
         slot = self._ring[len(self._steps)]
-        with self._streams.reading():
-            self._reduce(view, ctx, slot)
+        grad = torch.is_grad_enabled()
+        with self._streams.reading(), torch.no_grad():  # never extend a caller's autograd graph
+            self._reduce(view, ctx, slot, grad)
         self._steps.append(int(getattr(ctx, "step_count", 0)))
         if len(self._steps) == self.ring_size:
             self._flush_device()
 
-    def _reduce(self, view: BatchView, ctx: Any, out: torch.Tensor) -> None:
-        """Write one firing's per-system values into ``out`` (C, B) on the current stream."""
+    def _reduce(self, view: BatchView, ctx: Any, out: torch.Tensor, grad: bool) -> None:
+        """Write one firing's per-system values into ``out`` (C, B) on the current stream, under
+        ``no_grad``; custom scalars run in the caller's grad mode ``grad``, their results copied."""
         B = view.num_systems
         seg = None
         out[0].copy_(view.sample_ids())
@@ -135,7 +157,9 @@ class LoggingHook(RecordingHook):
             row += 1
             fn = self.custom_scalars.get(name)
             if fn is not None:
-                _fill(dst, fn(ctx.batch, getattr(ctx, "workflow", None)), name, B)
+                with torch.set_grad_enabled(grad):
+                    value = fn(ctx.batch, getattr(ctx, "workflow", None))
+                _fill(dst, value, name, B)
             elif name in self._missing:
                 dst.fill_(float("nan"))
             elif name == "energy":
@@ -143,6 +167,7 @@ class LoggingHook(RecordingHook):
             elif name == "fmax":
                 # max of squared norms, square root of the B maxima only; (F*F) @ 1 is a fast row sum
                 f = view.atom_fields["forces"]
+                f = f.float() if f.dtype in _HALF else f
                 seg = view.atom_to_system() if seg is None else seg
                 f2 = (f * f) @ self._ones3(f)
                 m2 = torch.zeros(B, dtype=f2.dtype, device=f2.device)
@@ -150,6 +175,7 @@ class LoggingHook(RecordingHook):
                 dst.copy_(m2).sqrt_()
             elif name == "temperature":
                 v = view.atom_fields["velocities"]
+                v = v.float() if v.dtype in _HALF else v
                 m = view.atom_fields["atomic_masses"].reshape(-1)
                 mv2 = ((v * v) @ self._ones3(v)).mul_(m)
                 seg = view.atom_to_system() if seg is None else seg

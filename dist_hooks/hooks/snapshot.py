@@ -14,7 +14,7 @@ from ..store import GroupReader
 from ..store.checksums import fold_column_crc32
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
-from .base import RecordingHook
+from .base import RecordingHook, field_name_problem
 
 
 class _RootedStore(Protocol):
@@ -81,6 +81,18 @@ class SnapshotHook(RecordingHook):
             self._output.truncate(int(rp.get("records", 0)), int(rp.get("atoms", 0)))
             self._crc = dict(rp.get("crc32", {}))
 
+    def _check_view(self, view: BatchView) -> None:
+        if self._schema is not None:
+            return  # recorded fields are fixed by the first firing, checked then; _check_schema after
+        for lvl, name, t in self._fields(view):
+            problem = field_name_problem(name)
+            if problem is None and packing.recorded_dtype(t.dtype) is None:
+                problem = f"has dtype {t.dtype}, which numpy and Zarr cannot store"
+            if problem is not None:
+                hint = " (a batch's system_id becomes the sample_id column)" if name == "sample_id" else ""
+                raise ValueError(f"{self.name}: batch field {name!r} ({lvl} level) {problem}{hint}; rename "
+                                 f"it, or leave it out with exclude=({name!r},)")
+
     def _fields(self, view: BatchView):
         for name, t in view.atom_fields.items():
             if name not in self.exclude:
@@ -115,6 +127,8 @@ class SnapshotHook(RecordingHook):
             if mask is None:
                 return
         view = self._view(ctx.batch)
+        if view.num_systems == 0:
+            return  # every system retired: no records for this firing
         if self._schema is None:
             self._start(view)
         fields = self._check_schema(view)
@@ -125,14 +139,18 @@ class SnapshotHook(RecordingHook):
         tensors.update(fields)
         slots, nbytes = packing.plan(tensors)
         buf = self._pool.acquire(nbytes, self._channel.check)
+        # no_grad: a field that requires grad is copied, not added to the caller's autograd graph
         if self._streams.cuda:
-            with self._streams.reading():  # stage on the device; the compute stream waits only for this
-                tensors = {k: t.detach().clone() for k, t in tensors.items()}
+            with self._streams.reading(), torch.no_grad():
+                # stage on the device (in the recorded dtype: the same one copy); the compute
+                # stream waits only for this
+                tensors = {s.name: tensors[s.name].to(s.dtype, copy=True) for s in slots}
             with self._streams.copying():
                 packing.copy_into(buf, slots, tensors)
                 event = self._streams.event()
         else:
-            packing.copy_into(buf, slots, tensors)
+            with torch.no_grad():
+                packing.copy_into(buf, slots, tensors)  # copy_ converts to the recorded dtype
             tensors, event = None, None
         # ``tensors`` (the staged clones) stay referenced by the job until the copy's event completed
         self._channel.submit(lambda: self._write(buf, slots, step, tensors), event)

@@ -31,6 +31,14 @@ ATOMS_PTR = "atoms_ptr"
 ATOMS_START = "atoms_start"
 N_ATOMS = "n_atoms"
 INDEXED = "indexed"
+#: The key columns the snapshot hooks write into every record of a record group themselves.
+RECORD_KEYS = ("step", "sample_id", "graph_idx", "status")
+#: The record column the merged group and the consolidated output add: the rank that wrote it.
+RANK_COLUMN = "rank"
+#: Names the format gives its own columns (the record keys, ``rank``, the CSR and indexed layout
+#: arrays; the CSV's integer columns are among them): no recorded batch field and no custom scalar
+#: may take one, since it would overwrite or shadow that column (docs/format.md).
+RESERVED_NAMES = frozenset(RECORD_KEYS + (RANK_COLUMN, ATOMS_PTR, ATOMS_START, N_ATOMS))
 
 RANK_PREFIX = "rank-"
 

@@ -72,3 +72,30 @@ def perturb(b: Batch, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for t in (b.positions, b.velocities, b.forces, b.energy):
         t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device))
+
+
+def make_empty_batch(**kw) -> Batch:
+    """A batch whose systems all retired: 0 systems, 0 atoms (``system_id`` of shape (0, 1))."""
+    return make_batch([], **kw)
+
+
+def with_dtype(b: Batch, dtype: torch.dtype, fields=("positions", "velocities", "forces", "energy")) -> Batch:
+    """A copy of ``b`` with ``fields`` cast to ``dtype`` (e.g. bfloat16, as a mixed-precision model
+    hands them over); the reference values are then those of the cast tensors."""
+    out = Batch(**{k: v.clone() for k, v in vars(b).items()})
+    for f in fields:
+        setattr(out, f, getattr(b, f).to(dtype))
+    return out
+
+
+def with_grad(b: Batch) -> Batch:
+    """A copy of ``b`` whose energy and forces come straight from an autograd model: energy a
+    function of positions (a leaf that requires grad), forces its negative gradient kept in the
+    graph (``create_graph``), so all three require grad."""
+    out = Batch(**{k: v.clone() for k, v in vars(b).items()})
+    pos = out.positions.clone().requires_grad_(True)
+    e_atom = (pos * pos).sum(1) * 0.5
+    energy = torch.zeros(out.num_graphs, dtype=pos.dtype).index_add(0, out.batch_idx, e_atom)
+    forces = -torch.autograd.grad(energy.sum(), pos, create_graph=True)[0]
+    out.positions, out.energy, out.forces = pos, energy.reshape(-1, 1), forces
+    return out
