@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from dist_hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, ZarrSink
 from dist_hooks.stages import Stage
 from dist_hooks.store import GroupReader, layout
 
-from batches import Ctx, make_batch, perturb
+from batches import Ctx, make_batch, make_empty_batch, perturb, with_dtype, with_grad
 from test_logging_hook import compare, read_csv, reference_rows
+from test_refusals import assert_group_equals, snapshot_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,3 +66,28 @@ def test_converged_on_cuda_written_once(tmp_path):
     hook.close()
     rd = GroupReader(tmp_path / "d.zarr", layout.hook_group(0, "converged"))
     assert rd.column("sample_id").tolist() == [0, 1] and rd.column("step").tolist() == [1, 3]
+
+
+def test_bfloat16_grad_and_empty_batches_on_cuda(tmp_path, device="cuda"):
+    """The CUDA path stages each field in its recorded dtype (bfloat16 -> float32) under no_grad:
+    the same bytes as the CPU path, and empty firings record nothing."""
+    sink = ZarrSink(tmp_path / "d.zarr", chunk_records=4, chunk_atoms=16)
+    snap = SnapshotHook(sink, rank=0)
+    log = LoggingHook(log_path=tmp_path / "log.csv", ring_size=3, rank=0)
+    recorded, rows = [], []
+    for step in range(8):
+        if step % 3 == 1:
+            b = make_empty_batch()
+        else:
+            b = make_batch([3, 1, 5], seed=step, first_id=10 * step)
+            b = with_dtype(with_grad(b), torch.bfloat16, ("positions", "velocities"))
+            recorded.append((step, b))
+            rows += reference_rows(b, step, 0)
+        snap(Ctx(b.to(device), step_count=step), Stage.AFTER_STEP)
+        log(Ctx(b.to(device), step_count=step), Stage.AFTER_STEP)
+    snap.close()
+    log.close()
+    g = zarr.open_group(tmp_path / "d.zarr", mode="r", use_consolidated=False)[layout.hook_group(0, "snapshots")]
+    assert g["positions"].dtype == np.float32
+    assert_group_equals(g, snapshot_rows(recorded), atom_dtype=torch.float32)
+    compare(read_csv(tmp_path / "log.rank-00000.csv"), rows)

@@ -6,6 +6,7 @@ Everything is read back with plain zarr and pandas and compared against the batc
 ``test_logging_hook.reference_rows``, computed one system at a time in float64)."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 import torch
 import zarr
 
-from dist_hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, ZarrSink
+from dist_hooks import ConvergedSnapshotHook, LoggingHook, Run, SnapshotHook, ZarrSink
+from dist_hooks.comm import SingleCommunicator
 from dist_hooks.stages import Stage
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import INT_COLUMNS
@@ -293,3 +295,26 @@ def test_calls_before_the_first_firing_and_a_never_fired_hook_are_no_ops(tmp_pat
         hook.flush()
         assert hook.sync() == {}
         hook.close()
+
+
+def test_hooks_an_engine_closed_are_committed_whole_by_the_runs_final_boundary(tmp_path):
+    """nvalchemi's standalone run() closes its hooks in ``finally``; the run's final boundary
+    comes after that and must commit everything the hooks wrote, not raise on the closed files."""
+    run = Run(tmp_path / "run", comm=SingleCommunicator(), handle_signals=False)
+    hooks = [(run.logging_hook(ring_size=4), Stage.AFTER_STEP), (run.snapshot_hook(), Stage.AFTER_STEP),
+             (run.converged_hook(), Stage.ON_CONVERGE)]
+    b = make_batch([2, 3, 1], seed=9)
+    for step in range(6):
+        perturb(b, step)
+        for hook, stage in hooks:
+            hook(Ctx(b, step_count=step, converged_mask=torch.tensor([step >= 2, False, True])), stage)
+    for hook, _ in hooks:  # the engine's finally
+        hook.close()
+    run.close()
+    last = json.loads((tmp_path / "run" / "run.json").read_text())["last"]
+    committed = last["ranks"][0]["hooks"]
+    assert committed["log"]["rows"] == 18 == len(pd.read_csv(tmp_path / "run" / committed["log"]["path"]))
+    assert committed["snapshots"]["records"] == 18 and committed["converged"]["records"] == 2
+    assert last["merged"]["records"] == 2
+    merged = zarr.open_group(tmp_path / "run" / "data.zarr", mode="r", use_consolidated=False)["converged"]
+    assert merged["sample_id"][:].tolist() == [2, 0] and merged["step"][:].tolist() == [0, 2]
