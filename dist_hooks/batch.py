@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .errors import BatchError
+
 # Fields we know the level of, so a batch where N_atoms == B (one atom per system) is not ambiguous.
 ATOM_FIELDS = ("positions", "velocities", "forces", "atomic_numbers", "atomic_masses", "charges", "magmoms")
 SYSTEM_FIELDS = ("energy", "cell", "pbc", "stress", "virial", "status", "system_id", "dipole", "charge")
@@ -89,7 +91,7 @@ class BatchView:
             idx = _get(batch, "batch") if isinstance(_get(batch, "batch"), torch.Tensor) else None
         ref = tensors.get("positions")
         if ref is None:
-            raise ValueError("batch has no 'positions' tensor: cannot tell how many atoms it holds")
+            raise BatchError("batch has no 'positions' tensor: cannot tell how many atoms it holds")
         num_atoms = int(ref.shape[0])
         if ptr is not None:
             num_systems = int(ptr.shape[0]) - 1
@@ -97,7 +99,7 @@ class BatchView:
         else:
             num_systems = _num_systems_without_ptr(batch, tensors)
             if idx is None:
-                raise ValueError("batch has neither 'batch_ptr' nor 'batch_idx': cannot split atoms into systems")
+                raise BatchError("batch has neither 'batch_ptr' nor 'batch_idx': cannot split atoms into systems")
             counts = torch.bincount(idx.reshape(-1), minlength=num_systems)
             atoms_ptr = torch.zeros(num_systems + 1, dtype=torch.int64, device=ref.device)
             torch.cumsum(counts, 0, out=atoms_ptr[1:])
@@ -177,4 +179,4 @@ def _num_systems_without_ptr(batch: Any, tensors: dict[str, torch.Tensor]) -> in
     for name in ("energy", "system_id", "status", "cell"):
         if name in tensors:
             return int(tensors[name].shape[0])
-    raise ValueError("cannot tell how many systems the batch holds: give it batch_ptr or num_graphs")
+    raise BatchError("cannot tell how many systems the batch holds: give it batch_ptr or num_graphs")

@@ -80,6 +80,12 @@ class SchemaChangedError(DistHooksError, ValueError):
     per-row shape, a field that disappeared, or CSV columns that differ from the file's header."""
 
 
+class BatchError(DistHooksError, ValueError):
+    """A batch (or a custom scalar) that cannot be recorded as it is, refused at the call that
+    sees it: a field named like a key column or unusable as a file name, a dtype numpy cannot
+    hold, an integer field where a reduction needs floats, a shape the hook cannot place."""
+
+
 class RunError(DistHooksError):
     """The path is not a run (or a consolidated run), or cannot be used as asked."""
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..batch import BatchView
+from ..errors import BatchError, SchemaChangedError
 from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
@@ -64,7 +65,7 @@ class LoggingHook(RecordingHook):
         for key in self.custom_scalars:
             problem = column_name_problem(key) if isinstance(key, str) else "is not a string"
             if problem is not None:
-                raise ValueError(f"{name}: custom scalar {key!r} {problem}; give it another name")
+                raise BatchError(f"{name}: custom scalar {key!r} {problem}; give it another name")
         self.ring_size = int(ring_size)
         self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
         if backend in ("csv", "tensorboard"):
@@ -112,7 +113,7 @@ class LoggingHook(RecordingHook):
             for f in fields:
                 t = view.atom_fields.get(f)
                 if t is not None and not t.dtype.is_floating_point:
-                    raise ValueError(f"{self.name}: batch field {f!r} is {t.dtype}; {scalar} needs a floating-"
+                    raise BatchError(f"{self.name}: batch field {f!r} is {t.dtype}; {scalar} needs a floating-"
                                      f"point {f!r} (or a custom scalar named {scalar!r} instead)")
 
     def __call__(self, ctx: Any, stage: Any = None) -> None:
@@ -126,7 +127,7 @@ class LoggingHook(RecordingHook):
         if self._names is None:
             self._start(view)
         elif tuple(self.custom_scalars) != self._custom_keys:
-            raise ValueError(f"{self.name}: custom scalars changed from {list(self._custom_keys)} to "
+            raise SchemaChangedError(f"{self.name}: custom scalars changed from {list(self._custom_keys)} to "
                              f"{list(self.custom_scalars)} after the first row was logged; a CSV keeps the "
                              "columns it started with — declare every custom scalar before the run")
         B = view.num_systems
@@ -231,7 +232,7 @@ def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:
             dst.fill_(value.reshape(()))
             return
         if value.numel() != B:
-            raise ValueError(f"custom scalar {name!r} returned shape {tuple(value.shape)}; expected ({B},) "
+            raise BatchError(f"custom scalar {name!r} returned shape {tuple(value.shape)}; expected ({B},) "
                              "(one value per system) or a single value")
         dst.copy_(value.reshape(-1))
     else:

@@ -9,7 +9,7 @@ import torch
 
 from .. import packing
 from ..batch import BatchView
-from ..errors import SchemaChangedError
+from ..errors import BatchError, SchemaChangedError
 from ..store import GroupReader
 from ..store.checksums import fold_column_crc32
 from ..stages import Stage
@@ -90,7 +90,7 @@ class SnapshotHook(RecordingHook):
                 problem = f"has dtype {t.dtype}, which numpy and Zarr cannot store"
             if problem is not None:
                 hint = " (a batch's system_id becomes the sample_id column)" if name == "sample_id" else ""
-                raise ValueError(f"{self.name}: batch field {name!r} ({lvl} level) {problem}{hint}; rename "
+                raise BatchError(f"{self.name}: batch field {name!r} ({lvl} level) {problem}{hint}; rename "
                                  f"it, or leave it out with exclude=({name!r},)")
 
     def _fields(self, view: BatchView):
