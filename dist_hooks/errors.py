@@ -109,8 +109,8 @@ class LockHeldError(RunError):
     writer per run directory) or a ``dist-hooks consolidate`` of it (``RUN/.consolidate.lock``).
 
     Raised before anything of the run is touched; the message names the holder (host, pid, job
-    id). Locks are released by the kernel when their process exits, so this never means a stale
-    lock of a dead job: wait for the holder or stop it."""
+    id). The kernel releases a lock when its process exits, however it exits (on NFS: once the
+    server notices), so a dead job leaves no stale lock: wait for the holder, or stop it."""
 
     exit_code = EXIT_LOCKED
 
