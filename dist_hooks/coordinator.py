@@ -151,6 +151,7 @@ class Coordinator:
         manifest.boundaries.append(BoundarySummary(entry.index, entry.time, _step_range(entry.steps),
                                                    rel, merged.records, all_final))
         manifest.hooks = dict(hooks)
+        _record_dropped(manifest, records, index)
         manifest.last = entry
         if Coordinator.before_commit is not None:
             Coordinator.before_commit(index)
@@ -201,3 +202,23 @@ def _step_range(steps: list[int | None]) -> list[int | None]:
     """``[min, max]`` of the ranks' boundary steps (``[None, None]`` when no rank saw a step)."""
     known = [s for s in steps if s is not None]
     return [min(known), max(known)] if known else [None, None]
+
+
+def _record_dropped(manifest: Manifest, records: list[CommitRecord], index: int) -> None:
+    """A hook a rank committed at the previous boundary and not at this one was dropped on a
+    resume (``Run(drop_hooks=...)``; ``Run`` refuses any other way to lose one): say so in
+    ``run.json``'s additive ``dropped`` list, with its last commit entries, so that what left
+    the run stays on record (its files are left where they are)."""
+    prev = manifest.last
+    if prev is None:
+        return
+    now = {r.rank: r for r in records}
+    gone: dict[str, dict[str, dict]] = {}
+    for old in prev.ranks:
+        new = now.get(old.rank)
+        for name, c in old.hooks.items():
+            if new is not None and name not in new.hooks:
+                gone.setdefault(name, {})[str(old.rank)] = c.to_json()
+    if gone:
+        manifest.dropped = [*(manifest.dropped or []),
+                            *({"hook": n, "boundary": index, "ranks": r} for n, r in gone.items())]

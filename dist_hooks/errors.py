@@ -18,7 +18,7 @@ EXIT_OK = 0
 EXIT_DAMAGE = 1
 #: usage error, or a path that is not a run
 EXIT_USAGE = 2
-#: another consolidate of the same run holds its lock
+#: another process holds a lock of the run (a job recording it, a consolidate of it)
 EXIT_LOCKED = 3
 #: an optional dependency (an extra) is missing
 EXIT_MISSING_DEPENDENCY = 4
@@ -111,7 +111,12 @@ class ResumeError(RunError, RuntimeError):
 
 
 class LockHeldError(RunError):
-    """Another process holds the consolidate lock of this run."""
+    """Another process holds a lock of this run: a job recording it (``RUN/.run.lock``, one
+    writer per run directory) or a ``dist-hooks consolidate`` of it (``RUN/.consolidate.lock``).
+
+    Raised before anything of the run is touched; the message names the holder (host, pid, job
+    id). The kernel releases a lock when its process exits, however it exits (on NFS: once the
+    server notices), so a dead job leaves no stale lock: wait for the holder, or stop it."""
 
     exit_code = EXIT_LOCKED
 

@@ -25,17 +25,18 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from . import __version__
 from .comm import Communicator, get_communicator
 from .coordinator import BoundaryMessage, Coordinator, group_block
-from .errors import DamageError, ResumeError
+from .errors import DamageError, ResumeError, RunError
 from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, RecordingHook
 from .launch import LaunchInfo, detect_launch
 from .records import CsrBlock
@@ -44,7 +45,7 @@ from .store import layout
 from .store.group_reader import GroupReader
 from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
     Manifest, StateFile
-from .store.storage import LocalRunStorage, RunStorage
+from .store.storage import LocalRunStorage, RunLock, RunStorage
 from .store.zarr_sink import ZarrSink
 
 log = logging.getLogger("dist_hooks")
@@ -90,6 +91,14 @@ class Run:
     the next regular boundary, since the ranks agree on stopping through the boundary's own
     gather, without an extra collective per step — choose ``checkpoint_every`` so that a boundary
     falls within the signal's lead time.
+
+    One writer per run: rank 0 locks ``path`` (``RUN/.run.lock``; with ``storage="local"`` every
+    rank also its files in ``local_dir``) until ``close()``; a second job is refused at start, on
+    every rank, with ``LockHeldError`` naming the holder (``lock=False``: no lock). A resume
+    first checks every committed prefix (``DamageError``), and refuses a committed hook missing
+    now at the first step or boundary (``ResumeError``) unless ``drop_hooks`` names it (recorded
+    in ``run.json``'s ``dropped``). ``flush``, ``sync``, ``checkpoint``, ``close`` and
+    ``__exit__`` come in any order, any number of times; after ``close()`` they do nothing.
     """
 
     def __init__(self, path: str | os.PathLike, *, checkpoint_every: int | None = None,
@@ -97,7 +106,8 @@ class Run:
                  storage: str = "shared", local_dir: str | os.PathLike | None = None,
                  resume: str = "auto", timeout: float = 300.0,
                  state_fn: Callable[[], Any] | None = None, handle_signals: bool = True,
-                 sink_options: dict | None = None, settings: dict | None = None):
+                 sink_options: dict | None = None, settings: dict | None = None,
+                 lock: bool = True, drop_hooks: Iterable[str] = ()):
         if storage not in ("shared", "local"):
             raise ValueError(f"storage must be 'shared' or 'local', got {storage!r}")
         if resume not in ("auto", "never", "always"):
@@ -106,6 +116,7 @@ class Run:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if storage == "local" and local_dir is None:
             raise ValueError("storage='local' needs local_dir (this node's own disk)")
+        self.drop_hooks = (drop_hooks,) if isinstance(drop_hooks, str) else tuple(drop_hooks)
         self.path = Path(path).absolute()
         self.launch = launch if launch is not None else detect_launch()
         self.comm = comm if comm is not None else get_communicator(launch=self.launch, timeout=timeout)
@@ -128,38 +139,117 @@ class Run:
         self._closed = False
         self._next_step: int | None = None
         self._boundary_index = 0
+        self._last_summary: dict | None = None
+        self._hooks_checked: bool | BaseException = False
+        self._locks: list[RunLock] = []
         self.coordinator = (Coordinator(self.run_files, shared=storage == "shared",
                                         sink_options=self._sink_options)
                             if self.rank == 0 else None)
         self.last_timing: dict = {}
-
-        if self.rank == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if storage == "shared":  # create the shared hierarchy once, before any rank opens it
-                self.run_files.create_hierarchy()
-        self.rank_root.mkdir(parents=True, exist_ok=True)
-        if storage == "local":
-            self.rank_files.create_hierarchy()
-        # the broadcast doubles as the barrier after which every rank may open the store
-        manifest = self.comm.broadcast(self._read_manifest() if self.rank == 0 else None, root=0)
-        self.manifest: Manifest | None = manifest
+        self.manifest: Manifest | None = None
         self.resume_state: Any = None
         self.start_step = 0
         self._resume_points: dict[str, HookCommit] | None = None
-        if manifest is not None:
-            if resume == "never":
-                raise ResumeError(f"{self.path} already holds a run (run.json); pass resume='auto' "
-                                  "to continue it or choose another directory")
-            self._prepare_resume(manifest)
-        elif resume == "always":
-            raise ResumeError(f"resume='always' but {self.path} has no run.json to continue")
-        elif self.rank == 0:
-            self.manifest = self._new_manifest()
-            self.run_files.commit_manifest(self.manifest.encode())
+        try:
+            manifest = self._start(resume, lock)
+        except BaseException:
+            self._shut(quiet=True)  # nothing of the run is held by a job that was refused
+            raise
         if handle_signals:
             self._install_signal_handlers()
         log.info("dist_hooks run %s: rank %d of %d (%s), %s", self.path, self.rank, self.world_size,
                  self.launch.launcher, f"resumed at step {self.start_step}" if manifest else "new")
+
+    def _start(self, resume: str, lock: bool) -> Manifest | None:
+        """Lock, read and check what is there, agree on it, and only then write.
+
+        Rank 0 locks the run directory, creates the shared hierarchy and reads the manifest; the
+        broadcast of the manifest (the barrier after which every rank may open the store) carries
+        rank 0's refusal too, so every rank raises it instead of waiting for a boundary. Then
+        every rank takes its own lock (node-local storage), checks its committed data and loads
+        its saved state; one more exchange (only on a resume or with node-local storage) makes
+        every rank raise the first rank's error. Nothing is cut back or committed before."""
+        found: tuple = (None, None)
+        own: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                if lock:
+                    self._locks.append(self.run_files.lock(self._holder()))
+                if self.storage == "shared":  # once, before any rank opens it
+                    self.run_files.create_hierarchy()
+                found = (self._read_manifest(), None)
+            except Exception as exc:  # noqa: BLE001 - every rank raises it, see _raise_from
+                own, found = exc, (None, (type(exc), str(exc)))
+        manifest, sent = self.comm.broadcast(found if self.rank == 0 else None, root=0)
+        if sent is not None:
+            self._raise_from(0, own if own is not None else sent)
+        if manifest is not None and resume == "never":
+            raise ResumeError(f"{self.path} already holds a run (run.json); pass resume='auto' "
+                              "to continue it or choose another directory")
+        if manifest is None and resume == "always":
+            raise ResumeError(f"resume='always' but {self.path} has no run.json to continue")
+        if manifest is not None and manifest.world_size != self.world_size:
+            raise ResumeError(
+                f"{self.path} was recorded with world size {manifest.world_size}, this job has "
+                f"{self.world_size}: each rank continues its own files and simulation state, so a "
+                "resume needs the same world size")
+        error = None
+        try:
+            self.rank_root.mkdir(parents=True, exist_ok=True)
+            if self.storage == "local" and lock:
+                self._locks.append(self.rank_files.lock(
+                    self._holder(), f".run.{layout.rank_name(self.rank)}.lock"))
+            if manifest is not None:
+                self._prepare_resume(manifest)
+        except Exception as exc:  # noqa: BLE001 - every rank raises it, see _agree
+            error = exc
+        if manifest is not None or self.storage == "local":
+            self._agree(error)
+        elif error is not None:
+            raise error
+        # agreed: from here on this job writes
+        self.manifest = manifest
+        if self.storage == "local":
+            self.rank_files.create_hierarchy()
+        if manifest is not None and self.coordinator is not None:
+            self.coordinator.resume(manifest.merged)
+        elif manifest is None and self.rank == 0:
+            self.manifest = self._new_manifest()
+            self.run_files.commit_manifest(self.manifest.encode())
+        return manifest
+
+    def _holder(self) -> dict[str, Any]:
+        """Who holds the lock, as a refused job is told."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": self.launch.job_id,
+                "launcher": self.launch.launcher, "rank": self.rank, "since": time.time()}
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Every rank raises the first error any rank found, or none does: a check that fails
+        on one rank must not leave the others waiting for it at the next boundary."""
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        sent = None if error is None else (type(error), str(error))
+        found = self.comm.gather(sent, root=0, timeout=self.timeout)
+        first = None
+        if self.rank == 0:
+            first = next(((r, e) for r, e in enumerate(found) if e is not None), None)
+        first = self.comm.broadcast(first, root=0, timeout=self.timeout)
+        if first is not None:
+            self._raise_from(first[0], error if first[0] == self.rank else first[1])
+
+    def _raise_from(self, rank: int, error: BaseException | tuple) -> None:
+        """Raise ``error`` (this rank's own) or ``(type, message)`` as another rank sent it."""
+        if isinstance(error, BaseException):
+            raise error
+        cls, message = error
+        try:
+            exc = cls(f"rank {rank}: {message}")
+        except Exception:  # noqa: BLE001 - a class that takes other arguments
+            exc = RunError(f"rank {rank}: {cls.__name__}: {message}")
+        raise exc
 
     @property
     def last_coordinate_s(self) -> float | None:
@@ -203,9 +293,14 @@ class Run:
 
     # -- the boundary hook -------------------------------------------------------------------------
     def __call__(self, ctx: Any, stage: Any = None) -> None:
-        if stage is not None and not stage_matches(Stage.BEFORE_STEP, stage):
+        if self._closed or (stage is not None and not stage_matches(Stage.BEFORE_STEP, stage)):
             return
-        step = int(getattr(ctx, "step_count", 0))
+        step = int(getattr(ctx, "step_count", 0))  # a Python int on the engine: no host sync
+        last = self._next_step
+        if step < (self.start_step if last is None else last):
+            raise self._step_error(step, last)
+        if self._hooks_checked is not True:
+            self._check_hooks_once()
         self._next_step = step
         if self.world_size == 1 and self._signal is not None:
             self._stop(self.checkpoint(step))  # not final: the run is interrupted, not finished
@@ -214,19 +309,94 @@ class Run:
             if summary["stop"] is not None:
                 self._stop(summary)
 
+    def _step_error(self, step: int, last: int | None) -> RunError:
+        """Steps only go forward: a step recorded again would repeat committed rows, and a
+        boundary at it would make a resume restart at the wrong place."""
+        if last is None:
+            return ResumeError(
+                f"{self.path}: the run resumed at step {self.start_step} (the boundary in force) "
+                f"but the engine is at step {step}: continue at run.start_step, from "
+                "run.resume_state; recording earlier steps again would repeat committed ones")
+        return RunError(f"{self.path}: step_count went back from {last} to {step}; steps must "
+                        "not decrease within a run (recorded steps would repeat)")
+
+    def _check_hooks_once(self) -> None:
+        """On a resume, before the first boundary and before anything is written: every hook
+        this rank committed data for is still part of the run, or ``drop_hooks`` names it.
+        Once per run, and agreed between the ranks (the one exchange outside a boundary)."""
+        if isinstance(self._hooks_checked, BaseException):
+            raise self._hooks_checked  # refused once: every later boundary is refused too
+        if self._hooks_checked is True:
+            return
+        self._hooks_checked = True
+        if self._resume_points is None:
+            return
+        error: RunError | None = None
+        both = sorted(set(self.drop_hooks) & set(self._hooks))
+        missing = {n: c for n, c in self._resume_points.items()
+                   if n not in self._hooks and n not in self.drop_hooks}
+        if both:
+            error = RunError(f"drop_hooks names {both}, which this run records too")
+        elif missing:
+            error = ResumeError(
+                f"{self.path}: rank {self.rank} committed data for "
+                f"{', '.join(f'{n!r} ({_data_of(c)})' for n, c in missing.items())} at boundary "
+                f"{self._boundary_index - 1}, but the run's hooks are {sorted(self._hooks)}: "
+                "add it again under the same name to continue it, or pass "
+                f"drop_hooks={tuple(missing)!r} to leave its committed data out of the run")
+        try:
+            self._agree(error)
+        except RunError as exc:
+            self._hooks_checked = exc
+            raise
+        for n in self.drop_hooks:
+            if n in self._resume_points:
+                log.warning("rank %d: dropping hook %r (%s) from %s at the next boundary",
+                            self.rank, n, _data_of(self._resume_points[n]), self.path)
+
     def _stop(self, summary: dict) -> None:
         """After a boundary that a signal asked for: close the hooks and leave with ``Preempted``."""
         self._closed = True
-        for hook in self._hooks.values():
-            hook.close()
-        self._restore_signal_handlers()
+        self._shut()
         raise Preempted(summary["stop"] or signal.SIGTERM)
+
+    def _shut(self, quiet: bool = False) -> None:
+        """Close the hooks, restore the signal handlers and let go of the locks (the last two
+        whatever happens); ``quiet``: a hook's error is not raised (another error matters more)."""
+        try:
+            for hook in self._hooks.values():
+                try:
+                    hook.close()
+                except Exception:  # noqa: BLE001 - see quiet
+                    if not quiet:
+                        raise
+        finally:
+            self._restore_signal_handlers()
+            for lk in self._locks:
+                lk.release()
+
+    def flush(self) -> None:
+        """Push every hook's recorded data to its files (not a boundary: nothing is committed)."""
+        if not self._closed:
+            for hook in self._hooks.values():
+                hook.flush()
+
+    def sync(self) -> dict[str, dict]:
+        """Flush and fsync every hook (not a boundary); each hook's lengths by name."""
+        return {} if self._closed else {n: h.sync() for n, h in self._hooks.items()}
 
     def checkpoint(self, step: int | None = None, *, final: bool = False) -> dict:
         """Commit a boundary now; every rank must call it at the same point of the run. ``step`` is
         the step a resumed run restarts at (everything recorded before it is committed). Returns
         the summary the coordinator broadcast: ``index``, ``all_final`` and ``stop`` (a signal
-        number when any rank was asked to stop, else None)."""
+        number when any rank was asked to stop, else None). After ``close()``: the last summary
+        (``None`` if there was none), and nothing happens."""
+        if self._closed:
+            return self._last_summary
+        return self._boundary(step, final)
+
+    def _boundary(self, step: int | None, final: bool) -> dict:
+        self._check_hooks_once()
         step = self._next_step if step is None else step
         t0 = time.perf_counter()
         if self.coordinator is not None:
@@ -250,6 +420,7 @@ class Run:
             if final or summary["stop"] is not None or self._signal is not None:
                 self.coordinator.join()
         self._boundary_index = summary["index"] + 1
+        self._last_summary = summary
         self._prune_states()
         t3 = time.perf_counter()
         # where a boundary's time goes (benchmarks/bench_boundary.py reports it): making this
@@ -270,26 +441,21 @@ class Run:
             step = self.start_step if self._next_step is None else self._next_step + 1
         try:
             while True:
-                summary = self.checkpoint(step, final=True)
+                summary = self._boundary(step, final=True)
                 if summary["all_final"]:
                     break
         finally:
-            for hook in self._hooks.values():
-                hook.close()
-            self._restore_signal_handlers()
+            self._shut()  # the last boundary is committed (or failed): let go of the run
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None or exc_type is Preempted:
+        if exc_type is None or exc_type is Preempted or self._closed:
             self.close()
-        else:
-            for hook in self._hooks.values():  # keep what is there; the next boundary never came
-                try:
-                    hook.close()
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
+            return False
+        self._closed = True  # no final boundary after an error: the one in force stays
+        self._shut(quiet=True)  # keep what is there; the next boundary never came
         return False
 
     # -- one rank's part -----------------------------------------------------------------------------
@@ -377,21 +543,21 @@ class Run:
                               "fact") from exc
 
     def _prepare_resume(self, manifest: Manifest) -> None:
-        if manifest.world_size != self.world_size:
-            raise ResumeError(
-                f"{self.path} was recorded with world size {manifest.world_size}, this job has "
-                f"{self.world_size}: each rank continues its own files and simulation state, so a "
-                "resume needs the same world size")
+        """This rank's part of the boundary in force, read and checked (nothing written)."""
         self._boundary_index = len(manifest.boundaries)
         mine = manifest.last.rank(self.rank) if manifest.last is not None else None
         self._resume_points = dict(mine.hooks) if mine is not None else {}
         if mine is not None:
             self.start_step = int(mine.step or 0)
             self._prev = dict(mine.hooks)
+            for name, c in mine.hooks.items():  # every hook, also one that never fires again
+                self.rank_files.check_committed(c, f"rank {self.rank}, hook {name!r}")
             if mine.state is not None:
                 self.resume_state = self._load_state(mine.state)
         if self.coordinator is not None:
-            self.coordinator.resume(manifest.merged)
+            m = manifest.merged
+            self.run_files.check_committed(GroupCommit(layout.CONVERGED_GROUP, m.records, m.atoms,
+                                                       {}), "the merged group")
 
     def _load_state(self, state: StateFile) -> Any:
         where = self.rank_files.path(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
@@ -423,3 +589,10 @@ class Run:
                 signal.signal(sig, old)
             except (ValueError, OSError, TypeError):
                 pass
+
+
+def _data_of(c: HookCommit) -> str:
+    """A hook's committed data, as a message names them."""
+    if isinstance(c, CsvCommit):
+        return f"{c.rows} rows in {c.path}"
+    return f"{c.records} records, {c.atoms} atoms in {c.group}"

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--local-dir", default=None, help="node-local data directory for --storage local")
     rec.add_argument("--resume", choices=("auto", "never", "always"), default="auto",
                      help="continue a run found in --out (auto), refuse one (never), or require one")
+    rec.add_argument("--no-lock", action="store_true",
+                     help="record without the lock of --out (a filesystem that cannot lock; "
+                     "then make sure no other job writes it)")
     # fault injection for the crash-and-resume tests: this rank SIGKILLs itself before step N
     rec.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     rec.add_argument("--fail-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -224,7 +227,7 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
     if not args.no_record:
         run = Run(out_dir, checkpoint_every=args.checkpoint_every or None, comm=comm, launch=launch,
                   storage=args.storage, local_dir=args.local_dir, resume=args.resume, timeout=args.timeout,
-                  state_fn=lambda: _demo_state(batch, current["dyn"]),
+                  state_fn=lambda: _demo_state(batch, current["dyn"]), lock=not args.no_lock,
                   settings={k: v for k, v in vars(args).items() if k not in ("out",)})
     hooks = build_hooks(args, run)
     if args.fail_at_step is not None and rank == args.fail_rank:

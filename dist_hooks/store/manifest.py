@@ -342,6 +342,9 @@ class Manifest:
     created: float = 0.0
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    #: hooks left out on a resume (``Run(drop_hooks=...)``), each ``{"hook", "boundary",
+    #: "ranks": {rank: its last commit entry}}``; absent (``None``) in runs that dropped none
+    dropped: list[dict] | None = None
 
     @classmethod
     def parse(cls, data: bytes, where: str = MANIFEST) -> "Manifest":
@@ -369,20 +372,26 @@ class Manifest:
         bounds = [BoundarySummary.from_json(b, f"{where}.boundaries[{i}]")
                   for i, b in enumerate(f.list("boundaries", optional=True))]
         last = BoundaryEntry.from_json(obj["last"], f"{where}.last") if obj.get("last") else None
+        dropped = f.list("dropped") if "dropped" in obj else None
+        for i, d in enumerate(dropped or []):
+            _Fields(d, f"{where}.dropped[{i}]").str("hook")
         return cls(world, f.str("launcher"), f.str("storage"), f.str("job_id", optional=True),
                    f.int("checkpoint_every", optional=True), f.obj_("settings", optional=True),
                    hooks, bounds, last, f.str("dist_hooks_version", optional=True, default=""),
-                   f.num("created", optional=True, default=0.0))
+                   f.num("created", optional=True, default=0.0), dropped=dropped)
 
     def to_json(self) -> dict:
-        return {"format": self.format, "format_version": self.format_version,
-                "dist_hooks_version": self.dist_hooks_version, "created": self.created,
-                "world_size": self.world_size, "launcher": self.launcher, "job_id": self.job_id,
-                "storage": self.storage, "checkpoint_every": self.checkpoint_every,
-                "settings": self.settings,
-                "hooks": {k: v.to_json() for k, v in self.hooks.items()},
-                "boundaries": [b.to_json() for b in self.boundaries],
-                "last": self.last.to_json() if self.last is not None else None}
+        out = {"format": self.format, "format_version": self.format_version,
+               "dist_hooks_version": self.dist_hooks_version, "created": self.created,
+               "world_size": self.world_size, "launcher": self.launcher, "job_id": self.job_id,
+               "storage": self.storage, "checkpoint_every": self.checkpoint_every,
+               "settings": self.settings,
+               "hooks": {k: v.to_json() for k, v in self.hooks.items()},
+               "boundaries": [b.to_json() for b in self.boundaries],
+               "last": self.last.to_json() if self.last is not None else None}
+        if self.dropped is not None:  # additive: older readers ignore it
+            out["dropped"] = list(self.dropped)
+        return out
 
     def encode(self) -> bytes:
         """The bytes of ``run.json`` (indented, as every version wrote it)."""

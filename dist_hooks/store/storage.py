@@ -17,22 +17,39 @@ Who calls what, and when (one run, ``world_size`` ranks):
    previous boundary in force;
 4. readers (tools, ``open_run``): :meth:`read` and :meth:`path`, which refuses any path that
    leaves the run.
+
+Before any of it, rank 0 takes :meth:`RunStorage.lock` of the run directory (and with node-local
+storage every rank the lock of its own files) and holds it for the run's lifetime: one writer per
+run, a second job is refused before it touches a file.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
+import socket
 import time
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import zarr
 from zarr.errors import ContainsGroupError
 
-from ..errors import DamageError
+from ..errors import DamageError, LockHeldError, RunError
 from .atomic_store import AtomicLocalStore, atomic_write_bytes, sync_dir
+from .csv_log import scan_prefix
+from .group_reader import GroupReader
 from .layout import DATA_DIR, MANIFEST, RANKS_GROUP
+from .manifest import CsvCommit, HookCommit
 
-__all__ = ["LocalRunStorage", "RunStorage", "run_path"]
+__all__ = ["LocalRunStorage", "RUN_LOCK", "RunLock", "RunStorage", "run_path"]
+
+#: The lock file of a run directory (rank 0's; with node-local storage each rank also locks
+#: ``.run.rank-XXXXX.lock`` in its own directory). Its content names the holder (JSON).
+RUN_LOCK = ".run.lock"
 
 
 def run_path(root: str | Path, rel: str | os.PathLike, place: str | None = None) -> Path:
@@ -86,7 +103,51 @@ class RunStorage(ABC):
         """A local path for ``rel`` (writers that stream into files: CSV logs), checked with
         :func:`run_path`; ``place`` names the source of ``rel`` in the error."""
 
+    @abstractmethod
+    def lock(self, holder: dict[str, Any], name: str = RUN_LOCK) -> "RunLock":
+        """Take the exclusive writer lock ``name`` of this root for the caller's lifetime, without
+        waiting; ``holder`` (host, pid, job id, launcher) is what a refused job is told.
+        :class:`LockHeldError` naming the holder when another process holds it; :class:`RunError`
+        when the storage cannot lock. It must be released when the holding process dies, however
+        it dies, so a killed job never blocks its relaunch."""
+
     # -- built on the above
+    def check_committed(self, c: HookCommit, what: str) -> None:
+        """:class:`DamageError` naming the file unless a committed prefix is there as committed:
+        a CSV's first ``bytes`` match their crc32, a group shows its ``records`` and ``atoms``
+        (``Run`` checks every one at start, before any hook cuts its file back). Reads, never
+        writes; a group's column checksums are verify's (they need all of its data read)."""
+        place = f"{MANIFEST} ({what})"
+        if isinstance(c, CsvCommit):
+            path = self.path(c.path, place)
+            if not c.bytes:
+                return
+            try:
+                got = scan_prefix(path, c.bytes)
+            except FileNotFoundError:
+                raise DamageError(f"{path}: missing; {place} commits {c.rows} rows ({c.bytes} "
+                                  "bytes) in it") from None
+            if got.bytes < c.bytes:
+                raise DamageError(f"{path}: {got.bytes} bytes, {place} commits {c.bytes}; the "
+                                  "file was cut after the boundary")
+            if got.crc32 != c.crc32:
+                raise DamageError(f"{path}: the committed first {c.bytes} bytes do not match "
+                                  f"their crc32 in {place}; the file was changed after the "
+                                  "boundary")
+            return
+        if not c.records and not c.atoms:
+            return
+        root = self.path(DATA_DIR)
+        where = self.path(f"{DATA_DIR}/{c.group}", place)
+        try:
+            rd = GroupReader(root, c.group, limit_records=c.records)
+        except Exception as exc:  # noqa: BLE001 - missing or undecodable: damage either way
+            raise DamageError(f"{where}: cannot be read ({type(exc).__name__}: {exc}); {place} "
+                              f"commits {c.records} records in it") from exc
+        if len(rd) < c.records or rd.n_atoms != c.atoms:
+            raise DamageError(f"{where}: {len(rd)} records and {rd.n_atoms} atoms visible, "
+                              f"{place} commits {c.records} records and {c.atoms} atoms")
+
     def read_manifest(self) -> bytes | None:
         """``run.json``'s bytes, or ``None`` for a run not created yet."""
         return self.read(MANIFEST)
@@ -106,6 +167,61 @@ class RunStorage(ABC):
                 if attempt == 2:
                     raise
                 time.sleep(0.05)
+
+
+class RunLock:
+    """A held writer lock; :meth:`release` (idempotent) or the end of the process frees it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+        _HELD.add(self)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        _HELD.discard(self)
+        if fd is not None:
+            os.close(fd)  # the open file's last descriptor closed: the kernel drops the lock
+
+    def __del__(self) -> None:  # an abandoned Run must not keep its directory locked forever
+        try:
+            self.release()
+        except OSError:
+            pass
+
+
+#: The locks this process holds. A child forked without exec (multiprocessing's fork, data
+#: loader workers) shares their open files and would keep a lock after its parent died: it
+#: closes its copies (the parent's lock stays: a flock goes with the last descriptor).
+_HELD: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    for lk in list(_HELD):
+        lk.release()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _holder_text(raw: bytes) -> str:
+    """What a lock file says about its holder, for the message of the refused job."""
+    try:
+        h = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "holder unknown"
+    if not isinstance(h, dict):
+        return "holder unknown"
+    here = h.get("host") == socket.gethostname() and h.get("pid") == os.getpid()
+    who = (f"host {h.get('host')}, pid {h.get('pid')}" + (" (this process: a Run on this directory "
+           "that was not closed)" if here else "") + f", job id {h.get('job_id')}, launcher "
+           f"{h.get('launcher')}")
+    if isinstance(h.get("since"), (int, float)):
+        who += ", since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+    return who
 
 
 class LocalRunStorage(RunStorage):
@@ -143,6 +259,48 @@ class LocalRunStorage(RunStorage):
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
         run_path(self.root, rel, place)
         return self.root / rel  # as the caller named it (messages show it so), once checked
+
+    def lock(self, holder: dict[str, Any], name: str = RUN_LOCK) -> RunLock:
+        """``flock(LOCK_EX | LOCK_NB)`` on ``ROOT/name``, then the holder written into it.
+
+        Why ``flock`` and not POSIX record locks (``lockf``/``F_SETLK``): a POSIX lock belongs to
+        the process and is dropped when the process closes *any* descriptor of the file, so a
+        reader elsewhere in the program (a tool, a test) opening the lock file would silently
+        release it, and a second ``Run`` in the same process would not be refused. A ``flock``
+        belongs to the open file: only our descriptor releases it, and the kernel does when the
+        process dies (SIGKILL included). On NFS, Linux emulates ``flock`` with a whole-file POSIX
+        lock, which works across clients (NFSv4; NFSv3 through lockd); on Lustre it needs the
+        ``flock`` mount option. A filesystem that cannot lock is refused with :class:`RunError`
+        (docs/user-guide.md: ``Run(lock=False)``), never treated as unlocked.
+        """
+        path = self.path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = b""
+            for _ in range(20):  # the holder writes its name just after taking the lock
+                raw = os.pread(fd, 4096, 0)
+                if raw.strip():
+                    break
+                time.sleep(0.05)
+            os.close(fd)
+            raise LockHeldError(
+                f"{self.root} is being recorded by another job ({_holder_text(raw)}; lock "
+                f"{path}): two writers would corrupt it. Wait for that job to end or stop it; "
+                "the lock is released when its process exits, however it exits") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise RunError(
+                    f"{path}: the filesystem of {self.root} cannot lock files ({exc.strerror}): "
+                    "Lustre needs the 'flock' mount option, NFSv3 a running lockd (not 'nolock'). "
+                    "Without a lock nothing stops a second job from corrupting this run; pass "
+                    "Run(lock=False) to record anyway") from exc
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        return RunLock(path, fd)
 
     def __repr__(self) -> str:
         return f"LocalRunStorage({str(self.root)!r})"

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 #: What differs between two equal runs: wall-clock times, the manifest that holds them, the
-#: pickled simulation states.
+#: pickled simulation states, the lock files (they name their holder).
 _SKIP_DIRS = ("state", "boundaries")
-_SKIP_FILES = ("run.json", ".consolidate.lock")
+_SKIP_FILES = ("run.json", ".consolidate.lock", ".run.lock")
 
 
 def _marker(data: bytes) -> str:
