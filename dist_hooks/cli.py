@@ -20,7 +20,7 @@ from .errors import (
     EXIT_MISSING_DEPENDENCY,
     EXIT_OK,
     EXIT_USAGE,
-    RunError,
+    DistHooksError,
     exit_code_of,
 )
 
@@ -29,7 +29,8 @@ from .errors import (
 EXIT_MEANINGS: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "success (verify: no damage found; consolidate: written or already up to date)"),
     (EXIT_DAMAGE, "damage found (verify), or refused because committed data are damaged"),
-    (EXIT_USAGE, "usage error: bad options, or RUN is not a dist_hooks run directory"),
+    (EXIT_USAGE, "usage error: bad options, RUN is not a dist_hooks run directory, or a path "
+                 "cannot be read or written (the message names it)"),
     (EXIT_LOCKED, "another `dist-hooks consolidate` of the same run holds its lock"),
     (EXIT_MISSING_DEPENDENCY, "an optional dependency is missing (export: ase, plot: matplotlib)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); outputs are left as they were before the command"),
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except RunError as exc:
+    except DistHooksError as exc:  # refused or detected on purpose: its own exit status
         print(f"dist-hooks {args.command}: {exc}", file=sys.stderr)
         return exit_code_of(exc)
     except KeyboardInterrupt:
@@ -245,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `dist-hooks info RUN | head`
         return 0
+    except OSError as exc:  # a path that cannot be read or written (read-only, missing, full)
+        print(f"dist-hooks {args.command}: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _os_error(exc: OSError) -> str:
+    """One line naming the path and the reason (``cannot use PATH: Permission denied``)."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"cannot use {where}: {exc.strerror or exc}" if where else str(exc)
 
 
 if __name__ == "__main__":

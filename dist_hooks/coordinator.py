@@ -36,6 +36,8 @@ from .store.manifest import (
     BoundaryEntry,
     BoundarySummary,
     CommitRecord,
+    DroppedHook,
+    HookCommit,
     HookSettings,
     Manifest,
     MergedLengths,
@@ -44,7 +46,6 @@ from .store.storage import RunStorage
 
 log = logging.getLogger("dist_hooks")
 
-BOUNDARIES_DIR = "boundaries"
 #: GroupWriter settings of ``sink_options`` that the merged group takes too.
 MERGED_OPTIONS = ("chunk_records", "chunk_atoms", "chunks_per_shard", "compressor", "write_unit",
                   "fsync")
@@ -146,7 +147,7 @@ class Coordinator:
         records = [m.record for m in messages]
         entry = BoundaryEntry(index, time.time(), all_final, [r.step for r in records], records,
                               merged)
-        rel = f"{BOUNDARIES_DIR}/b-{index:06d}.json"
+        rel = layout.boundary_file(index)
         self.storage.replace(rel, json.dumps(entry.to_json(), indent=1).encode())
         manifest.boundaries.append(BoundarySummary(entry.index, entry.time, _step_range(entry.steps),
                                                    rel, merged.records, all_final))
@@ -213,12 +214,12 @@ def _record_dropped(manifest: Manifest, records: list[CommitRecord], index: int)
     if prev is None:
         return
     now = {r.rank: r for r in records}
-    gone: dict[str, dict[str, dict]] = {}
+    gone: dict[str, dict[int, HookCommit]] = {}
     for old in prev.ranks:
         new = now.get(old.rank)
         for name, c in old.hooks.items():
             if new is not None and name not in new.hooks:
-                gone.setdefault(name, {})[str(old.rank)] = c.to_json()
+                gone.setdefault(name, {})[old.rank] = c
     if gone:
         manifest.dropped = [*(manifest.dropped or []),
-                            *({"hook": n, "boundary": index, "ranks": r} for n, r in gone.items())]
+                            *(DroppedHook(n, index, r) for n, r in gone.items())]

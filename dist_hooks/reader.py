@@ -51,10 +51,13 @@ __all__ = [
     "iter_csv_batches",
     "load_manifest",
     "manifest_crc32",
+    "manifest_snapshot",
     "narrow_table",
     "open_run",
     "read_csv_committed",
+    "run_damage",
     "run_path",
+    "run_problems",
 ]
 
 #: Written last into a consolidated output directory: its presence means "complete".
@@ -68,16 +71,25 @@ def manifest_crc32(run_dir: str | Path) -> int:
     return _manifest_crc32((Path(run_dir) / layout.MANIFEST).read_bytes())
 
 
+def manifest_snapshot(run_dir: str | Path) -> tuple[Manifest, int]:
+    """The checked ``run.json`` and the crc32 of the same bytes, read once: a consolidate (or a
+    boundary) replacing the file between two reads could otherwise pair one manifest with
+    another's fingerprint. Errors as :func:`load_manifest`."""
+    if not Path(run_dir).is_dir():
+        raise RunError(f"{run_dir}: no such directory")
+    data = LocalRunStorage(run_dir).read_manifest()
+    if data is None:
+        raise RunError(f"{run_dir}: not a dist_hooks run directory (no {layout.MANIFEST})")
+    return Manifest.parse(data), _manifest_crc32(data)
+
+
 def load_manifest(run_dir: str | Path, data: bytes | None = None) -> Manifest:
     """The checked ``run.json`` (or ``data``, its bytes read earlier); :class:`RunError` if there
     is none, :class:`DamageError` if it cannot be parsed or is not a dist_hooks manifest of a
-    version this code reads (:meth:`Manifest.parse <dist_hooks.store.manifest.Manifest.parse>`)."""
+    version this code reads (:meth:`Manifest.parse <dist_hooks.store.manifest.Manifest.parse>`),
+    or names a path or hook name no writer writes."""
     if data is None:
-        if not Path(run_dir).is_dir():
-            raise RunError(f"{run_dir}: no such directory")
-        data = LocalRunStorage(run_dir).read_manifest()
-        if data is None:
-            raise RunError(f"{run_dir}: not a dist_hooks run directory (no {layout.MANIFEST})")
+        return manifest_snapshot(run_dir)[0]
     return Manifest.parse(data)
 
 
@@ -150,6 +162,104 @@ def committed_files(run_dir: str | Path, manifest: Manifest) -> dict[tuple[int, 
     return out
 
 
+def run_problems(run_dir: str | Path, m: Manifest) -> list[str]:
+    """What is wrong with the run as a whole, one message each (empty when nothing is): the
+    boundaries are numbered in order, each boundary file exists, parses and holds its boundary,
+    the last one equals ``run.json``'s ``last``, every rank of the world (and no other) is in
+    it once, and ``data.zarr``'s root nodes are Zarr groups.
+
+    Why here, once: ``verify`` reports these, and everything that merges the ranks
+    (``consolidate``, ``export`` and ``plot`` on an unconsolidated run, :meth:`RunReader.logs`)
+    refuses on them before writing anything. A merge cannot see them in the ranks' own data:
+    a rank dropped from the last boundary simply contributes nothing.
+    """
+    run_dir = Path(run_dir)
+    out = []
+    bs, last = m.boundaries, m.last
+    prev: BoundaryEntry | None = None
+    for i, b in enumerate(bs):
+        if b.index != i:
+            out.append(f"{layout.MANIFEST}: boundary {i} has index {b.index}")
+        rel = b.file
+        try:
+            entry = BoundaryEntry.parse(run_path(run_dir, rel, f"{layout.MANIFEST} (boundary "
+                                                 f"{i})").read_bytes(), rel)
+        except FileNotFoundError:
+            out.append(f"{rel}: file missing")
+            continue
+        except OSError as exc:
+            out.append(f"{rel}: cannot be read ({exc.strerror or exc})")
+            continue
+        except DamageError as exc:
+            out.append(str(exc))
+            continue
+        if entry.index != i:
+            out.append(f"{rel}: holds boundary {entry.index}, expected {i}")
+        if i == len(bs) - 1 and last is not None and entry != last:
+            out.append(f"{rel}: differs from the last boundary recorded in {layout.MANIFEST}")
+        if prev is not None:
+            dropped = {d.hook for d in m.dropped or [] if d.boundary == i}
+            out.extend(_regressions(prev, entry, rel, dropped))
+        prev = entry
+    if bs and last is None:
+        out.append(f"{layout.MANIFEST}: {len(bs)} boundaries but no 'last' entry")
+    if last is not None and bs and last.index != bs[-1].index:
+        out.append(f"{layout.MANIFEST}: 'last' is boundary {last.index}, the list ends at "
+                   f"{bs[-1].index}")
+    if last is not None:
+        ws = m.world_size
+        ranks = [r.rank for r in last.ranks]
+        seen = set(ranks)
+        if len(ranks) != ws or seen != set(range(len(ranks))):
+            # bounded: world_size comes from the file and may be huge
+            missing = [r for r in range(min(ws, len(ranks) + 10)) if r not in seen][:10]
+            dup = sorted({r for r in ranks if ranks.count(r) > 1})[:10]
+            out.append(f"{layout.MANIFEST}: last boundary has ranks {sorted(seen)[:10]} for "
+                       f"world size {ws}" + (f" (missing {missing})" if missing else "")
+                       + (f" (repeated {dup})" if dup else ""))
+    try:
+        LocalRunStorage(run_dir).check_hierarchy()
+    except DamageError as exc:
+        out.append(str(exc))
+    return out
+
+
+def _regressions(prev: BoundaryEntry, entry: BoundaryEntry, rel: str,
+                 dropped: set[str]) -> list[str]:
+    """What boundary ``entry`` lost of ``prev``: committed data only ever grow, so each rank's
+    hook of a boundary is in the next one, of the same kind, never shorter — unless the
+    manifest records it as dropped at ``entry`` (``dropped``)."""
+    out = []
+    for old in prev.ranks:
+        new = entry.rank(old.rank)
+        if new is None:
+            continue  # reported as a missing rank when it is the last boundary
+        for name, c in old.hooks.items():
+            n = new.hooks.get(name)
+            if n is None and name in dropped:
+                continue
+            if n is None or n.kind != c.kind or n.converged != c.converged:
+                out.append(f"{rel}: rank {old.rank} hook {name!r} "
+                           + ("missing" if n is None else "changed kind")
+                           + f" (committed at boundary {prev.index})")
+            elif n.length < c.length or (isinstance(c, GroupCommit) and n.atoms < c.atoms) \
+                    or (isinstance(c, CsvCommit) and n.bytes < c.bytes):
+                out.append(f"{rel}: rank {old.rank} hook {name!r} shorter than at boundary "
+                           f"{prev.index}")
+    return out
+
+
+def run_damage(run_dir: str | Path, m: Manifest, doing: str) -> DamageError | None:
+    """:func:`run_problems` as the one error a tool that merges the ranks refuses with (one
+    line per problem), or ``None``."""
+    problems = run_problems(run_dir, m)
+    if not problems:
+        return None
+    return DamageError(f"refusing to {doing} {run_dir}: " + "; ".join(problems[:5])
+                       + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+                       + f" (`dist-hooks verify {run_dir}` lists all damage)", problems)
+
+
 def find_rank_roots(run_dir: str | Path, manifest: Manifest,
                     candidates: Sequence[str | os.PathLike] = ()) -> dict[int, Path]:
     """Where each committed rank's files (logs, groups, saved state) are: its *rank root*.
@@ -211,6 +321,18 @@ class RunReader:
         #: rank -> directory holding its files (see :func:`find_rank_roots`)
         self.roots: dict[int, Path] = (find_rank_roots(path, manifest, rank_roots)
                                        if path is not None else {})
+        self._consistent = False
+
+    def require_consistent(self, doing: str = "merge the ranks of") -> None:
+        """Refuse (:class:`DamageError`, once checked, cached) to merge the ranks of a run that
+        is inconsistent as a whole (:func:`run_problems`: a rank missing from the last boundary,
+        boundary files that disagree): a merge would silently return part of the data."""
+        if self._consistent or self.path is None:
+            return
+        exc = run_damage(self.path, self.manifest, doing)
+        if exc is not None:
+            raise exc
+        self._consistent = True
 
     def root_of(self, rank: int, what: str) -> Path:
         """The rank root of ``rank`` (the run directory unless storage was node-local)."""
@@ -260,6 +382,7 @@ class RunReader:
                     f = self.consolidated / info["csv"]
                     table = read_csv_committed(f, f.stat().st_size)
         if table is None:
+            self.require_consistent("read the logs of")
             units = [u for u in self.units if u.hook == hook and u.kind == "csv"]
             if not units:
                 known = sorted({u.hook for u in self.units if u.kind == "csv"})
@@ -294,6 +417,7 @@ class RunReader:
             return GroupReader(self.consolidated / layout.DATA_DIR, c["group"],
                                limit_records=int(c["records"]))
         root = self._require_run_dir("converged()")
+        self.require_consistent("read the converged records of")
         return GroupReader(root / layout.DATA_DIR, layout.CONVERGED_GROUP,
                            limit_records=self.manifest.merged.records)
 
@@ -314,7 +438,9 @@ class RunReader:
 
 
 def read_consolidated_summary(out: Path) -> dict | None:
-    """``consolidated.json`` of a complete consolidated output, else ``None``."""
+    """``consolidated.json`` of a complete consolidated output, else ``None``; one that claims
+    to be complete but names a path, hook or length no consolidate writes raises
+    :class:`DamageError` naming the key (:func:`check_consolidated_summary`)."""
     f = Path(out) / CONSOLIDATED_MARKER
     try:
         s = json.loads(f.read_bytes())
@@ -322,7 +448,55 @@ def read_consolidated_summary(out: Path) -> dict | None:
         return None
     if not isinstance(s, dict) or s.get("format") != CONSOLIDATED_FORMAT or not s.get("complete"):
         return None
+    check_consolidated_summary(s)
     return s
+
+
+def check_consolidated_summary(s: dict, where: str = CONSOLIDATED_MARKER) -> None:
+    """The names and paths of a consolidated output's summary, by the same rules as the run's
+    (docs/format.md, Names and paths): every path is the one the layout gives for its hook
+    (:func:`~dist_hooks.store.layout.consolidated_log`, ``consolidated_group``), every length a
+    non-negative integer; :class:`DamageError` naming the key otherwise. ``source.relative``
+    (where the run was) may lead anywhere: it is only ever compared, never read as data."""
+    def fail(key: str, what: str) -> None:
+        raise DamageError(f"{where}.{key}: {what}")
+
+    def counts(obj: dict, key: str, *names: str) -> None:
+        for n in names:
+            v = obj.get(n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                fail(f"{key}.{n}", f"expected a non-negative integer, got {v!r:.40}")
+
+    hooks = s.get("hooks", {})
+    if not isinstance(hooks, dict):
+        fail("hooks", "expected an object")
+    for name, info in hooks.items():
+        why = layout.name_problem(name)
+        if why is not None:
+            fail("hooks", f"hook name {name!r:.40} {why}")
+        key = f"hooks.{name}"
+        if not isinstance(info, dict):
+            fail(key, "expected an object")
+        if info.get("kind") == "csv":
+            if info.get("csv") != layout.consolidated_log(name):
+                fail(f"{key}.csv", f"expected {layout.consolidated_log(name)!r}")
+            if info.get("parquet") not in (None, layout.consolidated_log(name, ".parquet")):
+                fail(f"{key}.parquet", f"expected {layout.consolidated_log(name, '.parquet')!r}")
+            counts(info, key, "rows")
+        elif info.get("kind") == "zarr":
+            if info.get("group") != layout.consolidated_group(name):
+                fail(f"{key}.group", f"expected {layout.consolidated_group(name)!r}")
+            counts(info, key, "records", "atoms")
+        else:
+            fail(f"{key}.kind", 'expected "csv" or "zarr"')
+    conv = s.get("converged")
+    if conv is not None:
+        if not isinstance(conv, dict) or conv.get("group") != layout.CONVERGED_GROUP:
+            fail("converged.group", f"expected {layout.CONVERGED_GROUP!r}")
+        counts(conv, "converged", "records", "atoms")
+    src = s.get("source", {})
+    if not isinstance(src, dict) or not isinstance(src.get("relative", ""), str):
+        fail("source.relative", "expected a string")
 
 
 def default_consolidated_dir(run_dir: Path) -> Path:
@@ -341,11 +515,10 @@ def open_run(path: str | os.PathLike,
     """
     p = Path(path)
     if (p / layout.MANIFEST).is_file():
-        manifest = load_manifest(p)
+        manifest, crc = manifest_snapshot(p)  # one read: what is parsed is what is compared
         out = default_consolidated_dir(p)
         summary = read_consolidated_summary(out)
-        if summary is not None and summary.get("source", {}).get("manifest_crc32") != \
-                manifest_crc32(p):
+        if summary is not None and summary.get("source", {}).get("manifest_crc32") != crc:
             summary = None  # made of an older state of the run: stale
         return RunReader(p, manifest, out if summary is not None else None, summary,
                          rank_roots)
@@ -364,5 +537,6 @@ def open_run(path: str | os.PathLike,
                 source_dir = src
         except OSError:
             pass
+    # the manifest consolidated (its paths checked like run.json's), read with the source's files
     manifest = Manifest.from_json(summary.get("manifest"), f"{CONSOLIDATED_MARKER}: manifest")
     return RunReader(source_dir, manifest, p, summary, rank_roots)

@@ -20,7 +20,6 @@ exactly at the boundary's step.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
 
 from . import __version__
 from .comm import Communicator, get_communicator
@@ -40,18 +38,17 @@ from .errors import DamageError, ResumeError, RunError
 from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, RecordingHook
 from .launch import LaunchInfo, detect_launch
 from .records import CsrBlock
+from .saved_state import SavedStates
 from .stages import Stage, stage_matches
 from .store import layout
 from .store.group_reader import GroupReader
 from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
-    Manifest, StateFile
+    Manifest
 from .store.storage import LocalRunStorage, RunLock, RunStorage
 from .store.zarr_sink import ZarrSink
 
 log = logging.getLogger("dist_hooks")
 
-STATE_DIR = "state"
-KEEP_STATES = 2  # the state of the boundary in force and of the one being written
 
 
 class Preempted(SystemExit):
@@ -126,6 +123,7 @@ class Run:
         self.rank_root = Path(local_dir).absolute() if storage == "local" else self.path
         self.run_files: RunStorage = LocalRunStorage(self.path)
         self.rank_files: RunStorage = LocalRunStorage(self.rank_root)
+        self._states = SavedStates(self.rank_files, self.rank)
         self.checkpoint_every = checkpoint_every
         self.state_fn = state_fn
         self.settings = dict(settings or {})
@@ -269,6 +267,11 @@ class Run:
         boundary and, on a resumed run, is cut back to what the boundary in force committed."""
         if hook.name in self._hooks:
             raise ValueError(f"a hook named {hook.name!r} is already part of this run")
+        where = hook.committed_path(self.rank)
+        if where is not None and not Path(where).absolute().is_relative_to(self.rank_root):
+            raise RunError(f"hook {hook.name!r} writes {where}, outside {self.rank_root}: a run "
+                           "names its files by paths inside it (use run.logging_hook(), or a "
+                           "log_path under the run directory)")
         point = None
         if self._resume_points is not None:
             # a hook that never reached a boundary is cut back to nothing
@@ -421,7 +424,7 @@ class Run:
                 self.coordinator.join()
         self._boundary_index = summary["index"] + 1
         self._last_summary = summary
-        self._prune_states()
+        self._states.prune()
         t3 = time.perf_counter()
         # where a boundary's time goes (benchmarks/bench_boundary.py reports it): making this
         # rank's data durable and agreeing with the others stall the caller; rank 0's merge and
@@ -467,7 +470,8 @@ class Run:
                 hooks[name] = self._commit_of(hook, info)
             elif self._resume_points is not None and name in self._resume_points:
                 hooks[name] = self._resume_points[name]  # never fired since the resume
-        state = self._save_state(step) if self.state_fn is not None else None
+        state = (self._states.save(self._boundary_index, step, self.state_fn)
+                 if self.state_fn is not None else None)
         record = CommitRecord(self.rank, step, final, self._signal, time.time(), hooks, state)
         converged = self._new_converged(hooks) if self.storage == "local" else {}
         self._prev = hooks
@@ -494,24 +498,6 @@ class Run:
         return {name: HookSettings(type(h).__name__, h.frequency,
                                    getattr(h.stage, "name", str(h.stage)))
                 for name, h in self._hooks.items()}
-
-    def _state_rel(self, index: int | None = None) -> str:
-        d = f"{STATE_DIR}/{layout.rank_name(self.rank)}"
-        return d if index is None else f"{d}/b-{index:06d}.pt"
-
-    def _save_state(self, step: int | None) -> StateFile:
-        buf = io.BytesIO()
-        torch.save({"step": step, "state": self.state_fn()}, buf)
-        data = buf.getvalue()
-        rel = self._state_rel(self._boundary_index)
-        self.rank_files.replace(rel, data)
-        return StateFile.of(rel, data)
-
-    def _prune_states(self) -> None:
-        files = [n for n in self.rank_files.list(self._state_rel()) if n.startswith("b-")
-                 and n.endswith(".pt")]
-        for name in files[:-KEEP_STATES]:
-            self.rank_files.remove(f"{self._state_rel()}/{name}")
 
     def _new_converged(self, hooks: dict[str, HookCommit]) -> dict[str, CsrBlock]:
         """This rank's converged records committed since its previous boundary (node-local
@@ -553,19 +539,11 @@ class Run:
             for name, c in mine.hooks.items():  # every hook, also one that never fires again
                 self.rank_files.check_committed(c, f"rank {self.rank}, hook {name!r}")
             if mine.state is not None:
-                self.resume_state = self._load_state(mine.state)
+                self.resume_state = self._states.load(mine.state)
         if self.coordinator is not None:
             m = manifest.merged
             self.run_files.check_committed(GroupCommit(layout.CONVERGED_GROUP, m.records, m.atoms,
                                                        {}), "the merged group")
-
-    def _load_state(self, state: StateFile) -> Any:
-        where = self.rank_files.path(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
-        data = self.rank_files.read(state.path)
-        if data is None or state.mismatch(data) is not None:
-            raise DamageError(f"{where}: saved simulation state does not match its checksum in "
-                              "run.json")
-        return torch.load(io.BytesIO(data), weights_only=False)["state"]
 
     # -- signals -------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 from consolidated_ref import assert_bit_identical, group, manifest, reference, trajectory
+from dist_hooks.errors import DamageError
 from dist_hooks.reader import RunError, open_run
 from dist_hooks.store import layout
 from dist_hooks.store.csv_log import CsvLog
@@ -301,3 +302,46 @@ def test_unsharded_run(tmp_path, bench_consolidate):
     assert g["step"].shards is None  # written as the ranks' groups are: unsharded
     assert_bit_identical(group(out / "converged"), reference(run, "converged", dedup=True),
                          "unsharded converged")
+
+
+def test_open_run_pairs_one_manifest_with_its_own_fingerprint(run, monkeypatch):
+    """A consolidate (or a boundary) that replaces run.json while open_run reads it cannot make
+    the reader pair one manifest with the consolidated output of another: open_run reads the
+    file once, and parses and fingerprints those same bytes."""
+    from dist_hooks.store.storage import LocalRunStorage
+
+    old = (run / "run.json").read_bytes()
+    m = manifest(run)
+    m["settings"]["touched"] = True
+    (run / "run.json").write_text(json.dumps(m))
+    consolidate(run, progress=False)  # the output of the NEW manifest
+    (run / "run.json").write_bytes(old)
+    real_read = LocalRunStorage.read
+    reads = []
+
+    def read_then_commit(self, rel):
+        data = real_read(self, rel)
+        if rel == layout.MANIFEST:
+            reads.append(data)
+            (run / "run.json").write_text(json.dumps(m))  # the new one lands right after
+        return data
+    monkeypatch.setattr(LocalRunStorage, "read", read_then_commit)
+    r = open_run(run)
+    assert len(reads) == 1
+    assert "touched" not in r.manifest.settings  # the old manifest, as read ...
+    assert r.consolidated is None  # ... so the new one's output is not used with it
+    monkeypatch.undo()
+    r = open_run(run)  # now consistent: the new manifest and its output
+    assert r.manifest.settings["touched"] and r.consolidated is not None
+
+
+def test_consolidated_summary_paths_are_checked(run):
+    consolidate(run, progress=False)
+    marker = run / "consolidated" / "consolidated.json"
+    s = json.loads(marker.read_text())
+    s["hooks"]["log"]["parquet"] = "../../../victim.parquet"
+    marker.write_text(json.dumps(s))
+    with pytest.raises(DamageError, match=r"hooks\.log\.parquet"):
+        open_run(run / "consolidated")
+    consolidate(run, progress=False, force=True)  # a damaged output is rebuilt, not trusted
+    assert open_run(run).consolidated is not None

@@ -21,6 +21,8 @@ from consolidated_ref import assert_merged_checksums
 from dist_hooks import ConvergedSnapshotHook, Run, Stage
 from dist_hooks.errors import DamageError, LockHeldError, ResumeError, RunError
 from dist_hooks.store.manifest import Manifest
+from dist_hooks.tools.consolidate import consolidate
+from dist_hooks.tools.verify import verify_run
 
 OPTIONS = dict(chunk_records=4, chunk_atoms=16, chunks_per_shard=2, compressor="none",
                write_unit="chunk", fsync="never")
@@ -181,6 +183,10 @@ def test_resume_without_a_committed_hook_is_refused_unless_dropped(tmp_path):
     run.logging_hook(), run.converged_hook()
     run.close()
     assert len(json.loads((root / "run.json").read_text())["dropped"]) == 1
+    # a recorded drop is no damage: the run verifies, and consolidates without the hook
+    report = verify_run(root)
+    assert report["ok"], report["problems"]
+    assert "snapshots" not in consolidate(root, progress=False)["hooks"]
 
 
 def test_drop_hooks_naming_a_hook_of_the_run_is_an_error(tmp_path):
@@ -289,3 +295,21 @@ def test_damaged_finished_demo_relaunches_with_an_error_and_commits_nothing(tmp_
     assert again.returncode != 0
     assert "DamageError" in again.stderr and log["path"] in again.stderr, again.stderr[-2000:]
     assert (out / "run.json").read_bytes() == before
+
+
+def test_a_hook_writing_outside_the_run_is_refused(tmp_path):
+    """A CSV log outside the run would be named by an absolute path in run.json, which no
+    reader may follow: refused when the hook joins, with the path named."""
+    from dist_hooks import LoggingHook
+    run = _new_run(tmp_path / "run")
+    outside = LoggingHook(log_path=tmp_path / "elsewhere", name="mine")
+    with pytest.raises(RunError, match="elsewhere.*outside"):
+        run.add_hook(outside)
+    inside = run.add_hook(LoggingHook(log_path=tmp_path / "run" / "logs" / "mine", name="mine"))
+    custom = run.add_hook(LoggingHook(backend="custom", writer_fn=lambda step, rows: None,
+                                      log_path=tmp_path / "elsewhere", name="other"))
+    _steps(run, [inside, custom], 0, 6)
+    run.close()
+    m = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert m["last"]["ranks"][0]["hooks"]["mine"]["path"] == "logs/mine/rank-00000.csv"
+    assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").iterdir())

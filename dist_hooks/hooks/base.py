@@ -12,13 +12,14 @@ no text formatting. Encoding and disk I/O happen in the process's writer thread.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
 from ..batch import BatchView
 from ..launch import detect_launch
-from ..store.layout import RESERVED_NAMES
+from ..store.layout import RESERVED_NAMES, name_problem
 from ..stages import Stage, as_stage, stage_matches
 from ..writer_runtime import Channel, Streams, register_for_exit
 
@@ -37,15 +38,14 @@ def resolve_rank(explicit: int | None) -> int:
 def field_name_problem(name: str) -> str | None:
     """Why a batch field cannot be recorded under ``name`` in a record group, or None.
 
-    A field becomes a Zarr array: its name is one path component of the group's directory (no
-    ``/``, ``\\``, NUL, not empty, ``.`` or ``..``), not hidden (``.name`` is also how the store
-    names its temporaries), not ``zarr.json`` (the group's own metadata file) and not ``__name``
-    (Zarr v3 reserves those); and it must not be one of the format's own columns.
+    A field becomes a Zarr array: its name is one path component of the group's directory, as a
+    hook name is (:func:`~dist_hooks.store.layout.name_problem`; a hidden ``.name`` is also how
+    the store names its temporaries), not ``zarr.json`` (the group's own metadata file) and not
+    ``__name`` (Zarr v3 reserves those); and it must not be one of the format's own columns.
     """
     if name in RESERVED_NAMES:
         return f"is the name of the format's own {name!r} column"
-    if (not name or name in (".", "..") or name.startswith((".", "__")) or name == "zarr.json"
-            or any(c in name for c in "/\\\0")):
+    if name_problem(name) is not None or name.startswith("__") or name == "zarr.json":
         return "cannot be a Zarr array name (one path component, not hidden, not '__'-prefixed)"
     return None
 
@@ -101,6 +101,11 @@ class RecordingHook:
         self._layout: tuple | None = None  # field names of the last batch seen (BatchView.layout)
         # the committed entry this hook resumes from (see bind); None: a new run
         self._resume_point: dict | None = None
+
+    def committed_path(self, rank: int) -> Path | None:
+        """The file a checkpoint names by path for this hook at ``rank`` (a CSV log), or None
+        when it names none (a record group is named by its group path)."""
+        return None
 
     def bind(self, *, rank: int, resume_point: dict | None) -> None:
         """Place this hook in a run (``Run`` does this when it hands the hook out).

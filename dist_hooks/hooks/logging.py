@@ -87,6 +87,9 @@ class LoggingHook(RecordingHook):
         """The CSV that rank ``rank`` writes (backend ``"csv"``)."""
         return csv_rank_path(self.log_path, rank)
 
+    def committed_path(self, rank: int) -> Path | None:
+        return self.rank_path(rank) if self.backend == "csv" else None
+
     # columns of the ring: sample_id, status, then the float scalars
     def _scalar_names(self) -> list[str]:
         return list(DEFAULT_SCALARS) + [k for k in self.custom_scalars if k not in DEFAULT_SCALARS]

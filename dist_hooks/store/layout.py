@@ -8,6 +8,13 @@ here, so that the on-disk layout (docs/format.md) can only change in one file, t
     RUN/logs/<hook>/rank-00000.csv        per-rank CSV logs (csv_path)
     RUN/data.zarr/ranks/rank-00000/<hook> per-rank, per-hook Zarr group (hook_group)
     RUN/data.zarr/converged               coordinator-merged converged records (CONVERGED_GROUP)
+    RUN/boundaries/b-000003.json          one committed boundary (boundary_file)
+    RUN/state/rank-00000/b-000003.pt      a rank's saved simulation state (state_file)
+
+The same rules check every name and path read back from a run's own files (``run.json``, the
+boundary files, ``consolidated.json``): :func:`name_problem` for names that become path
+components, :func:`relative_path_problem` for paths, so that a damaged or hand-edited file can
+name nothing a writer would not have written (docs/format.md, "Names and paths").
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ RANK_COLUMN = "rank"
 #: may take one, since it would overwrite or shadow that column (docs/format.md).
 RESERVED_NAMES = frozenset(RECORD_KEYS + (RANK_COLUMN, ATOMS_PTR, ATOMS_START, N_ATOMS))
 
+BOUNDARIES_DIR = "boundaries"
+STATE_DIR = "state"
 RANK_PREFIX = "rank-"
 
 
@@ -65,6 +74,37 @@ def csv_path(run_dir: str | Path, hook_name: str, rank: int) -> Path:
     return Path(run_dir) / LOGS_DIR / hook_name / f"{rank_name(rank)}.csv"
 
 
+def boundary_file(index: int) -> str:
+    """Path of boundary ``index``'s file, relative to the run directory."""
+    return f"{BOUNDARIES_DIR}/b-{int(index):06d}.json"
+
+
+def state_dir(rank: int) -> str:
+    """Folder of one rank's saved states, relative to its rank root."""
+    return f"{STATE_DIR}/{rank_name(rank)}"
+
+
+def state_file(rank: int, index: int) -> str:
+    """Path of the state ``rank`` saved at boundary ``index``, relative to its rank root."""
+    return f"{state_dir(rank)}/b-{int(index):06d}.pt"
+
+
+# consolidate's output (OUT/): one group or log per hook, named by the hook
+CONSOLIDATED_HOOKS_GROUP = "hooks"
+
+
+def consolidated_group(hook_name: str) -> str:
+    """Zarr path, inside ``OUT/data.zarr``, of a snapshot hook's consolidated trajectory."""
+    _check_name(hook_name)
+    return f"{CONSOLIDATED_HOOKS_GROUP}/{hook_name}"
+
+
+def consolidated_log(hook_name: str, suffix: str = ".csv") -> str:
+    """Path, inside ``OUT``, of a CSV log's merged copy (``suffix`` ".csv" or ".parquet")."""
+    _check_name(hook_name)
+    return f"{LOGS_DIR}/{hook_name}{suffix}"
+
+
 def parse_rank_name(name: str) -> int | None:
     """Inverse of :func:`rank_name`; ``None`` for names that are not rank directories."""
     if not name.startswith(RANK_PREFIX):
@@ -73,10 +113,36 @@ def parse_rank_name(name: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a hook name, or ``None``. A hook name becomes a path component
+    (``logs/<hook>/``, ``ranks/rank-N/<hook>``, consolidate's ``logs/<hook>.csv``): refuse what
+    would escape or nest (a separator, ``..``, a hidden name, a NUL)."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if ("/" in name or "\\" in name or "\0" in name or name in (".", "..")
+            or name.startswith(".")):
+        return "must be a single, non-hidden path component"
+    return None
+
+
 def _check_name(name: str) -> None:
-    # A hook name becomes a path component: refuse what would escape or nest.
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
-        raise ValueError(f"invalid hook name {name!r}: must be a single, non-hidden path component")
+    why = name_problem(name)
+    if why is not None:
+        raise ValueError(f"invalid hook name {name!r}: {why}")
+
+
+def relative_path_problem(rel: object) -> str | None:
+    """Why ``rel`` cannot be a path inside a run (or a rank root), or ``None``: it must be a
+    ``/``-separated relative path of plain components (no ``..``, ``.``, empty or hidden
+    component, no backslash or NUL). :func:`~dist_hooks.store.storage.run_path` still guards
+    every use (it resolves symlinks); this refuses what no writer writes, before any use."""
+    if not isinstance(rel, str) or not rel:
+        return "must be a non-empty relative path"
+    if rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return "must be a relative path"
+    if any(not c or c.startswith(".") for c in rel.split("/")):
+        return "must not hold '..', '.', empty or hidden components"
+    return None
 
 
 def group_attrs(levels: Mapping[str, str], extra: Mapping[str, Any] | None = None) -> dict:

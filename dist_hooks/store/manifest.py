@@ -7,6 +7,13 @@ check, replaces ``.get(...) or {}`` chains that let a damaged or hand-edited fil
 naming the key; ``to_json`` writes the same keys, in the same order, as format version 1 always
 has, so a run recorded by an earlier version reads, resumes and is rewritten unchanged.
 
+The parser is also the one place where names and paths read back from a run's files are
+checked, before anything reads or writes by them (docs/format.md, "Names and paths"): hook
+names are single path components (:func:`~dist_hooks.store.layout.name_problem`, the rule the
+writers apply); a group, state or boundary file path is the one the layout gives for its rank,
+hook and index; a CSV path is a plain relative ``.csv`` path. Every tool, ``open_run`` and
+resume parse through here, so none of them can be pointed outside the run by a file.
+
 Who writes what: every rank builds its :class:`CommitRecord` at a boundary; the coordinator
 (rank 0) gathers them into a :class:`BoundaryEntry` (``boundaries/b-NNNNNN.json``), appends a
 :class:`BoundarySummary` to the :class:`Manifest` and commits it (``run.json``).
@@ -14,16 +21,25 @@ Who writes what: every rank builds its :class:`CommitRecord` at a boundary; the 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..errors import DamageError
+from . import layout
 from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
-__all__ = ["BoundaryEntry", "BoundarySummary", "CommitRecord", "CsvCommit", "GroupCommit",
-           "HookCommit", "HookSettings", "Manifest", "MergedLengths", "StateFile",
+__all__ = ["MAX_WORLD_SIZE", "BoundaryEntry", "BoundarySummary", "CommitRecord", "CsvCommit",
+           "GroupCommit", "HookCommit", "HookSettings", "Manifest", "MergedLengths", "StateFile",
            "manifest_crc32"]
+
+
+#: The largest world size a manifest may name (MPI ranks are C ints).
+MAX_WORLD_SIZE = (1 << 31) - 1
+#: Every integer of the format fits in int64 (numpy reads lengths and offsets as int64).
+_INT_LIMIT = 1 << 63
+_STATE_NAME = re.compile(r"b-[0-9]{6,}\.pt")
 
 
 class _Fields:
@@ -48,7 +64,17 @@ class _Fields:
         return v
 
     def int(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
-        return self._get(key, (int,), "an integer", optional, default)
+        v = self._get(key, (int,), "an integer", optional, default)
+        if isinstance(v, int) and not -_INT_LIMIT <= v < _INT_LIMIT:
+            raise DamageError(f"{self.where}.{key}: {_shown(v)} is out of range")
+        return v
+
+    def count(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
+        """A length, index or checksum: an integer in [0, 2**63)."""
+        v = self.int(key, optional=optional, default=default)
+        if isinstance(v, int) and v < 0:
+            raise DamageError(f"{self.where}.{key}: {v} is negative")
+        return v
 
     def num(self, key: str, *, optional: bool = False, default: Any = None) -> Any:
         return self._get(key, (int, float), "a number", optional, default)
@@ -68,9 +94,14 @@ class _Fields:
     def int_map(self, key: str, *, optional: bool = False) -> dict[str, int]:
         d = self.obj_(key, optional=optional)
         for k, v in d.items():
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise DamageError(f"{self.where}.{key}.{k}: expected an integer, got {_shown(v)}")
+            if not _is_count(v):
+                raise DamageError(f"{self.where}.{key}.{_shown(k)}: expected a non-negative "
+                                  f"integer, got {_shown(v)}")
         return dict(d)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INT_LIMIT
 
 
 def _shown(v: Any) -> str:
@@ -81,9 +112,26 @@ def _shown(v: Any) -> str:
 def _int_or_none_list(f: _Fields, key: str) -> list[int | None]:
     out = f.list(key)
     for i, v in enumerate(out):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                              or not -_INT_LIMIT <= v < _INT_LIMIT):
             raise DamageError(f"{f.where}.{key}[{i}]: expected an integer or null, got {_shown(v)}")
     return list(out)
+
+
+def _hook_name(name: str, where: str) -> str:
+    """A hook name read from a run's file, checked by the writers' rule (one rule)."""
+    why = layout.name_problem(name)
+    if why is not None:
+        raise DamageError(f"{where}: hook name {_shown(name)} {why}")
+    return name
+
+
+def _rel_path(rel: str, where: str) -> str:
+    """A path read from a run's file: plain and relative (docs/format.md, Names and paths)."""
+    why = layout.relative_path_problem(rel)
+    if why is not None:
+        raise DamageError(f"{where}: path {_shown(rel)} {why}")
+    return rel
 
 
 @dataclass
@@ -97,7 +145,7 @@ class StateFile:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "StateFile":
         f = _Fields(obj, where)
-        return cls(f.str("path"), f.int("bytes"), f.int("crc32"))
+        return cls(_rel_path(f.str("path"), f"{where}.path"), f.count("bytes"), f.count("crc32"))
 
     @classmethod
     def of(cls, path: str, data: bytes) -> "StateFile":
@@ -130,7 +178,10 @@ class CsvCommit:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "CsvCommit":
         f = _Fields(obj, where)
-        return cls(f.str("path"), f.int("bytes"), f.int("rows"), f.int("crc32"))
+        path = _rel_path(f.str("path"), f"{where}.path")
+        if not path.endswith(".csv"):
+            raise DamageError(f"{where}.path: path {_shown(path)} is not a .csv file")
+        return cls(path, f.count("bytes"), f.count("rows"), f.count("crc32"))
 
     @property
     def length(self) -> int:
@@ -161,10 +212,10 @@ class GroupCommit:
         f = _Fields(obj, where)
         files = f.obj_("files", optional=True) if "files" in obj else None
         for k, v in (files or {}).items():
-            if (not isinstance(v, list) or len(v) != 2
-                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
-                raise DamageError(f"{where}.files.{k}: expected [bytes, crc32], got {_shown(v)}")
-        return cls(f.str("group"), f.int("records"), f.int("atoms"),
+            if not isinstance(v, list) or len(v) != 2 or not all(_is_count(x) for x in v):
+                raise DamageError(f"{where}.files.{_shown(k)}: expected [bytes, crc32], got "
+                                  f"{_shown(v)}")
+        return cls(f.str("group"), f.count("records"), f.count("atoms"),
                    f.int_map("crc32", optional=True), bool(f.bool("converged", optional=True)),
                    files)
 
@@ -209,10 +260,22 @@ class CommitRecord:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "CommitRecord":
         f = _Fields(obj, where)
-        hooks = {str(k): _hook_commit(v, f"{where}.hooks.{k}")
-                 for k, v in f.obj_("hooks", optional=True).items()}
-        state = StateFile.from_json(obj["state"], f"{where}.state") if obj.get("state") else None
-        return cls(f.int("rank"), f.int("step", optional=True), bool(f.bool("final")),
+        rank = f.count("rank")
+        hooks = {}
+        for k, v in f.obj_("hooks").items():
+            place = f"{where}.hooks.{_hook_name(k, f'{where}.hooks')}"
+            hooks[k] = c = _hook_commit(v, place)
+            if isinstance(c, GroupCommit) and c.group != layout.hook_group(rank, k):
+                raise DamageError(f"{place}.group: {_shown(c.group)}, the layout puts rank "
+                                  f"{rank}'s group of {k!r} at {layout.hook_group(rank, k)!r}")
+        state = (StateFile.from_json(obj["state"], f"{where}.state")
+                 if obj.get("state") is not None else None)
+        if state is not None:
+            folder, _, name = state.path.rpartition("/")
+            if folder != layout.state_dir(rank) or not _STATE_NAME.fullmatch(name):
+                raise DamageError(f"{where}.state.path: {_shown(state.path)}, the layout puts "
+                                  f"rank {rank}'s states at {layout.state_dir(rank)}/b-NNNNNN.pt")
+        return cls(rank, f.int("step", optional=True), bool(f.bool("final")),
                    f.int("signal", optional=True), f.num("time"), hooks, state)
 
     def to_json(self) -> dict:
@@ -236,8 +299,8 @@ class MergedLengths:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "MergedLengths":
         f = _Fields(obj, where)
-        return cls(f.int("records", optional=True, default=0),
-                   f.int("atoms", optional=True, default=0),
+        return cls(f.count("records", optional=True, default=0),
+                   f.count("atoms", optional=True, default=0),
                    f.int_map("crc32") if "crc32" in obj else None)
 
     def to_json(self) -> dict:
@@ -261,8 +324,9 @@ class BoundaryEntry:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "BoundaryEntry":
         f = _Fields(obj, where)
-        ranks = [CommitRecord.from_json(r, f"{where}.ranks[{i}]") for i, r in enumerate(f.list("ranks"))]
-        return cls(f.int("index"), f.num("time"), bool(f.bool("all_final")),
+        ranks = [CommitRecord.from_json(r, f"{where}.ranks[{i}]")
+                 for i, r in enumerate(f.list("ranks"))]
+        return cls(f.count("index"), f.num("time"), bool(f.bool("all_final")),
                    _int_or_none_list(f, "steps"), ranks,
                    MergedLengths.from_json(f.obj_("merged", optional=True), f"{where}.merged"))
 
@@ -299,8 +363,12 @@ class BoundarySummary:
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "BoundarySummary":
         f = _Fields(obj, where)
-        return cls(f.int("index"), f.num("time"), _int_or_none_list(f, "steps"), f.str("file"),
-                   f.int("converged_count"), bool(f.bool("all_final")))
+        index, file = f.count("index"), f.str("file")
+        if file != layout.boundary_file(index):
+            raise DamageError(f"{where}.file: {_shown(file)}, the layout puts boundary {index} "
+                              f"at {layout.boundary_file(index)!r}")
+        return cls(index, f.num("time"), _int_or_none_list(f, "steps"), file,
+                   f.count("converged_count"), bool(f.bool("all_final")))
 
     def to_json(self) -> dict:
         return {"index": self.index, "time": self.time, "steps": list(self.steps),
@@ -326,6 +394,31 @@ class HookSettings:
 
 
 @dataclass
+class DroppedHook:
+    """A hook a resume dropped (``Run(drop_hooks=...)``): from boundary ``boundary`` on no commit
+    record names it; ``ranks`` holds each rank's last commit entry of it (its files stay)."""
+
+    hook: str
+    boundary: int
+    ranks: dict[int, HookCommit]
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "DroppedHook":
+        f = _Fields(obj, where)
+        name = _hook_name(f.str("hook"), where)
+        ranks = {}
+        for k, v in f.obj_("ranks").items():
+            if not k.isdigit():
+                raise DamageError(f"{where}.ranks: key {_shown(k)} is not a rank")
+            ranks[int(k)] = _hook_commit(v, f"{where}.ranks.{k}")
+        return cls(name, f.int("boundary"), ranks)
+
+    def to_json(self) -> dict:
+        return {"hook": self.hook, "boundary": self.boundary,
+                "ranks": {str(r): c.to_json() for r, c in self.ranks.items()}}
+
+
+@dataclass
 class Manifest:
     """``run.json``: the run's settings and its committed boundaries (docs/format.md)."""
 
@@ -343,8 +436,8 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     #: hooks left out on a resume (``Run(drop_hooks=...)``), each ``{"hook", "boundary",
-    #: "ranks": {rank: its last commit entry}}``; absent (``None``) in runs that dropped none
-    dropped: list[dict] | None = None
+    #: hooks that resumes dropped (additive: absent in runs that dropped none)
+    dropped: list[DroppedHook] | None = None
 
     @classmethod
     def parse(cls, data: bytes, where: str = MANIFEST) -> "Manifest":
@@ -365,16 +458,17 @@ class Manifest:
                               f"dist_hooks reads version {FORMAT_VERSION}")
         f = _Fields(obj, where)
         world = f.int("world_size")
-        if world < 1:
-            raise DamageError(f"{where}.world_size: {world} is not a positive integer")
-        hooks = {str(k): HookSettings.from_json(v, f"{where}.hooks.{k}")
+        if not 1 <= world <= MAX_WORLD_SIZE:
+            raise DamageError(f"{where}.world_size: {world} is not an integer in "
+                              f"[1, {MAX_WORLD_SIZE}]")
+        hooks = {_hook_name(k, f"{where}.hooks"): HookSettings.from_json(v, f"{where}.hooks.{k}")
                  for k, v in f.obj_("hooks", optional=True).items()}
         bounds = [BoundarySummary.from_json(b, f"{where}.boundaries[{i}]")
                   for i, b in enumerate(f.list("boundaries", optional=True))]
-        last = BoundaryEntry.from_json(obj["last"], f"{where}.last") if obj.get("last") else None
-        dropped = f.list("dropped") if "dropped" in obj else None
-        for i, d in enumerate(dropped or []):
-            _Fields(d, f"{where}.dropped[{i}]").str("hook")
+        last = (BoundaryEntry.from_json(obj["last"], f"{where}.last")
+                if obj.get("last") is not None else None)
+        dropped = ([DroppedHook.from_json(d, f"{where}.dropped[{i}]")
+                    for i, d in enumerate(f.list("dropped"))] if "dropped" in obj else None)
         return cls(world, f.str("launcher"), f.str("storage"), f.str("job_id", optional=True),
                    f.int("checkpoint_every", optional=True), f.obj_("settings", optional=True),
                    hooks, bounds, last, f.str("dist_hooks_version", optional=True, default=""),
@@ -390,7 +484,7 @@ class Manifest:
                "boundaries": [b.to_json() for b in self.boundaries],
                "last": self.last.to_json() if self.last is not None else None}
         if self.dropped is not None:  # additive: older readers ignore it
-            out["dropped"] = list(self.dropped)
+            out["dropped"] = [d.to_json() for d in self.dropped]
         return out
 
     def encode(self) -> bytes:

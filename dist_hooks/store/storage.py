@@ -152,10 +152,30 @@ class RunStorage(ABC):
         """``run.json``'s bytes, or ``None`` for a run not created yet."""
         return self.read(MANIFEST)
 
+    def check_hierarchy(self) -> None:
+        """:class:`DamageError` naming the file when ``data.zarr``'s root or ``ranks`` group
+        exists but is not a Zarr v3 group node (garbage, truncated, another format): zarr would
+        fail on it later with a bare decoding error, or replace it. Missing nodes are fine."""
+        for rel in (f"{DATA_DIR}/zarr.json", f"{DATA_DIR}/{RANKS_GROUP}/zarr.json"):
+            try:
+                data = self.read(rel)
+            except OSError as exc:
+                raise DamageError(f"{rel}: cannot be read ({exc.strerror or exc})") from exc
+            if data is None:
+                continue
+            try:
+                doc = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                doc = None
+            if (not isinstance(doc, dict) or doc.get("zarr_format") != 3
+                    or doc.get("node_type") != "group"):
+                raise DamageError(f"{rel}: not a Zarr v3 group node (damaged)")
+
     def create_hierarchy(self) -> None:
-        """``data.zarr`` and its ``ranks`` group. With node-local storage the ranks of one node
-        create them in the same directory at the same time: whoever loses the race finds them
-        made by another rank, which is as good."""
+        """``data.zarr`` and its ``ranks`` group (checked first: :meth:`check_hierarchy`). With
+        node-local storage the ranks of one node create them in the same directory at the same
+        time: whoever loses the race finds them made by another rank, which is as good."""
+        self.check_hierarchy()
         for attempt in range(3):
             try:
                 g = zarr.open_group(self.zarr_store(), mode="a", zarr_format=3,

@@ -65,7 +65,7 @@ import numpy as np
 import zarr
 
 from ..errors import DamageError
-from ..store.manifest import Manifest, manifest_crc32
+from ..store.manifest import Manifest
 from ..reader import (
     CONSOLIDATED_FORMAT,
     CONSOLIDATED_MARKER,
@@ -74,9 +74,10 @@ from ..reader import (
     committed_units,
     default_consolidated_dir,
     find_rank_roots,
-    load_manifest,
     local_storage_error,
+    manifest_snapshot,
     read_consolidated_summary,
+    run_damage,
 )
 from ..records import CsrBlock, merge_blocks
 from ..store import layout
@@ -121,7 +122,9 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     nodes' local files (copied or mounted; see :func:`~dist_hooks.reader.find_rank_roots`).
     """
     run_dir = Path(run_dir)
-    load_manifest(run_dir)  # "not a run" errors before anything is created
+    # "not a run", a damaged manifest, a run inconsistent as a whole: refused before anything
+    # is created (checked again below on the snapshot consolidated, under the lock)
+    _check_run(run_dir, manifest_snapshot(run_dir)[0])
     out = Path(out) if out is not None else default_consolidated_dir(run_dir)
     check_out(run_dir, out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +133,12 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                "rank_roots": [str(Path(r).resolve()) for r in rank_roots]}
     with run_lock(run_dir, out):
         remove_stale(out)
-        data = (run_dir / layout.MANIFEST).read_bytes()  # one read: parse and fingerprint agree
-        manifest = load_manifest(run_dir, data)
-        mcrc = manifest_crc32(data)
-        old = read_consolidated_summary(out)
+        manifest, mcrc = manifest_snapshot(run_dir)  # one read: parse and fingerprint agree
+        _check_run(run_dir, manifest)
+        try:
+            old = read_consolidated_summary(out)
+        except DamageError:
+            old = None  # a damaged previous output is rebuilt
         if (old is not None and not force and old.get("options") == options
                 and old.get("format_version") == CONSOLIDATED_VERSION
                 and old.get("source", {}).get("manifest_crc32") == mcrc):
@@ -165,6 +170,14 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return {**summary, "status": "written", "out": str(out)}
+
+
+def _check_run(run_dir: Path, manifest: Manifest) -> None:
+    """The run-wide checks ``verify`` makes (:func:`~dist_hooks.reader.run_problems`); not
+    skippable with ``--skip-damaged``: they belong to no (rank, hook) part."""
+    exc = run_damage(run_dir, manifest, "consolidate")
+    if exc is not None:
+        raise exc
 
 
 def _usable_units(run_dir: Path, manifest: Manifest, units: list[Unit], roots: dict[int, Path],
@@ -257,7 +270,7 @@ def _open_output(tmp: Path) -> AtomicLocalStore:
     store = AtomicLocalStore(tmp / layout.DATA_DIR, fsync="never")
     zroot = zarr.open_group(store, mode="w", zarr_format=3)
     zroot.attrs.update({"format": CONSOLIDATED_FORMAT, "format_version": CONSOLIDATED_VERSION})
-    zroot.create_group("hooks")
+    zroot.create_group(layout.CONSOLIDATED_HOOKS_GROUP)
     return store
 
 
@@ -306,8 +319,8 @@ def _merge_logs(inputs: _Inputs, tmp: Path, parquet: bool) -> tuple[dict, list[s
     out, found = {}, []
     for h in sorted({u.hook for u in inputs.csv_units()}):
         us = [u for u in inputs.csv_units() if u.hook == h]
-        csv_rel = f"{layout.LOGS_DIR}/{h}.csv"
-        pq_rel = f"{layout.LOGS_DIR}/{h}.parquet"
+        csv_rel = layout.consolidated_log(h)
+        pq_rel = layout.consolidated_log(h, ".parquet")
         res = merge_csv(us, {u.rank: inputs.root(u) for u in us}, tmp / csv_rel,
                         progress=inputs.bar, on_window=inputs.on_window,
                         parquet_out=tmp / pq_rel if parquet else None)
@@ -328,7 +341,7 @@ def _start_trajectories(inputs: _Inputs, store: AtomicLocalStore, files: dict, c
     out = {}
     for h in sorted({u.hook for u in inputs.zarr_units(converged=False)}):
         us = [u for u in inputs.zarr_units(converged=False) if u.hook == h]
-        t = TrajectoryOutput(store, f"hooks/{h}", us, inputs.root, files, inputs.bar,
+        t = TrajectoryOutput(store, layout.consolidated_group(h), us, inputs.root, files, inputs.bar,
                              inputs.on_window, checksums)
         t.start(pool)
         out[h] = t

@@ -48,6 +48,7 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
                                    records=c["records"], atoms=c["atoms"], **kw))
         if run.path is None:
             raise RunError("the consolidated output holds no converged records")
+        run.require_consistent("export from")
         merged = run.manifest.merged
         return iter(ZarrSource(run.path / layout.DATA_DIR, layout.CONVERGED_GROUP,
                                place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}",
@@ -67,6 +68,7 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
                                           limit_records=info["records"]), block_records)
     if run.path is None:
         raise RunError(f"the consolidated output holds no group for hook {hook!r}")
+    run.require_consistent("export from")
     units = [u for u in run.units if u.kind == "zarr" and u.hook == hook]
     sources = []
     for u in units:

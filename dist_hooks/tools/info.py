@@ -15,13 +15,13 @@ from typing import Any, Sequence
 
 import zarr
 
+from ..errors import DamageError
 from ..reader import (
     Unit,
     committed_units,
     default_consolidated_dir,
     find_rank_roots,
-    load_manifest,
-    manifest_crc32,
+    manifest_snapshot,
     read_consolidated_summary,
 )
 
@@ -82,7 +82,7 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
     """The summary of a run as a dict with stable keys (see ``docs/cli.md``). ``rank_roots``:
     for a run recorded with ``storage="local"``, the nodes' directories (for the step range)."""
     run_dir = Path(run_dir)
-    m = load_manifest(run_dir)
+    m, crc = manifest_snapshot(run_dir)
     roots = find_rank_roots(run_dir, m, rank_roots)
     units = committed_units(m)
     ranks = []
@@ -113,11 +113,14 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
                 lo = s[0] if lo is None else min(lo, s[0])
                 hi = s[1] if hi is None else max(hi, s[1])
     out_dir = default_consolidated_dir(run_dir)
-    summary = read_consolidated_summary(out_dir)
+    try:
+        summary = read_consolidated_summary(out_dir)
+    except DamageError:  # damaged: not usable, so not up to date (verify is for damage)
+        summary = {}
     consolidated = None
     if summary is not None:
         consolidated = {"path": str(out_dir), "up_to_date":
-                        summary.get("source", {}).get("manifest_crc32") == manifest_crc32(run_dir)}
+                        summary.get("source", {}).get("manifest_crc32") == crc}
     hooks = {name: {**h.to_json(), "kind": totals.get(name, {}).get("kind")}
              for name, h in m.hooks.items()}
     return {

@@ -5,9 +5,11 @@ disks, copies (rsync of a live run, a truncated transfer) and people do. Before 
 (or consolidating it) this reads every committed byte once and names the exact file and place of
 anything that does not match what the last checkpoint boundary recorded:
 
-* ``run.json`` parses, is this format, every path in it stays inside the run directory, the
-  boundary files exist, and the last one equals the manifest's ``last`` entry; every rank of the
-  world committed;
+* ``run.json`` parses, is this format, every name and path in it is one a writer writes
+  (the parser's rules) and stays inside the run directory, the boundary files exist, and the
+  last one equals the manifest's ``last`` entry; every rank of the world committed; the
+  ``data.zarr`` root is a Zarr group (:func:`~dist_hooks.reader.run_problems`, the run-wide
+  checks every merging tool makes too);
 * CSV logs: long enough, crc32 of the committed prefix, data row count, header;
 * Zarr groups: group and arrays present, shapes cover the committed lengths, ``atoms_ptr`` is
   int64, starts at 0, never decreases and ends at the committed atom count, dtypes and per-row
@@ -31,9 +33,10 @@ from ..reader import (
     find_rank_roots,
     load_manifest,
     run_path,
+    run_problems,
 )
 from ..records import merge_blocks
-from ..store.manifest import BoundaryEntry, CommitRecord, Manifest
+from ..store.manifest import CommitRecord, Manifest
 from ..store import layout
 from ..store.csv_log import read_header, scan_prefix
 from .progress import Progress
@@ -43,8 +46,8 @@ __all__ = ["format_report", "quick_unit_problems", "verify_run"]
 
 
 def quick_unit_problems(run_dir: Path | None, u: Unit) -> list[str]:
-    """Checks of one unit that read no data: path inside the run, file or group present and
-    long enough, group where the layout puts it. ``run_dir``: the unit's rank root, ``None``
+    """Checks of one unit that read no data: path inside the run (symlinks resolved; the
+    manifest's parser has checked the names), file or group present and long enough. ``run_dir``: the unit's rank root, ``None``
     when none of the given ``--rank-root`` directories holds it (node-local storage)."""
     if run_dir is None:
         return [f"{u.rel}: in none of the --rank-root directories (storage=local)"]
@@ -60,10 +63,6 @@ def quick_unit_problems(run_dir: Path | None, u: Unit) -> list[str]:
         if size < want:
             return [f"{u.rel}: file is {size} bytes, committed {want}"]
         return []
-    expected = layout.hook_group(u.rank, u.hook)
-    if u.group != expected:
-        return [f"{layout.MANIFEST}: rank {u.rank} hook {u.hook!r} names group {u.group!r}, "
-                f"expected {expected!r}"]
     if not (path / "zarr.json").is_file():
         return [f"{u.rel}: group missing (committed {u.records} records)"]
     return []
@@ -133,46 +132,6 @@ def _check_state(run_dir: Path, rank: CommitRecord) -> list[str]:
     return [f"{rel}: {wrong}"] if wrong else []
 
 
-def _check_boundaries(run_dir: Path, m: Manifest) -> list[str]:
-    out = []
-    bs, last = m.boundaries, m.last
-    for i, b in enumerate(bs):
-        if b.index != i:
-            out.append(f"{layout.MANIFEST}: boundary {i} has index {b.index}")
-        rel = b.file
-        if not rel:
-            continue
-        try:
-            path = run_path(run_dir, rel, f"{layout.MANIFEST} (boundary {i})")
-        except DamageError as exc:
-            out.append(str(exc))
-            continue
-        try:
-            entry = BoundaryEntry.parse(path.read_bytes(), rel)
-        except FileNotFoundError:
-            out.append(f"{rel}: file missing")
-            continue
-        except DamageError as exc:
-            out.append(str(exc))
-            continue
-        if entry.index != i:
-            out.append(f"{rel}: holds boundary {entry.index}, expected {i}")
-        if i == len(bs) - 1 and last is not None and entry != last:
-            out.append(f"{rel}: differs from the last boundary recorded in {layout.MANIFEST}")
-    if bs and last is None:
-        out.append(f"{layout.MANIFEST}: {len(bs)} boundaries but no 'last' entry")
-    if last is not None:
-        ws = m.world_size
-        ranks = [r.rank for r in last.ranks]
-        if sorted(ranks) != list(range(ws)):
-            missing = sorted(set(range(ws)) - set(ranks))
-            dup = sorted({r for r in ranks if ranks.count(r) > 1})
-            out.append(f"{layout.MANIFEST}: last boundary has ranks {sorted(ranks)} for world "
-                       f"size {ws}" + (f" (missing {missing})" if missing else "")
-                       + (f" (repeated {dup})" if dup else ""))
-    return out
-
-
 def _check_merged(run_dir: Path, m: Manifest, conv_units: list[Unit], bar: Progress,
                   block_records: int, block_atoms: int,
                   roots: dict[int, Path] | None = None) -> list[str]:
@@ -228,7 +187,7 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: Manifest | None = None,
             manifest = load_manifest(run_dir)
         except DamageError as exc:
             return {"ok": False, "problems": [_problem(str(exc))], "checked": {}}
-    for msg in _check_boundaries(run_dir, manifest):
+    for msg in run_problems(run_dir, manifest):
         problems.append(_problem(msg))
     local = manifest.storage == "local"
     roots = find_rank_roots(run_dir, manifest, rank_roots)

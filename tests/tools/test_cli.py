@@ -378,7 +378,12 @@ def test_manifest_path_outside_run(runs, tmp_path):
     m = manifest(run)
     m["last"]["ranks"][1]["hooks"]["log"]["path"] = "../../../etc/passwd"
     (run / "run.json").write_text(json.dumps(m))
-    _refused(run, "points outside the run directory")
+    # refused by the manifest's parser, naming the key, before anything is read or written
+    rc, out, _ = cli("verify", run)
+    assert rc == 1 and "hooks.log.path" in out, out
+    rc, _, err = cli("consolidate", run)
+    assert rc == 1 and "hooks.log.path" in err and len(err.strip().splitlines()) == 1, err
+    assert not (run / "consolidated").exists()
 
 
 def test_verify_clean_runs(runs):
