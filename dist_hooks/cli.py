@@ -130,14 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     e = _add_command(sub, "export",
                      help="export structures of RUN to ASE-readable files",
                      description="Export converged structures or a snapshot trajectory to "
-                                 "extended XYZ or an ASE database, with energy, forces, step, "
-                                 "rank and sample id. Needs the 'ase' extra.")
+                                 "extended XYZ, an ASE database or an ASE trajectory, with "
+                                 "velocities, energy, forces, step, rank and sample id. Needs "
+                                 "the 'ase' extra.")
     e.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
     e.add_argument("--what", choices=("converged", "trajectory"), required=True)
-    e.add_argument("--format", dest="fmt", choices=("extxyz", "ase-db"), required=True)
+    e.add_argument("--format", dest="fmt", choices=("extxyz", "ase-db", "traj"), required=True)
     e.add_argument("--out", metavar="PATH", required=True, help="output file")
     e.add_argument("--hook", default=None,
                    help="snapshot hook for --what trajectory (default: the only one)")
+    e.add_argument("--sample-id", dest="sample_ids", type=int, action="append", default=None,
+                   metavar="N", help="only the records of sample id N (repeatable)")
+    e.add_argument("--rank", dest="ranks", type=int, action="append", default=None,
+                   metavar="R", help="only the records of rank R (repeatable)")
+    e.add_argument("--steps", default=None, metavar="A:B",
+                   help="only steps A <= step < B (either end may be left out)")
+    _add_progress(e)
     _add_rank_root(e)
 
     pl = _add_command(sub, "plot",
@@ -209,7 +217,8 @@ def _export(args: argparse.Namespace) -> int:
     from .tools.export import export
 
     r = export(args.run, what=args.what, fmt=args.fmt, out=args.out, hook=args.hook,
-               rank_roots=args.rank_roots)
+               rank_roots=args.rank_roots, sample_ids=args.sample_ids, ranks=args.ranks,
+               steps=args.steps, progress=_progress(args.progress))
     print(f"{r['out']}: {r['structures']} structures ({r['what']}, {r['format']})")
     return 0
 

@@ -22,11 +22,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from .ase_frames import Selection, group_frames
 from .errors import DamageError, RunError
 from .store import layout
 from .store.csv_log import (KEY_COLUMNS, iter_csv_batches, narrow_table, read_csv_committed,
@@ -430,6 +431,37 @@ class RunReader:
                            f"consolidate` first, or read the ranks with group(rank, {hook!r})")
         return GroupReader(self.consolidated / layout.DATA_DIR, info["group"],
                            limit_records=int(info["records"]))
+
+    def snapshot_hook(self, hook: str | None = None) -> str:
+        """``hook`` checked to be a snapshot hook of the run, or the only one when ``None``."""
+        hooks = sorted({u.hook for u in self.units if u.kind == "zarr" and not u.converged})
+        if hook is None:
+            if len(hooks) == 1:
+                return hooks[0]
+            raise RunError(f"the run has snapshot hooks {hooks}; choose one with --hook "
+                           f"(Python: hook=)")
+        if hook not in hooks:
+            raise RunError(f"no snapshot hook {hook!r}; the run has {hooks}")
+        return hook
+
+    def frames(self, sample_id: int, rank: int | None = None, steps: Any = None, *,
+               hook: str | None = None) -> list[Any]:
+        """One system's snapshots as ``ase.Atoms``, in step order (needs ASE).
+
+        From the consolidated trajectory when there is one, else from the rank's own group
+        (``rank=None``: the rank holding ``sample_id``; refused, naming them, if several do).
+        ``steps``: ``"A:B"``, ``slice(A, B)`` or ``(A, B)``, A <= step < B. Each Atoms is
+        :func:`~dist_hooks.ase_frames.atoms_of`'s, as ``dist-hooks export`` writes it:
+        velocities set, energy and forces on a ``SinglePointCalculator``, ``info`` with
+        ``step``, ``rank``, ``sample_id`` and the other record fields."""
+        hook = self.snapshot_hook(hook)
+        sel = Selection.of(sample_id, rank, steps)
+        info = (self.summary or {}).get("hooks", {}).get(hook) if self.consolidated else None
+        if info is not None:
+            return group_frames([(self.trajectory(hook), None)], sel, f"frames of {hook!r}")
+        ranks = sorted({u.rank for u in self.units if u.hook == hook}) if rank is None else [rank]
+        return group_frames([(self.group(int(r), hook), int(r)) for r in ranks], sel,
+                            f"frames of {hook!r}")
 
     def __repr__(self) -> str:
         where = self.path if self.path is not None else self.consolidated

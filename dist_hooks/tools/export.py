@@ -1,166 +1,172 @@
-"""``dist-hooks export``: recorded structures to files ASE reads (extxyz, ASE database).
+"""``dist-hooks export``: recorded structures to files ASE reads (extxyz, ASE database, ASE
+trajectory).
 
 Why ASE formats: they are what the rest of the atomistic toolchain (ASE itself, pymatgen,
-OVITO, most MLIP training pipelines) reads; each structure keeps its energy and forces (as a
-single-point calculator) and its step, rank and sample id (``atoms.info`` in extxyz, key-value
-pairs in the database), so an exported structure can be traced back to the run.
+OVITO, most MLIP training pipelines) reads; each structure keeps its velocities, energy and
+forces (as a single-point calculator) and its step, rank and sample id, so an exported structure
+can be traced back to the run. The Atoms are :func:`dist_hooks.ase_frames.atoms_of`'s, the same
+that :meth:`RunReader.frames <dist_hooks.reader.RunReader.frames>` returns; what each format
+cannot hold as ASE data goes where ASE reads it back: extxyz ``atoms.info`` and per-atom arrays;
+ASE database key-value pairs (scalars) and ``data`` (arrays, and scalars under reserved names);
+trajectory ``atoms.info`` (extra atom fields too, as ASE trajectories keep no custom arrays).
 
 Records stream in bounded blocks from the consolidated output when it is current, else from the
-per-rank groups merged on the fly, in (step, rank, sample_id) order. Building one ``ase.Atoms``
-per record is a Python loop by nature; the merge itself is not. The file appears atomically
-(temporary + rename) when complete.
+per-rank groups merged on the fly, in (step, rank, sample_id) order, selected (sample ids,
+ranks, steps) block by block. The file appears atomically (temporary + rename) when complete.
 """
 from __future__ import annotations
 
+import contextlib
+import numbers
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import MissingDependencyError, RunError
+from ..ase_frames import Selection, atoms_of, group_blocks, import_ase
+from ..errors import RunError
 from ..reader import RunReader, open_run
 from ..records import CsrBlock, merge_blocks
 from ..store import layout
 from ..store.group_reader import GroupReader
+from .progress import Progress
 from .record_source import ZarrSource
 
-__all__ = ["export", "iter_blocks"]
+__all__ = ["FORMATS", "export", "iter_blocks"]
 
-#: Record fields that become part of the Atoms object itself rather than ``info``.
-_STRUCT_RECORD = ("cell", "pbc", "energy")
-_STRUCT_ATOM = ("positions", "atomic_numbers", "atomic_masses", "forces")
-#: Carried under every format (extxyz info keys / ase-db key-value pairs).
-IDENTITY = ("step", "rank", "sample_id", "graph_idx", "status")
+#: ``--format`` -> the temporary file's suffix (ASE picks some backends by name).
+FORMATS = {"extxyz": ".xyz", "ase-db": ".db", "traj": ".traj"}
+#: Arrays every Atoms has of its own; the others are exported as extra atom fields.
+_ASE_ARRAYS = ("numbers", "positions", "masses", "momenta")
 
 
 def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
-                block_records: int = 4096, block_atoms: int = 65536) -> Iterator[CsrBlock]:
-    """Bounded :class:`~dist_hooks.records.CsrBlock` s of ``what`` ("converged" or
-    "trajectory") in (step, rank, sample_id) order, committed records only."""
+                ranks: Iterable[int] | None = None, block_records: int = 4096,
+                block_atoms: int = 65536) -> tuple[int, Iterator[CsrBlock]]:
+    """The number of records of ``what`` ("converged" or "trajectory") and those records as
+    bounded :class:`~dist_hooks.records.CsrBlock` s in (step, rank, sample_id) order, committed
+    records only. ``ranks``: when given, only these ranks' groups are read where each rank has
+    its own (their records are still counted; other selections are the caller's)."""
     kw = {"block_records": block_records, "block_atoms": block_atoms}
     if what == "converged":
         if run.consolidated is not None and (run.summary or {}).get("converged"):
             c = run.summary["converged"]
             root = run.consolidated / layout.DATA_DIR
-            return iter(ZarrSource(root, c["group"], place=str(root / c["group"]),
-                                   records=c["records"], atoms=c["atoms"], **kw))
+            return c["records"], iter(ZarrSource(root, c["group"], place=str(root / c["group"]),
+                                                 records=c["records"], atoms=c["atoms"], **kw))
         if run.path is None:
             raise RunError("the consolidated output holds no converged records")
         run.require_consistent("export from")
         merged = run.manifest.merged
-        return iter(ZarrSource(run.path / layout.DATA_DIR, layout.CONVERGED_GROUP,
-                               place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}",
-                               records=merged.records, atoms=merged.atoms, **kw))
+        return merged.records, iter(ZarrSource(
+            run.path / layout.DATA_DIR, layout.CONVERGED_GROUP,
+            place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}", records=merged.records,
+            atoms=merged.atoms, **kw))
     if what != "trajectory":
         raise RunError(f"--what must be 'converged' or 'trajectory', got {what!r}")
-    hooks = sorted({u.hook for u in run.units if u.kind == "zarr" and not u.converged})
-    if hook is None:
-        if len(hooks) != 1:
-            raise RunError(f"the run has snapshot hooks {hooks}; choose one with --hook")
-        hook = hooks[0]
-    elif hook not in hooks:
-        raise RunError(f"no snapshot hook {hook!r}; the run has {hooks}")
+    hook = run.snapshot_hook(hook)
     info = (run.summary or {}).get("hooks", {}).get(hook) if run.consolidated else None
     if info is not None:
-        return _reader_blocks(GroupReader(run.consolidated / layout.DATA_DIR, info["group"],
-                                          limit_records=info["records"]), block_records)
+        reader = GroupReader(run.consolidated / layout.DATA_DIR, info["group"],
+                             limit_records=info["records"])
+        return len(reader), group_blocks(reader, block_records)
     if run.path is None:
         raise RunError(f"the consolidated output holds no group for hook {hook!r}")
     run.require_consistent("export from")
     units = [u for u in run.units if u.kind == "zarr" and u.hook == hook]
+    total = sum(u.records for u in units)
+    if ranks is not None:
+        units = [u for u in units if u.rank in set(ranks)]
     sources = []
     for u in units:
         root = run.root_of(u.rank, "export of an unconsolidated trajectory")
         u.path(root)
         sources.append((u.rank, ZarrSource(root / layout.DATA_DIR, u.group, place=u.rel,
                                            records=u.records, atoms=u.atoms, **kw)))
-    return merge_blocks(sources)
-
-
-def _reader_blocks(reader: GroupReader, block_records: int) -> Iterator[CsrBlock]:
-    """Bounded blocks through the reader, which also reads a consolidated trajectory's indexed
-    layout (atom rows as per-rank segments) in record order."""
-    for a in range(0, len(reader), max(block_records, 1)):
-        d = reader.records(a, a + block_records)
-        ptr = np.asarray(d.pop(layout.ATOMS_PTR), dtype=np.int64)
-        yield CsrBlock({n: v for n, v in d.items() if reader.fields[n][0] == "record"},
-                       {n: v for n, v in d.items() if reader.fields[n][0] == "atom"}, ptr)
-
-
-def _atoms_of(block: CsrBlock, ase: Any) -> list[Any]:
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    ptr = block.ptr
-    rec, at = block.rec, block.atoms
-    if "positions" not in at or "atomic_numbers" not in at:
-        raise RunError("records lack positions or atomic_numbers; nothing ASE could read")
-    pos = np.asarray(at["positions"], dtype=np.float64)
-    forces = np.asarray(at["forces"], dtype=np.float64) if "forces" in at else None
-    extra_atom = [n for n in at if n not in _STRUCT_ATOM]
-    scalars = [n for n in rec if n not in _STRUCT_RECORD and np.ndim(rec[n]) == 1]
-    out = []
-    for i in range(len(block)):  # one Atoms object per record: inherent to the output format
-        a, b = int(ptr[i]), int(ptr[i + 1])
-        atoms = ase.Atoms(numbers=np.asarray(at["atomic_numbers"][a:b]).reshape(-1),
-                          positions=pos[a:b])
-        if "cell" in rec:
-            atoms.set_cell(np.asarray(rec["cell"][i], dtype=np.float64).reshape(3, 3))
-        if "pbc" in rec:
-            atoms.set_pbc(np.asarray(rec["pbc"][i]).reshape(-1).astype(bool))
-        if "atomic_masses" in at:
-            atoms.set_masses(np.asarray(at["atomic_masses"][a:b], dtype=np.float64).reshape(-1))
-        for n in extra_atom:
-            atoms.new_array(n, np.asarray(at[n][a:b]))
-        for n in scalars:
-            v = rec[n][i]
-            atoms.info[n] = v.item() if hasattr(v, "item") else v
-        energy = float(np.asarray(rec["energy"][i]).reshape(-1)[0]) if "energy" in rec else None
-        atoms.calc = SinglePointCalculator(atoms, energy=energy,
-                                           forces=None if forces is None else forces[a:b])
-        out.append(atoms)
-    return out
+    return total, merge_blocks(sources)
 
 
 def export(run_dir: str | os.PathLike, *, what: str, fmt: str, out: str | os.PathLike,
-           hook: str | None = None, rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
-    """Write ``what`` of a run to ``out`` as ``fmt`` ("extxyz" or "ase-db"); returns
-    ``{"structures", "out"}``. ``rank_roots``: as for :func:`~dist_hooks.reader.open_run`."""
-    try:
-        import ase
-        import ase.io
-    except ImportError:
-        raise MissingDependencyError("export needs ASE: pip install 'dist_hooks[ase]' "
-                                     "(or pip install ase)") from None
-    if fmt not in ("extxyz", "ase-db"):
-        raise RunError(f"--format must be 'extxyz' or 'ase-db', got {fmt!r}")
+           hook: str | None = None, rank_roots: Sequence[str | os.PathLike] = (),
+           sample_ids: Iterable[int] | int | None = None, ranks: Iterable[int] | int | None = None,
+           steps: Any = None, progress: bool | None = None) -> dict:
+    """Write ``what`` of a run to ``out`` as ``fmt`` ("extxyz", "ase-db" or "traj"); returns
+    ``{"structures", "out", "what", "format"}``. Only the records of ``sample_ids``, ``ranks``
+    and ``steps`` (``"A:B"``: A <= step < B) when given. ``progress``: a bar on stderr (``None``:
+    when stderr is a terminal). ``rank_roots``: as for :func:`~dist_hooks.reader.open_run`."""
+    import_ase()
+    if fmt not in FORMATS:
+        raise RunError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    sel = Selection.of(sample_ids, ranks, steps)
     run = open_run(run_dir, rank_roots)
-    blocks = iter_blocks(run, what, hook)
+    total, blocks = iter_blocks(run, what, hook, ranks=sel.ranks)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".db" if fmt == "ase-db" else ".xyz"
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}{suffix}"
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}{FORMATS[fmt]}"
+    bar = Progress(total, f"export {what}", enabled=progress)
     count = 0
     try:
-        if fmt == "extxyz":
-            with open(tmp, "w") as fh:
-                for block in blocks:
-                    structures = _atoms_of(block, ase)
-                    ase.io.write(fh, structures, format="extxyz")
+        with _writer(fmt, tmp) as write:
+            for block in blocks:
+                chosen = sel.apply(block)
+                if len(chosen):
+                    structures = atoms_of(chosen)
+                    write(structures)
                     count += len(structures)
-        else:
-            import ase.db
-            db = ase.db.connect(str(tmp), type="db", append=False)
-            with db:
-                for block in blocks:
-                    for atoms in _atoms_of(block, ase):
-                        kv = {k: atoms.info[k] for k in IDENTITY if k in atoms.info}
-                        data = {k: v for k, v in atoms.info.items() if k not in kv}
-                        db.write(atoms, key_value_pairs=kv, data=data)
-                        count += 1
+                bar.update(len(block))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        bar.close()
     return {"structures": count, "out": str(out), "what": what, "format": fmt}
+
+
+@contextlib.contextmanager
+def _writer(fmt: str, path: Path) -> Iterator[Callable[[list[Any]], Any]]:
+    """The open output of one format, as ``write(list of Atoms)``; closed on leaving."""
+    if fmt == "extxyz":
+        import ase.io  # the optional dependency, imported where used (import_ase checked it)
+        with open(path, "w") as fh:
+            yield lambda images: ase.io.write(fh, images, format="extxyz")
+    elif fmt == "traj":
+        from ase.io.trajectory import Trajectory
+        with Trajectory(str(path), "w") as traj:
+            yield lambda images: [traj.write(_traj_ready(a)) for a in images]
+    else:
+        import ase.db
+        with ase.db.connect(str(path), type="db", append=False) as db:  # one transaction
+            yield lambda images: [_db_write(db, a) for a in images]
+
+
+def _extra_arrays(atoms: Any) -> dict[str, np.ndarray]:
+    """The per-atom arrays :func:`atoms_of` added for atom fields beyond the structure."""
+    return {k: v for k, v in atoms.arrays.items() if k not in _ASE_ARRAYS}
+
+
+def _traj_ready(atoms: Any) -> Any:
+    """An ASE trajectory keeps no custom per-atom arrays: they go to ``info`` (which it keeps)."""
+    extra = _extra_arrays(atoms)
+    for k, v in extra.items():
+        del atoms.arrays[k]
+        atoms.info[k] = v
+    return atoms
+
+
+def _db_write(db: Any, atoms: Any) -> None:
+    """One row: scalars of ``info`` as key-value pairs (searchable), arrays, scalars under a
+    name ASE reserves, and extra atom fields under ``data``."""
+    from ase.db.core import reserved_keys, word
+
+    kv: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    for k, v in atoms.info.items():
+        ok = (isinstance(v, (numbers.Real, str)) and word.match(k) and k not in reserved_keys)
+        (kv if ok else data)[k] = v
+    for k, v in _extra_arrays(atoms).items():
+        data[k] = v
+        del atoms.arrays[k]
+    db.write(atoms, key_value_pairs=kv, data=data)
