@@ -15,6 +15,7 @@ manifest, listing the committed (rank, hook) units, and finding each rank's file
     cols = run.logs("log")                # dict of numpy arrays, ordered by (step, rank, sample_id)
     snap = run.group(1, "snapshots")      # GroupReader limited to rank 1's committed records
     conv = run.converged()                # GroupReader of the merged converged records
+    frames = run.frames(3, rank=1)        # one system's snapshots as ase.Atoms (needs ASE)
 """
 from __future__ import annotations
 
