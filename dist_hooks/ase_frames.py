@@ -29,15 +29,13 @@ from .records import CsrBlock
 from .store import layout
 from .store.group_reader import GroupReader
 
-__all__ = ["IDENTITY", "STRUCT_ATOM", "STRUCT_RECORD", "Selection", "atoms_of", "group_blocks",
+__all__ = ["STRUCT_ATOM", "STRUCT_RECORD", "Selection", "atoms_of", "group_blocks",
            "group_frames", "import_ase", "parse_steps"]
 
 #: Record fields that become part of the Atoms object itself rather than ``info``.
 STRUCT_RECORD = ("cell", "pbc", "energy")
 #: Atom fields that become part of the Atoms object (arrays, momenta, calculator).
 STRUCT_ATOM = ("positions", "atomic_numbers", "atomic_masses", "velocities", "forces")
-#: What traces a structure back to the run; present (when recorded) under every format.
-IDENTITY = ("step", "rank", "sample_id", "graph_idx", "status")
 
 
 def import_ase() -> ModuleType:
@@ -157,8 +155,9 @@ def group_frames(groups: list[tuple[GroupReader, int | None]], sel: Selection,
             picked.append((g, rank, idx))
             found.update(np.unique(rec["rank"][idx]).tolist())
     if len(found) > 1:
-        raise RunError(f"{what}: sample id {sel.sample_ids} is on ranks {sorted(found)}; "
-                       f"choose one with rank=")
+        ids = ", ".join(map(str, sel.sample_ids or ()))
+        raise RunError(f"{what}: sample id {ids} is on ranks {sorted(found)}; choose one "
+                       f"with rank=")
     out: list[Any] = []
     for g, rank, idx in picked:
         for block in group_blocks(g, idx=idx):

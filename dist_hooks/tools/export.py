@@ -47,8 +47,8 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
                 block_atoms: int = 65536) -> tuple[int, Iterator[CsrBlock]]:
     """The number of records of ``what`` ("converged" or "trajectory") and those records as
     bounded :class:`~dist_hooks.records.CsrBlock` s in (step, rank, sample_id) order, committed
-    records only. ``ranks``: when given, only these ranks' groups are read where each rank has
-    its own (their records are still counted; other selections are the caller's)."""
+    records only. ``ranks``: when given, only these ranks' groups are read (and counted) where
+    each rank has its own; the caller still selects by rank where they are merged already."""
     kw = {"block_records": block_records, "block_atoms": block_atoms}
     if what == "converged":
         if run.consolidated is not None and (run.summary or {}).get("converged"):
@@ -75,10 +75,9 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
     if run.path is None:
         raise RunError(f"the consolidated output holds no group for hook {hook!r}")
     run.require_consistent("export from")
-    units = [u for u in run.units if u.kind == "zarr" and u.hook == hook]
+    units = [u for u in run.units if u.kind == "zarr" and u.hook == hook
+             and (ranks is None or u.rank in set(ranks))]
     total = sum(u.records for u in units)
-    if ranks is not None:
-        units = [u for u in units if u.rank in set(ranks)]
     sources = []
     for u in units:
         root = run.root_of(u.rank, "export of an unconsolidated trajectory")

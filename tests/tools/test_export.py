@@ -249,3 +249,19 @@ def test_extra_fields_go_where_each_format_keeps_them(tmp_path):
     traj = ase.io.read(tmp_path / "traj", ":", format="traj")
     assert traj[1].info["sample_id"] == 1 and traj[1].info["fmax"] == 0.25
     np.testing.assert_array_equal(traj[1].info["weights"], np.float32([0.3, 0.4, 0.5]))
+
+
+def test_without_ase_exit_4_and_missing_dependency(runs, tmp_path):
+    code = ("import sys; sys.modules['ase'] = None\n"
+            "from dist_hooks.cli import main\n"
+            "from dist_hooks.errors import MissingDependencyError\n"
+            "from dist_hooks.reader import open_run\n"
+            "try:\n    open_run(sys.argv[1]).frames(0)\n"
+            "except MissingDependencyError as exc:\n    print('frames:', exc)\n"
+            "sys.exit(main(['export', sys.argv[1], '--what', 'trajectory', '--format', 'traj',"
+            " '--out', sys.argv[2]]))\n")
+    p = run_command([sys.executable, "-c", code, str(runs["cons"]), str(tmp_path / "t.traj")],
+                    timeout=60, env=clean_env())
+    assert p.returncode == 4 and "frames: ASE is needed" in p.stdout, (p.stdout, p.stderr)
+    assert p.stderr.startswith("dist-hooks export: ASE is needed") and p.stderr.count("\n") == 1
+    assert not (tmp_path / "t.traj").exists()
