@@ -182,7 +182,7 @@ FIELD_TRAILING_DIMS: dict[str, dict[tuple[int, ...], tuple[str, ...]]] = {
 UNITS_ATTR = "units"
 #: Units of the known physical fields: nvalchemi's (and ASE's) units, the ones this package's own
 #: reductions assume (the CSV's temperature takes masses in amu and velocities in sqrt(eV/amu)).
-#: Spelled as pint and UDUNITS parse them (``angstrom``, not ``Å``; ``^`` for powers). Ids,
+#: Spelled as pint parses them (``angstrom``, not ``Å``; ``^`` for powers). Ids,
 #: counts, flags, atomic numbers and unknown fields carry none.
 FIELD_UNITS: dict[str, str] = {
     "positions": "angstrom",
