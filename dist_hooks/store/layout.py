@@ -15,6 +15,9 @@ The same rules check every name and path read back from a run's own files (``run
 boundary files, ``consolidated.json``): :func:`name_problem` for names that become path
 components, :func:`relative_path_problem` for paths, so that a damaged or hand-edited file can
 name nothing a writer would not have written (docs/format.md, "Names and paths").
+
+The names of the record-group arrays' dimensions and their units (:func:`array_dims`,
+:func:`array_attributes`) are kept here too: one table every array writer takes them from.
 """
 from __future__ import annotations
 
