@@ -9,22 +9,26 @@ definition both writers take their layout from (zarr's arguments, or the documen
 The layout: regular grid along rows, trailing dimensions whole (an empty one still has chunks
 of 1, as zarr needs), ``c.<i>.0...`` keys ("." separator: one directory per array, half the
 inodes and fewer directory fsyncs than "/"), fill value 0; sharded: one ``sharding_indexed``
-codec holding ``bytes`` + the compressor, index ``bytes`` + ``crc32c`` at the end.
+codec holding ``bytes`` + the compressor, index ``bytes`` + ``crc32c`` at the end. Every array
+also names its dimensions and carries its units (:meth:`ArraySpec.of_field`, from the table in
+:mod:`.layout`), so that xarray opens a record group as it is.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 from zarr.abc.codec import BytesBytesCodec
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from .layout import array_attributes, array_dims
+
 __all__ = ["ArrayLayout", "ArraySpec", "CompressorLike", "DEFAULT_CHUNK_ATOMS",
            "DEFAULT_CHUNK_RECORDS", "DEFAULT_CHUNKS_PER_SHARD", "ZSTD_LEVEL", "make_compressors", "parse_array",
-           "writer_chunking"]
+           "with_names", "writer_chunking"]
 
 CompressorLike = Literal["zstd", "blosc", "none"] | BytesBytesCodec | None
 
@@ -67,7 +71,8 @@ class ArraySpec:
     """How one array is laid out, as both writers create it (see module docstring).
 
     ``chunks_per_shard`` 0: unsharded. ``compressors``: as :func:`make_compressors` gives them
-    (``None``: uncompressed).
+    (``None``: uncompressed). ``dimension_names`` (``None``: none, zarr writes no key) and
+    ``attributes`` (the units): what :meth:`of_field` gives a field.
     """
 
     dtype: np.dtype
@@ -75,12 +80,33 @@ class ArraySpec:
     chunk_rows: int
     chunks_per_shard: int = 0
     compressors: tuple[BytesBytesCodec, ...] | None = (ZstdCodec(level=ZSTD_LEVEL),)
+    dimension_names: tuple[str, ...] | None = None
+    attributes: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         object.__setattr__(self, "trailing", tuple(int(d) for d in self.trailing))
         object.__setattr__(self, "chunk_rows", int(self.chunk_rows))
         object.__setattr__(self, "chunks_per_shard", int(self.chunks_per_shard or 0))
+        object.__setattr__(self, "attributes", dict(self.attributes))
+        if self.dimension_names is not None:
+            names = tuple(str(n) for n in self.dimension_names)
+            if len(names) != 1 + len(self.trailing):
+                raise ValueError(f"dimension names {names} for {1 + len(self.trailing)} "
+                                 f"dimensions")
+            object.__setattr__(self, "dimension_names", names)
+
+    @classmethod
+    def of_field(cls, name: str, level: str, dtype: np.dtype, trailing: tuple[int, ...],
+                 chunk_rows: int, chunks_per_shard: int = 0,
+                 compressors: tuple[BytesBytesCodec, ...] | None = (
+                     ZstdCodec(level=ZSTD_LEVEL),)) -> ArraySpec:
+        """The spec of record-group array ``name`` at ``level`` ("record"/"atom"; ``atoms_ptr``
+        by its name): its dimension names and units from :mod:`.layout`'s table."""
+        trailing = tuple(int(d) for d in trailing)
+        return cls(dtype, trailing, chunk_rows, chunks_per_shard, compressors,
+                   dimension_names=array_dims(name, level, trailing),
+                   attributes=array_attributes(name))
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:
@@ -103,7 +129,8 @@ class ArraySpec:
         return dict(shape=(0, *self.trailing), dtype=self.dtype, chunks=self.chunk_shape,
                     shards=self.shard_shape, compressors=self.compressors,
                     fill_value=self.fill_value,
-                    chunk_key_encoding={"name": "default", "separator": "."})
+                    chunk_key_encoding={"name": "default", "separator": "."},
+                    dimension_names=self.dimension_names, attributes=dict(self.attributes))
 
     def document(self, rows: int) -> dict[str, Any]:
         """The ``zarr.json`` of this layout with ``rows`` rows: what zarr writes for
@@ -119,7 +146,7 @@ class ArraySpec:
         data = le if self.dtype.itemsize > 1 else {"name": "bytes"}  # one byte: no endianness
         zstd = [{"name": "zstd", "configuration": {"level": c.level, "checksum": c.checksum}}
                 for c in self.compressors]
-        return {
+        return with_names({
             "shape": [int(rows), *self.trailing],
             "data_type": _data_type(self.dtype),
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard)}},
@@ -134,11 +161,27 @@ class ArraySpec:
             "zarr_format": 3,
             "node_type": "array",
             "storage_transformers": [],
-        }
+        }, self.dimension_names, self.attributes)
 
     def document_bytes(self, rows: int) -> bytes:
         """:meth:`document` as zarr encodes it (indent 2)."""
         return json.dumps(self.document(rows), indent=2).encode()
+
+
+def with_names(meta: dict, dimension_names: tuple[str, ...] | None,
+               attributes: Mapping[str, Any]) -> dict:
+    """An array's ``zarr.json`` document with these attributes and dimension names, keys in the
+    order zarr writes them (``dimension_names`` right after ``attributes``; no key when
+    ``None``). Also for a document copied from another array (consolidate's atom arrays)."""
+    out: dict[str, Any] = {}
+    for k, v in {**meta, "attributes": None}.items():  # (a document without any: at the end)
+        if k == "attributes":
+            out[k] = dict(attributes)
+            if dimension_names is not None:
+                out["dimension_names"] = list(dimension_names)
+        elif k != "dimension_names":
+            out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -163,8 +206,8 @@ class ArrayLayout:
     index_location: str
     key_encoding: str
     separator: str
-    #: ``zarr.json`` without shape and attributes: equal for arrays whose files are
-    #: interchangeable
+    #: ``zarr.json`` without shape, attributes and dimension names: equal for arrays whose files
+    #: are interchangeable
     signature: str = field(repr=False)
 
     @property
@@ -221,7 +264,8 @@ def parse_array(meta: dict) -> ArrayLayout:
             if dtype.kind != "c" or len(fill) != 2:
                 raise ValueError(f"fill value {fill!r} for dtype {dtype}")
             fill = complex(float(fill[0]), float(fill[1]))  # zarr's [re, im] pair
-        sig = {k: v for k, v in meta.items() if k not in ("shape", "attributes")}
+        sig = {k: v for k, v in meta.items()
+               if k not in ("shape", "attributes", "dimension_names")}
         return ArrayLayout(
             shape=shape, dtype=dtype, fill_value=fill, chunk_rows=chunk_shape[0],
             file_shape=file_shape, chunk_shape=chunk_shape, sharded=sharded, codecs=inner,

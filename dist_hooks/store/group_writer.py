@@ -16,7 +16,9 @@ Why it is built this way (upstream's sink did the opposite of each point):
   chunk otherwise), plus the partial tail at :meth:`GroupWriter.flush`. Appends smaller than a
   unit touch no file; a completed unit is written once, never read back.
 * Explicit chunks on every array (never zarr's 1-row default for empty arrays), trailing
-  dimensions whole, and sharding to keep the file count low.
+  dimensions whole, and sharding to keep the file count low. Arrays it creates name their
+  dimensions and carry their units (:meth:`~.array_layout.ArraySpec.of_field`); arrays of a
+  reopened group keep the metadata they have.
 * Shapes move only at :meth:`GroupWriter.flush` (and :meth:`~GroupWriter.truncate`). Whole units
   written between flushes lie past the persisted shape, invisible to readers, until the next
   flush writes the tail and then saves every array's ``zarr.json``: atom arrays first, record
@@ -195,8 +197,9 @@ class GroupWriter:
 
     def _create_array(self, name: str, level: str, dtype: np.dtype,
                       trailing: tuple[int, ...]) -> StagedArray:
-        spec = ArraySpec(dtype, trailing, self.chunk_atoms if level == "atom" else
-                         self.chunk_records, self.shard_chunks, self.compressors)
+        spec = ArraySpec.of_field(name, level, dtype, trailing, self.chunk_atoms if level ==
+                                  "atom" else self.chunk_records, self.shard_chunks,
+                                  self.compressors)
         arr = self.group.create_array(name, **spec.zarr_arguments(), overwrite=True)
         return StagedArray(name, level, arr.async_array, self._unit_of(arr))
 

@@ -15,6 +15,9 @@ The same rules check every name and path read back from a run's own files (``run
 boundary files, ``consolidated.json``): :func:`name_problem` for names that become path
 components, :func:`relative_path_problem` for paths, so that a damaged or hand-edited file can
 name nothing a writer would not have written (docs/format.md, "Names and paths").
+
+The names of the record-group arrays' dimensions and their units (:func:`array_dims`,
+:func:`array_attributes`) are kept here too: one table every array writer takes them from.
 """
 from __future__ import annotations
 
@@ -150,3 +153,73 @@ def group_attrs(levels: Mapping[str, str], extra: Mapping[str, Any] | None = Non
     then ``extra`` (hook name, frequency, ...) over them; what every group writer stores."""
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "level": dict(levels),
             **(extra or {})}
+
+
+# ------------------------------------------------------------------------------------------------
+# dimension names and units: what xarray (``dimension_names``) and unit-aware tools (pint-xarray,
+# cf-xarray: the CF attribute ``units``) read of every record-group array (docs/format.md,
+# "Dimension names and units"). One table, used by every writer of an array.
+# ------------------------------------------------------------------------------------------------
+#: Leading axis of record-level arrays (R rows) and of atom-level arrays (A rows, in the indexed
+#: layout the N rows of the segments, padding included).
+RECORD_DIM = "record"
+ATOM_DIM = "atom"
+#: Axis of ``atoms_ptr`` (R + 1 entries: the edges between the records' atom ranges). Its own
+#: name: xarray requires one length per dimension name in a group.
+RECORD_EDGE_DIM = "record_edge"
+#: Cartesian components; the lattice vectors of ``cell`` (its rows; also ``pbc``'s axis: one flag
+#: per lattice vector); a 3x3 Cartesian tensor's rows and columns (xarray refuses one name twice
+#: in one array); a 6-vector in Voigt order.
+XYZ_DIM = "xyz"
+CELL_VECTOR_DIM = "cell_vector"
+TENSOR_DIMS = ("xyz_row", "xyz_col")
+VOIGT_DIM = "voigt"
+#: Known fields' trailing axes, by trailing shape; any other shape gets generic names.
+FIELD_TRAILING_DIMS: dict[str, dict[tuple[int, ...], tuple[str, ...]]] = {
+    **{n: {(3,): (XYZ_DIM,)} for n in ("positions", "velocities", "forces", "dipole", "magmoms")},
+    "cell": {(3, 3): (CELL_VECTOR_DIM, XYZ_DIM)},
+    "pbc": {(3,): (CELL_VECTOR_DIM,)},
+    **{n: {(3, 3): TENSOR_DIMS, (6,): (VOIGT_DIM,)} for n in ("stress", "virial")},
+}
+#: The CF attribute name of a variable's units.
+UNITS_ATTR = "units"
+#: Units of the known physical fields: nvalchemi's (and ASE's) units, the ones this package's own
+#: reductions assume (the CSV's temperature takes masses in amu and velocities in sqrt(eV/amu)).
+#: Spelled as pint parses them (``angstrom``, not ``Å``; ``^`` for powers). Ids,
+#: counts, flags, atomic numbers and unknown fields carry none.
+FIELD_UNITS: dict[str, str] = {
+    "positions": "angstrom",
+    "velocities": "(eV/amu)^0.5",
+    "forces": "eV/angstrom",
+    "atomic_masses": "amu",
+    "charges": "e",
+    "magmoms": "mu_B",
+    "energy": "eV",
+    "cell": "angstrom",
+    "stress": "eV/angstrom^3",
+    "virial": "eV",
+    "dipole": "e*angstrom",
+    "charge": "e",
+    "temperature": "K",
+}
+
+
+def array_dims(name: str, level: str, trailing: tuple[int, ...]) -> tuple[str, ...]:
+    """The ``dimension_names`` of array ``name`` at ``level`` ("record"/"atom") with trailing
+    shape ``trailing``: the level's axis (``atoms_ptr``: its own), then the field's named axes,
+    or ``<name>_dim1``, ``<name>_dim2``, ... (names no other array's axis takes, so that two
+    unknown fields never claim one name with two lengths)."""
+    trailing = tuple(int(d) for d in trailing)
+    lead = (RECORD_EDGE_DIM if name == ATOMS_PTR else ATOM_DIM if level == "atom"
+            else RECORD_DIM)
+    named = FIELD_TRAILING_DIMS.get(name, {}).get(trailing)
+    if named is None:
+        named = tuple(f"{name}_dim{i}" for i in range(1, len(trailing) + 1))
+    return (lead, *named)
+
+
+def array_attributes(name: str) -> dict[str, str]:
+    """The attributes of array ``name``: ``{"units": ...}`` for a known physical field, else
+    none."""
+    units = FIELD_UNITS.get(name)
+    return {UNITS_ATTR: units} if units is not None else {}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .atomic_store import AtomicLocalStore
+from .array_layout import ArraySpec
 from .layout import ATOMS_PTR, group_attrs
 from .shard_files import RawArrayWriter
 
@@ -27,7 +28,7 @@ class RawGroupWriter:
     """A record group (CSR, as :class:`~.group_writer.GroupWriter` writes it) written once.
 
     The same arrays, attributes and files as a GroupWriter with ``chunks_per_shard``
-    >= 1 and zstd. ``atoms_ptr=False`` leaves the CSR
+    >= 1 and zstd (dimension names and units included). ``atoms_ptr=False`` leaves the CSR
     pointer array out (the consolidated indexed layout keeps ``atoms_start``/``n_atoms``
     instead). Nothing is visible until :meth:`close`, which writes every ``zarr.json``
     (arrays first, the group last).
@@ -51,8 +52,11 @@ class RawGroupWriter:
 
     def _col(self, name: str, level: str, x: np.ndarray) -> RawArrayWriter:
         rows = self.chunking[0] if level == "record" else self.chunking[1]
-        return RawArrayWriter(self.store, f"{self.group}/{name}", x.dtype, tuple(x.shape[1:]),
-                              rows, self.chunking[2])
+        spec = ArraySpec.of_field(name, level, x.dtype, tuple(x.shape[1:]), rows,
+                                  self.chunking[2])  # names and units as GroupWriter's
+        return RawArrayWriter(self.store, f"{self.group}/{name}", x.dtype, spec.trailing, rows,
+                              self.chunking[2], dimension_names=spec.dimension_names,
+                              attributes=dict(spec.attributes))
 
     def append(self, records: Mapping[str, np.ndarray], atoms: Mapping[str, np.ndarray],
                n_atoms: np.ndarray) -> None:

@@ -353,10 +353,14 @@ def encode_shard(chunks: list[bytes], chunks_per_shard: int) -> bytes:
 
 class RawArrayWriter:
     """One sharded array of ``store``, written front to back: :meth:`append` rows, then
-    :meth:`close` (the remaining partial shard, then ``zarr.json``). One shard is staged."""
+    :meth:`close` (the remaining partial shard, then ``zarr.json``, with ``dimension_names``
+    and ``attributes`` as :class:`~.array_layout.ArraySpec` renders them). One shard is
+    staged."""
 
     def __init__(self, store: AtomicLocalStore, key: str, dtype: np.dtype,
-                 trailing: tuple[int, ...], chunk_rows: int, chunks_per_shard: int) -> None:
+                 trailing: tuple[int, ...], chunk_rows: int, chunks_per_shard: int, *,
+                 dimension_names: tuple[str, ...] | None = None,
+                 attributes: dict[str, Any] | None = None) -> None:
         if np.dtype(dtype).kind not in "biufc":
             raise TypeError(f"{key}: unsupported dtype {np.dtype(dtype)} (numeric or bool only)")
         if int(chunk_rows) < 1 or int(chunks_per_shard) < 1:
@@ -364,7 +368,8 @@ class RawArrayWriter:
         self.store = store
         self.key = key.strip("/")
         self.spec = ArraySpec(np.dtype(dtype).newbyteorder("<"), tuple(trailing), chunk_rows,
-                              chunks_per_shard)  # zstd level 1, as GroupWriter's default
+                              chunks_per_shard,  # zstd level 1, as GroupWriter's default
+                              dimension_names=dimension_names, attributes=attributes or {})
         self.dtype = self.spec.dtype
         self.trailing = self.spec.trailing
         self.chunk_rows = self.spec.chunk_rows

@@ -33,7 +33,8 @@ import zarr
 from ..reader import DamageError
 from ..store.atomic_store import AtomicLocalStore, fsync_file, fsync_tree
 from ..store.checksums import fd_crc32
-from ..store.array_layout import parse_array
+from ..store.array_layout import parse_array, with_names
+from ..store.layout import array_attributes, array_dims
 from ..store.shard_files import ShardDamage, ShardLayout, read_shard_rows
 
 __all__ = ["Segment", "SegmentWriter", "plan_starts"]
@@ -122,8 +123,11 @@ class SegmentWriter:
             return []
         outs = {}
         for f in self.fields:
-            meta = {**self.metas[f], "shape": [self.rows, *self.metas[f]["shape"][1:]],
-                    "attributes": {}}
+            trailing = tuple(int(d) for d in self.metas[f]["shape"][1:])
+            # the source's layout (its files are copied), this format's names and units (a
+            # group of an older run may have none)
+            meta = with_names({**self.metas[f], "shape": [self.rows, *trailing]},
+                              array_dims(f, "atom", trailing), array_attributes(f))
             self.store.put_bytes(f"{self.group}/{f}/zarr.json", json.dumps(meta, indent=2).encode())
             outs[f] = _LazyArray(self.store, f"{self.group}/{f}")
 

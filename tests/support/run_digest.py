@@ -3,6 +3,13 @@
 Independent of dist_hooks on purpose (hashlib and json only): the reference digests of the
 committed v1 fixture (``tests/data/``) were computed with this module beside the code of that
 time, and the test computes them again beside today's code.
+
+A ``zarr.json`` file's digest is that of its JSON document without what later versions add
+for other tools and a reader can ignore: each array's ``dimension_names`` and its ``units``
+attribute (docs/format.md, "Dimension names and units"), also inside the consolidated metadata
+of a root. The rest is written again as zarr and this package write it (``indent=2``), which is
+the file's own bytes when nothing was removed; so equal digests still mean equal data, codecs,
+shapes and attributes.
 """
 from __future__ import annotations
 
@@ -25,6 +32,26 @@ def _marker(data: bytes) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
+def _without_names(node: object) -> object:
+    """The document with ``dimension_names`` and the ``units`` attribute of every array (at
+    any depth: consolidated metadata nests them) left out."""
+    if isinstance(node, dict):
+        out = {k: _without_names(v) for k, v in node.items()}
+        if out.get("node_type") == "array":
+            out.pop("dimension_names", None)
+            if isinstance(out.get("attributes"), dict):
+                out["attributes"].pop("units", None)
+        return out
+    if isinstance(node, list):
+        return [_without_names(v) for v in node]
+    return node
+
+
+def _zarr_json(data: bytes) -> str:
+    doc = _without_names(json.loads(data))
+    return hashlib.sha256(json.dumps(doc, indent=2).encode()).hexdigest()
+
+
 def tree_digest(root: str | Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``root`` that two equal runs share."""
     root = Path(root)
@@ -34,6 +61,7 @@ def tree_digest(root: str | Path) -> dict[str, str]:
         if rel.parts[0] in _SKIP_DIRS or rel.name in _SKIP_FILES:
             continue
         data = f.read_bytes()
-        out[str(rel)] = _marker(data) if rel.name == "consolidated.json" else \
-            hashlib.sha256(data).hexdigest()
+        out[str(rel)] = (_marker(data) if rel.name == "consolidated.json" else
+                         _zarr_json(data) if rel.name == "zarr.json" else
+                         hashlib.sha256(data).hexdigest())
     return out
