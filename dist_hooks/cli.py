@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Summarise a run from its manifest: launcher, world size, "
                                  "boundaries, per-rank record and row counts per hook, "
                                  "converged count, step range and disk use.")
-    i.add_argument("run", metavar="RUN", help="run directory")
+    i.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
     _add_json(i, "machine-readable output (stable keys)")
     i.add_argument("--no-disk", action="store_true", help="skip the disk-use walk")
     _add_rank_root(i, "for the step range")
