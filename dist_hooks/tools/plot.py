@@ -237,8 +237,7 @@ def draw(fig: Any, run: RunReader, cols: dict[str, np.ndarray], *, per_atom: boo
             values["energy"] = values["energy"] / n_atoms
             energy, e_label = "per atom", f"energy per atom ({UNITS['energy']}/atom)"
         else:
-            e_label = (f"total energy per system ({UNITS['energy']}; atom counts not "
-                       f"recorded, so not per atom)")
+            e_label = f"total energy per system ({UNITS['energy']})\nno atom counts recorded"
     ylabels = {"energy": e_label, "fmax": f"max. force on an atom, fmax ({UNITS['fmax']})",
                "temperature": f"temperature ({UNITS['temperature']})"}
     n_sys = len(systems)
