@@ -537,7 +537,8 @@ def test_progress_never_passes_100_percent():
 
 def test_verify_and_consolidate_progress_totals(runs, tmp_path, monkeypatch):
     """verify's total is every byte it then reads (CSV and groups), known before it reads any;
-    consolidate's first line is no percentage, and neither passes 100 %."""
+    consolidate's first line is no percentage, its total (known once its inputs are open) is
+    what it then reads, the reused merged converged group included; neither passes 100 %."""
     from dist_hooks.tools import consolidate as consolidate_mod, verify as verify_mod
 
     bars = []
@@ -546,7 +547,12 @@ def test_verify_and_consolidate_progress_totals(runs, tmp_path, monkeypatch):
         def __init__(self, total, *a, **k):
             super().__init__(total, *a, **k)
             self.first_total = self.total
+            self.overran = False
             bars.append(self)
+
+        def update(self, n):
+            self.overran |= bool(self.total) and self.done + n > self.total
+            super().update(n)
 
     monkeypatch.setattr(verify_mod, "Progress", Recorded)
     run = runs["r2"]
@@ -554,14 +560,15 @@ def test_verify_and_consolidate_progress_totals(runs, tmp_path, monkeypatch):
     assert rc == 0
     (bar,) = bars
     csv_bytes = sum(r["hooks"]["log"]["bytes"] for r in manifest(run)["last"]["ranks"])
-    assert bar.first_total == bar.done == bar.total > 2 * csv_bytes
+    assert bar.first_total == bar.done == bar.total > 2 * csv_bytes and not bar.overran
     assert max(_percents(err)) == 100
     monkeypatch.setattr(consolidate_mod, "Progress", Recorded)
     rc, _, err = cli("consolidate", run, "--out", tmp_path / "c", "--progress", "always")
     assert rc == 0
     lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
     assert lines[0].startswith("consolidate") and "%" not in lines[0]
-    assert max(_percents(err)) <= 100 and bars[-1].total >= bars[-1].done > 0
+    assert max(_percents(err)) == 100 and bars[-1].total == bars[-1].done > 0
+    assert bars[-1].first_total == 0 and not bars[-1].overran  # set once the inputs are open
     rc, _, err = cli("verify", run, "--progress", "never")
     assert rc == 0 and err == ""
 
