@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from . import __version__
 from .errors import (
     EXIT_DAMAGE,
     EXIT_INTERRUPTED,
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tools for dist_hooks runs: consolidate, inspect, verify, export, plot. "
                     "Only what the last checkpoint boundary committed is read.",
         epilog=EXIT_CODES)
+    p.add_argument("--version", action="version", version=f"dist-hooks {__version__}",
+                   help="print the dist_hooks version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = _add_command(
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Summarise a run from its manifest: launcher, world size, "
                                  "boundaries, per-rank record and row counts per hook, "
                                  "converged count, step range and disk use.")
-    i.add_argument("run", metavar="RUN", help="run directory")
+    i.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
     _add_json(i, "machine-readable output (stable keys)")
     i.add_argument("--no-disk", action="store_true", help="skip the disk-use walk")
     _add_rank_root(i, "for the step range")
@@ -149,14 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rank_root(e)
 
     pl = _add_command(sub, "plot",
-                      help="plot energy, fmax and temperature of RUN versus step",
-                      description="Plot energy, fmax and temperature versus step: the mean "
-                                  "per rank, and the distribution over all systems. Needs "
-                                  "the 'plot' extra (matplotlib).")
+                      help="plot energy per atom, fmax and temperature of RUN versus step",
+                      description="Plot energy per atom (or total, --total-energy), fmax and "
+                                  "temperature versus step (and MD time in fs where the run's "
+                                  "settings give the time step): the mean per rank, and the "
+                                  "spread over all systems. The relax-to-MD switch and the "
+                                  "fmax threshold are marked when the run's settings name "
+                                  "them. Needs the 'plot' extra (matplotlib).")
     pl.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
-    pl.add_argument("--out", metavar="PNG", required=True, help="output PNG file")
+    pl.add_argument("--out", metavar="FILE", required=True,
+                    help="output file; its suffix chooses the format: .png, .svg or .pdf")
     pl.add_argument("--hook", default="log", help="CSV log to plot (default: log)")
-    pl.add_argument("--dpi", type=int, default=110)
+    pl.add_argument("--total-energy", action="store_true",
+                    help="plot each system's total energy instead of its energy per atom")
+    pl.add_argument("--dpi", type=int, default=110, help="resolution of a PNG (default: 110)")
     _add_rank_root(pl)
     return p
 
@@ -226,8 +235,10 @@ def _export(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .tools.plot import plot
 
-    r = plot(args.run, args.out, hook=args.hook, dpi=args.dpi, rank_roots=args.rank_roots)
-    print(f"{r['out']}: {', '.join(r['metrics'])} over {r['rows']} rows")
+    r = plot(args.run, args.out, hook=args.hook, dpi=args.dpi, rank_roots=args.rank_roots,
+             per_atom=not args.total_energy)
+    print(f"{r['out']}: {', '.join(r['metrics'])} of {r['systems']} systems on {r['ranks']} "
+          f"rank{'s' if r['ranks'] != 1 else ''}, {r['rows']} rows ({r['format']})")
     return 0
 
 

@@ -15,8 +15,10 @@ Fenced blocks are taken from ``docs/*.md`` and ``README.md``:
 
 The blocks of one document run in document order, in one temporary directory (the working
 directory of each block), so that a later block can read what an earlier one wrote, as a reader
-following the page would. ``python`` on PATH is the test interpreter, the repository is on
-PYTHONPATH, and each block has a time limit. A failure names the document and the line of the
+following the page would. ``python`` on PATH is the test interpreter, and so are
+``.venv/bin/python`` and ``.venv/bin/dist-hooks`` (``-m dist_hooks.cli``) in the working
+directory, the paths the docs give a reader in a clone; the repository is on PYTHONPATH, and each
+block has a time limit. A failure names the document and the line of the
 block.
 
 README.md is owned elsewhere and cannot carry markers; its one block that needs an nvalchemi
@@ -177,6 +179,16 @@ def _env(scratch: Path) -> dict[str, str]:
     return env
 
 
+def _venv(cwd: Path) -> None:
+    """``.venv/bin/python`` and ``.venv/bin/dist-hooks`` in ``cwd``, as ``launch/setup.sh`` makes
+    them in a clone: wrappers of the test interpreter (a venv is found by path, not a symlink)."""
+    bindir = cwd / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    for name, args in (("python", ""), ("dist-hooks", " -m dist_hooks.cli")):
+        (bindir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}"{args} "$@"\n')
+        (bindir / name).chmod(0o755)
+
+
 def _run_block(b: Block, cwd: Path, scratch: Path) -> subprocess.CompletedProcess[str]:
     code = b.code
     for (name, needle), prelude in EXTERNAL_PRELUDES.items():
@@ -199,6 +211,7 @@ def test_examples_run(doc: Path, tmp_path: Path):
     cwd, scratch = tmp_path / "work", tmp_path / "blocks"
     cwd.mkdir()
     scratch.mkdir()
+    _venv(cwd)
     ran, skipped, took = 0, [], []
     for b in blocks:
         ok, why = _runnable(b)

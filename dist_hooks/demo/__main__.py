@@ -315,13 +315,16 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
         "mean_energy_ev": float(batch.energy.mean().item()) if batch.num_systems else float("nan"),
         "mean_temperature_k": float(temperature(batch).mean().item()) if batch.num_systems else 0.0,
         "steps": total,
+        "steps_run": total - start,  # this launch's share (0: a finished run relaunched)
         "seconds": elapsed,
-        "steps_per_s": total / elapsed if elapsed > 0 else float("nan"),
+        "steps_per_s": (total - start) / elapsed if elapsed > 0 and total > start else float("nan"),
     }
     result.summary = summary
+    speed = (f"{summary['steps_per_s']:.1f} steps/s" if total > start else
+             f"nothing left to run (already at step {start} of {total})")
     print(f"[demo] rank {rank}/{world} {device}: systems {summary['systems']}, atoms "
           f"{summary['atoms']}, converged {converged}, mean final energy "
-          f"{summary['mean_energy_ev']:.5f} eV, {summary['steps_per_s']:.1f} steps/s", flush=True)
+          f"{summary['mean_energy_ev']:.5f} eV, {speed}", flush=True)
     table = comm.gather(summary, root=0)
     if rank == 0 and table is not None:
         result.table = list(table)
@@ -330,10 +333,13 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
         for row in result.table:
             print(f"{row['rank']:>5} {row['device']:>8} {row['systems']:>8} {row['atoms']:>7} "
                   f"{row['converged']:>9} {row['mean_energy_ev']:>12.5f} "
-                  f"{row['mean_temperature_k']:>7.2f} {row['steps_per_s']:>9.1f}")
+                  f"{row['mean_temperature_k']:>7.2f} "
+                  f"{format(row['steps_per_s'], '.1f') if row['steps_run'] else '-':>9}")
         n_sys = sum(r["systems"] for r in result.table)
         n_conv = sum(r["converged"] for r in result.table)
-        print(f"total: {len(result.table)} ranks, {n_sys} systems, {n_conv} converged", flush=True)
+        n_ranks = len(result.table)
+        print(f"total: {n_ranks} rank{'s' if n_ranks != 1 else ''}, {n_sys} systems, {n_conv} "
+              f"converged", flush=True)
     return result
 
 

@@ -375,26 +375,30 @@ def _converged_input(inputs: _Inputs) -> _ConvergedInput:
     ids = [u.rank for u in conv]
     if not conv and inputs.manifest.storage == "local" and merged.records:
         # rank data stayed on the nodes: the coordinator's merged group is all there is here
-        src = _merged_source(inputs, merged.crc32)
+        src = _merged_source(inputs, merged.crc32, progress=inputs.bar)
         return _ConvergedInput([], src, [], src, merged.records)
     # the merged group holds every rank's records: usable only when none was left out
     every = len(conv) == sum(1 for u in committed_units(inputs.manifest)
                              if u.kind == "zarr" and u.converged)
     if (conv and every and merged.records and merged.crc32 is not None
             and _merged_is_intact(_merged_source(inputs, merged.crc32))):
-        return _ConvergedInput([], _merged_source(inputs, merged.crc32), ids,
+        return _ConvergedInput([], _merged_source(inputs, merged.crc32, progress=inputs.bar), ids,
                                inputs.source(conv[0]), sum(u.records for u in conv))
     ranks = [(u.rank, inputs.source(u)) for u in conv]
     return _ConvergedInput(ranks, None, ids, ranks[0][1] if ranks else None,
                            sum(u.records for u in conv))
 
 
-def _merged_source(inputs: _Inputs, expect_crc: dict[str, int] | None) -> ZarrSource:
+def _merged_source(inputs: _Inputs, expect_crc: dict[str, int] | None,
+                   progress: Progress | None = None) -> ZarrSource:
+    """The coordinator's merged group; ``progress``: for the reading that is copied (the
+    bar's total counts it once)."""
     merged = inputs.manifest.merged
     return ZarrSource(inputs.run_dir / layout.DATA_DIR, layout.CONVERGED_GROUP,
                       place=f"{layout.DATA_DIR}/{layout.CONVERGED_GROUP}", records=merged.records,
                       atoms=merged.atoms, expect_crc=expect_crc,
-                      block_records=inputs.block_records, block_atoms=inputs.block_atoms)
+                      block_records=inputs.block_records, block_atoms=inputs.block_atoms,
+                      progress=progress)
 
 
 def _merged_is_intact(src: ZarrSource) -> bool:

@@ -17,13 +17,17 @@ import zarr
 
 from ..errors import DamageError
 from ..reader import (
+    CONSOLIDATED_MARKER,
     Unit,
     committed_units,
     default_consolidated_dir,
     find_rank_roots,
     manifest_snapshot,
+    open_run,
     read_consolidated_summary,
 )
+from ..store import layout
+from ..store.manifest import Manifest
 
 __all__ = ["INFO_VERSION", "format_info", "run_info"]
 
@@ -82,8 +86,15 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
     """The summary of a run as a dict with stable keys (see ``docs/cli.md``). ``rank_roots``:
     for a run recorded with ``storage="local"``, the nodes' directories (for the step range)."""
     run_dir = Path(run_dir)
+    if not (run_dir / layout.MANIFEST).is_file() and (run_dir / CONSOLIDATED_MARKER).is_file():
+        return _consolidated_info(run_dir, disk=disk, rank_roots=rank_roots)
     m, crc = manifest_snapshot(run_dir)
-    roots = find_rank_roots(run_dir, m, rank_roots)
+    return _manifest_info(run_dir, m, crc, find_rank_roots(run_dir, m, rank_roots), disk)
+
+
+def _manifest_info(run_dir: Path, m: Manifest, crc: int, roots: dict[int, Path],
+                   disk: bool) -> dict[str, Any]:
+    """:func:`run_info` of the manifest ``m`` (crc32 ``crc``) of ``run_dir``."""
     units = committed_units(m)
     ranks = []
     for r in sorted(m.ranks, key=lambda r: r.rank):
@@ -151,6 +162,23 @@ def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
     }
 
 
+def _consolidated_info(out: Path, *, disk: bool,
+                       rank_roots: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """:func:`run_info` of a consolidated output (what ``plot`` and ``export`` accept): the run
+    it was made of (from its copy of the manifest, as :func:`~dist_hooks.reader.open_run` reads
+    it; its source directory, when still beside it and unchanged, for the step range), the
+    output's own disk use, and ``consolidated`` naming it."""
+    run = open_run(out, rank_roots)
+    crc = int((run.summary or {}).get("source", {}).get("manifest_crc32") or 0)
+    info = _manifest_info(run.path or out, run.manifest, crc, run.roots, disk=False)
+    info["run"] = None if run.path is None else str(run.path.resolve())
+    info["disk_bytes"] = _disk_use(out) if disk else None
+    src = out / str((run.summary or {}).get("source", {}).get("relative", ".."))
+    fresh = True if run.path is not None else (False if (src / layout.MANIFEST).is_file() else None)
+    info["consolidated"] = {"path": str(out.resolve()), "up_to_date": fresh}
+    return info
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -159,10 +187,13 @@ def _size(n: int) -> str:
     return str(n)
 
 
+_FRESH = {True: "up to date", False: "stale", None: "its run directory is not beside it"}
+
+
 def format_info(info: dict[str, Any]) -> str:
     """The human-readable form of :func:`run_info`."""
     bs = info["boundaries"]
-    lines = [f"run          {info['run']}",
+    lines = [f"run          {info['run'] or '- (a consolidated output away from its run)'}",
              f"format       {info['format']} v{info['format_version']} (written by dist_hooks "
              f"{info.get('dist_hooks_version')})",
              f"launcher     {info['launcher']}, world size {info['world_size']}, job id "
@@ -186,7 +217,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"disk         {_size(d['total'])} ({parts})")
     c = info.get("consolidated")
     lines.append("consolidated " + ("no" if c is None else
-                                    f"{c['path']} ({'up to date' if c['up_to_date'] else 'stale'})"))
+                                    f"{c['path']} ({_FRESH[c['up_to_date']]})"))
     lines.append("")
     lines.append(f"{'hook':<14} {'type':<22} {'rank':>5} {'records/rows':>13} {'atoms':>10}")
     for name in sorted(info["totals"]):

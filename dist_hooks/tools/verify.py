@@ -22,9 +22,12 @@ Data past the committed lengths (left by a crash) are ignored: they are not prom
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from ..reader import (
     DamageError,
@@ -38,6 +41,7 @@ from ..reader import (
 from ..records import merge_blocks
 from ..store.manifest import CommitRecord, Manifest
 from ..store import layout
+from ..store.array_layout import ArrayLayout
 from ..store.csv_log import read_header, scan_prefix
 from .progress import Progress
 from .record_source import BlockCrc, ZarrSource
@@ -66,6 +70,36 @@ def quick_unit_problems(run_dir: Path | None, u: Unit) -> list[str]:
     if not (path / "zarr.json").is_file():
         return [f"{u.rel}: group missing (committed {u.records} records)"]
     return []
+
+
+def _group_bytes(group_dir: Path, records: int, atoms: int) -> int:
+    """Uncompressed bytes of a group's committed rows, from its ``zarr.json`` documents alone:
+    what its :class:`ZarrSource` will read and report, so the progress bar's total is known
+    before any data are. 0 for what cannot be parsed (the checks themselves name that)."""
+    try:
+        meta = json.loads((group_dir / "zarr.json").read_bytes())
+        total = 0
+        for name, level in (meta.get("attributes", {}).get("level") or {}).items():
+            lay, _ = ArrayLayout.of(group_dir / name)
+            rows = records if level == "record" else atoms
+            total += rows * int(np.prod(lay.trailing, dtype=np.int64)) * lay.dtype.itemsize
+        return total
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, DamageError):
+        return 0
+
+
+def _read_bytes(roots: dict[int, Path], units: list[Unit]) -> int:
+    """Every byte :func:`verify_run` will read of ``units`` (CSV prefixes and groups)."""
+    total = 0
+    for u in units:
+        if u.kind == "csv":
+            total += u.commit.bytes
+        elif u.rank in roots:
+            try:
+                total += _group_bytes(u.path(roots[u.rank]), u.records, u.atoms)
+            except DamageError:
+                pass
+    return total
 
 
 def _problem(message: str, u: Unit | None = None) -> dict[str, Any]:
@@ -203,12 +237,14 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: Manifest | None = None,
         notes.append("storage=local: rank data stay on the nodes; only the merged group and "
                      "the manifest are checked here (give the nodes' directories with "
                      "--rank-root to check them too)")
-    bar = Progress(sum(u.commit.bytes for u in units if u.kind == "csv"),
-                   "verify", enabled=progress)
+    checking = units if not (local and not rank_roots) else []
+    merged_bytes = _group_bytes(run_dir / layout.DATA_DIR / layout.CONVERGED_GROUP,
+                                manifest.merged.records, manifest.merged.atoms) if check_merged else 0
+    bar = Progress(_read_bytes(roots, checking) + merged_bytes, "verify", enabled=progress)
     schemas: dict[str, tuple[int, dict]] = {}
     damaged: set[tuple[int, str]] = set()
     checked = 0
-    for u in units if not (local and not rank_roots) else []:
+    for u in checking:
         root = roots.get(u.rank)
         msgs = quick_unit_problems(root, u)
         if not msgs:

@@ -508,7 +508,106 @@ def test_progress_bar_only_on_a_terminal():
         p.close()
         assert (s.getvalue() != "") == tty
         if tty:
-            assert "50.0%" in s.getvalue()
+            assert " 50%" in s.getvalue()
+
+
+def _percents(text: str) -> list[int]:
+    return [int(p) for p in re.findall(r"(\d+)%\|", text)]
+
+
+def test_progress_never_passes_100_percent():
+    s = io.StringIO()
+    p = Progress(100, "x", enabled=True, stream=s, interval=0)
+    for _ in range(5):
+        p.update(30)  # 150 of an estimated 100
+    p.close()
+    assert _percents(s.getvalue()) and max(_percents(s.getvalue())) == 100
+    assert p.total == p.done == 150
+    # a total not known yet is drawn as a count, not as "100 % of 0"; set later, it counts
+    s = io.StringIO()
+    p = Progress(0, "consolidate", enabled=True, stream=s, interval=0)
+    first = s.getvalue()
+    assert first and "%" not in first
+    p.total = 200
+    p.update(50)
+    p.set_label("consolidate logs")
+    p.close()
+    assert _percents(s.getvalue())[-1] == 25 and "consolidate logs" in s.getvalue()
+
+
+def test_verify_and_consolidate_progress_totals(runs, tmp_path, monkeypatch):
+    """verify's total is every byte it then reads (CSV and groups), known before it reads any;
+    consolidate's first line is no percentage, its total (known once its inputs are open) is
+    what it then reads, the reused merged converged group included; neither passes 100 %."""
+    from dist_hooks.tools import consolidate as consolidate_mod, verify as verify_mod
+
+    bars = []
+
+    class Recorded(Progress):
+        def __init__(self, total, *a, **k):
+            super().__init__(total, *a, **k)
+            self.first_total = self.total
+            self.overran = False
+            bars.append(self)
+
+        def update(self, n):
+            self.overran |= bool(self.total) and self.done + n > self.total
+            super().update(n)
+
+    monkeypatch.setattr(verify_mod, "Progress", Recorded)
+    run = runs["r2"]
+    rc, _, err = cli("verify", run, "--progress", "always")
+    assert rc == 0
+    (bar,) = bars
+    csv_bytes = sum(r["hooks"]["log"]["bytes"] for r in manifest(run)["last"]["ranks"])
+    assert bar.first_total == bar.done == bar.total > 2 * csv_bytes and not bar.overran
+    assert max(_percents(err)) == 100
+    monkeypatch.setattr(consolidate_mod, "Progress", Recorded)
+    rc, _, err = cli("consolidate", run, "--out", tmp_path / "c", "--progress", "always")
+    assert rc == 0
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines[0].startswith("consolidate") and "%" not in lines[0]
+    assert max(_percents(err)) == 100 and bars[-1].total == bars[-1].done > 0
+    assert bars[-1].first_total == 0 and not bars[-1].overran  # set once the inputs are open
+    rc, _, err = cli("verify", run, "--progress", "never")
+    assert rc == 0 and err == ""
+
+
+def test_version():
+    import dist_hooks
+    rc, out, _ = cli("--version")
+    assert rc == 0 and out.strip() == f"dist-hooks {dist_hooks.__version__}"
+    p = run_command([sys.executable, "-m", "dist_hooks.cli", "--version"], timeout=60,
+                    env=clean_env())
+    assert p.returncode == 0 and p.stdout.strip() == f"dist-hooks {dist_hooks.__version__}"
+
+
+def test_info_of_a_consolidated_output(runs, tmp_path):
+    run = runs["r2"]
+    rc, out, _ = cli("info", run, "--json", "--no-disk")
+    want = json.loads(out)
+    cons = tmp_path / "cons"
+    assert cli("consolidate", run, "--out", cons)[0] == 0
+    rc, out, err = cli("info", cons, "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    for key in ("world_size", "launcher", "boundaries", "ranks", "totals", "converged_count",
+                "step_range", "hooks"):
+        assert got[key] == want[key], key
+    assert got["run"] == str(run.resolve())
+    assert got["consolidated"] == {"path": str(cons.resolve()), "up_to_date": True}
+    assert "consolidated.json" in got["disk_bytes"]["parts"]
+    # moved away from its run: the copied manifest still answers; the step range needs the run
+    moved = tmp_path / "a" / "b" / "moved"
+    shutil.copytree(cons, moved)
+    rc, out, err = cli("info", moved, "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["totals"] == want["totals"] and got["ranks"] == want["ranks"]
+    assert got["run"] is None and got["step_range"] is None
+    assert got["consolidated"] == {"path": str(moved.resolve()), "up_to_date": None}
+    rc, out, _ = cli("info", moved)
+    assert rc == 0 and "world size 2" in out and "its run directory is not beside it" in out
 
 
 def test_memory_stays_bounded(tmp_path, bench_consolidate):
