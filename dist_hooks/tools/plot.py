@@ -49,6 +49,12 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike, *, hook: str = "log
          dpi: int = 110, rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
     """Write the PNG; returns ``{"out", "metrics", "rows"}``. ``rank_roots``: as for
     :func:`~dist_hooks.reader.open_run`."""
+    from ..reader import load_manifest
+    from ..store.layout import MANIFEST
+    if (Path(run_dir) / MANIFEST).is_file() and \
+            getattr(load_manifest(run_dir).hooks.get(hook), "backend", None) == "tensorboard":
+        raise RunError(f"log {hook!r} is a TensorBoard log (events, no committed rows): plot reads "
+                       "CSV logs only; view it with TensorBoard (tensorboard --logdir on its log dir)")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -77,3 +77,56 @@ def test_per_system_off_and_default_limit(tmp_path):
     assert not any("/sample_" in t for t in acc.Tags()["scalars"])
     acc, _ = record(tmp_path / "on", [(0, big)], per_system=True)
     assert sum("energy/sample_" in t for t in acc.Tags()["scalars"]) == 65
+
+
+def cli(*args) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from dist_hooks.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_run_with_a_tensorboard_log_in_info_verify_and_plot(tmp_path):
+    import json
+
+    from dist_hooks import Run
+
+    run_dir = tmp_path / "run"
+    run = Run(run_dir, checkpoint_every=4, handle_signals=False)
+    hooks = [run.logging_hook("tb", backend="tensorboard", ring_size=2), run.logging_hook("log")]
+    b = make_batch([2, 3], seed=13, first_id=7)
+    for step in range(10):
+        ctx = Ctx(b, step_count=step)
+        run(ctx, Stage.BEFORE_STEP)
+        for h in hooks:
+            h(ctx, Stage.AFTER_STEP)
+        perturb(b, step)
+    run.close()
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["hooks"]["tb"] == {"type": "LoggingHook", "frequency": 1, "stage": "AFTER_STEP",
+                                  "backend": "tensorboard"}
+    assert doc["hooks"]["log"]["backend"] == "csv"
+    acc = EventAccumulator(str(run_dir / "logs" / "tb" / "rank-00000")).Reload()
+    assert sorted(scalars(acc, "energy/sample_8")) == list(range(10))
+
+    rc, out, _ = cli("info", run_dir, "--json", "--no-disk")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["hooks"]["tb"]["backend"] == "tensorboard"
+    assert info["hooks"]["tb"]["log_dir"] == "logs/tb"
+    rc, out, _ = cli("info", run_dir)
+    line = next(s for s in out.splitlines() if s.startswith("tb "))
+    assert "LoggingHook" in line and "TensorBoard events" in line and "logs/tb/rank-*" in line
+
+    rc, out, _ = cli("verify", run_dir)
+    assert rc == 0, out
+    assert "note: hook 'tb' logs to TensorBoard events: no committed length or checksum" in out
+
+    rc, out, err = cli("plot", run_dir, "--hook", "tb", "--out", tmp_path / "tb.png")
+    assert rc == 2 and not (tmp_path / "tb.png").exists()
+    assert "TensorBoard log" in err and len(err.strip().splitlines()) == 1, err
