@@ -5,8 +5,8 @@ columns of ``len(steps) * B`` rows (B systems per firing, firings in order), the
 ``store/csv_log.INT_COLUMNS`` first, then the float scalars (``None``: a column left empty). A sink
 is opened at the hook's first firing, when the rank is known, and only ever used from the writer
 thread, so it needs no locking; a resumed run first cuts it back with ``resume`` (main thread, at
-the first firing, before any block). ``start(names)`` comes next, in the writer thread, before the
-first block: the columns are known then, and a CSV gets its header at once. The hook flushes the
+the first firing, before any block). ``start(names)`` comes next, also there and then: the
+columns are known at the first firing, and a CSV gets its header at once. The hook flushes the
 sink after every block, so what a live reader sees is always whole blocks.
 """
 from __future__ import annotations

@@ -127,7 +127,9 @@ class LoggingHook(RecordingHook):
         self.path = self._output.path
         if self._resume_point is not None:  # a resumed run: cut back to what the last boundary committed
             self._output.resume(self._resume_point)
-        self._channel.submit(partial(self._output.start, list(INT_COLUMNS) + self._names))
+        # the header now, like the resume (before any block is queued): a reader finds a
+        # parseable file from the first firing on, however busy the writer thread is
+        self._output.start(list(INT_COLUMNS) + self._names)
 
     def _check_view(self, view: BatchView) -> None:
         for scalar, fields in REDUCED_FIELDS.items():
