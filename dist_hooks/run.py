@@ -495,8 +495,8 @@ class Run:
         return out
 
     def _hook_settings(self) -> dict[str, HookSettings]:
-        return {name: HookSettings(type(h).__name__, h.frequency,
-                                   getattr(h.stage, "name", str(h.stage)))
+        return {name: HookSettings(type(h).__name__, h.frequency, getattr(h.stage, "name", str(h.stage)),
+                                   h.backend if isinstance(h, LoggingHook) else None)
                 for name, h in self._hooks.items()}
 
     def _new_converged(self, hooks: dict[str, HookCommit]) -> dict[str, CsrBlock]:

@@ -5,11 +5,14 @@ columns of ``len(steps) * B`` rows (B systems per firing, firings in order), the
 ``store/csv_log.INT_COLUMNS`` first, then the float scalars (``None``: a column left empty). A sink
 is opened at the hook's first firing, when the rank is known, and only ever used from the writer
 thread, so it needs no locking; a resumed run first cuts it back with ``resume`` (main thread, at
-the first firing, before any block).
+the first firing, before any block). ``start(names)`` comes next, also there and then: the
+columns are known at the first firing, and a CSV gets its header at once. The hook flushes the
+sink after every block, so what a live reader sees is always whole blocks.
 """
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -17,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..errors import DamageError
+from ..errors import DamageError, MissingDependencyError
 from ..store.csv_log import CsvLog
 
 #: one block of rows: column name -> values (``None``: the column is left empty)
@@ -37,6 +40,9 @@ class LogSink(ABC):
     def resume(self, resume_point: dict) -> None:
         """Cut back to the committed entry of a resumed run (what ``sync`` returned); by default
         there is nothing to cut back."""
+
+    def start(self, names: Sequence[str]) -> None:
+        """The column names every block will have, before the first block; by default unused."""
 
     def flush(self) -> None:
         """Hand what was appended to the OS (or the consumer)."""
@@ -79,6 +85,9 @@ class CsvLogSink(LogSink):
             raise DamageError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
                               "their checksum in run.json; the file was changed after the checkpoint")
 
+    def start(self, names: Sequence[str]) -> None:
+        self._log.write_header(list(names))  # nothing when a restart continues the file
+
     def append(self, columns: Columns, steps: Sequence[int]) -> None:
         nrows = len(next(iter(columns.values())))  # the first column (step) is never empty
         self._log.append({k: (pa.nulls(nrows, pa.float64()) if v is None else v) for k, v in columns.items()})
@@ -94,35 +103,79 @@ class CsvLogSink(LogSink):
         self._log.close()
 
 
-class TensorBoardLogSink(LogSink):
-    """One TensorBoard run per rank (``log_path/rank-00003``): each float scalar of each system as
-    ``add_scalar(f"{name}/graph_{i}", value, step)``; the integer columns are not logged. A resumed
-    run appends events to the run's directory (nothing is cut back)."""
+#: ``per_system=None``: per-sample tags while a firing holds at most this many systems
+PER_SYSTEM_MAX = 64
 
-    def __init__(self, log_path: Path, rank: int):
+
+class TensorBoardLogSink(LogSink):
+    """One TensorBoard run per rank (``log_path/rank-00003``), one event per firing holding every
+    float scalar: ``name/mean``, ``name/min``, ``name/max`` over the firing's systems (finite values
+    only; NaN when none is), and with ``per_system`` one ``name/sample_<sample_id>`` tag per system.
+
+    Why by sample id: a batch position (``graph_idx``) changes meaning when a converged system is
+    replaced; the sample id follows one system for its whole life. Why summaries: thousands of
+    per-system curves are unreadable, three per quantity stay readable at any batch size.
+    ``per_system=None`` keeps per-sample tags while a firing holds at most :data:`PER_SYSTEM_MAX`
+    systems. The integer columns are not logged. A resumed run appends events to the run's
+    directory (nothing is cut back: TensorBoard's events carry no committed length).
+    """
+
+    def __init__(self, log_path: Path, per_system: bool | None, rank: int):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError as exc:
-            raise ImportError("backend='tensorboard' needs the tensorboard package: "
-                              "pip install 'dist_hooks[tensorboard]'") from exc
+            raise MissingDependencyError("backend='tensorboard' needs the tensorboard package: "
+                                         "pip install 'dist_hooks[tensorboard]'") from exc
+        self._event, self._summary = Event, Summary
+        self.per_system = per_system
         self.path = log_path / f"rank-{rank:05d}"
-        self._writer = SummaryWriter(log_dir=str(self.path))
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(self.path))
 
     def append(self, columns: Columns, steps: Sequence[int]) -> None:
-        B = len(next(iter(columns.values()))) // len(steps)
+        n = len(steps)
+        B = len(next(iter(columns.values()))) // n
+        per_system = B <= PER_SYSTEM_MAX if self.per_system is None else self.per_system
+        ids = columns["sample_id"].reshape(n, B)
+        Value = self._summary.Value
+        values: list[list] = [[] for _ in range(n)]
         for name, col in columns.items():
             if col is None or col.dtype.kind != "f":  # empty, or one of the integer columns
                 continue
-            vals = col.reshape(len(steps), B)
-            for i, step in enumerate(steps):
-                for g in range(B):
-                    self._writer.add_scalar(f"{name}/graph_{g}", float(vals[i, g]), step)
+            vals = col.reshape(n, B)
+            for stat, per_step in zip(("mean", "min", "max"), _finite_stats(vals)):
+                tag = f"{name}/{stat}"
+                for i, x in enumerate(per_step.tolist()):
+                    values[i].append(Value(tag=tag, simple_value=x))
+            if per_system:
+                for i in range(n):
+                    values[i].extend(Value(tag=f"{name}/sample_{sid}", simple_value=x)
+                                     for sid, x in zip(ids[i].tolist(), vals[i].tolist()))
+        now = time.time()
+        for step, vs in zip(steps, values):
+            self._writer.add_event(self._event(wall_time=now, step=int(step),
+                                               summary=self._summary(value=vs)))
 
     def flush(self) -> None:
         self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _finite_stats(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max of each row's finite values (NaN for a row without any), vectorised."""
+    ok = np.isfinite(vals)
+    count = ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(ok, vals, 0.0).sum(axis=1) / count
+    none = count == 0
+    lo = np.where(ok, vals, np.inf).min(axis=1)
+    hi = np.where(ok, vals, -np.inf).max(axis=1)
+    lo[none] = hi[none] = np.nan
+    return mean, lo, hi
 
 
 class CustomLogSink(LogSink):

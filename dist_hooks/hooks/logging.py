@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -34,9 +35,19 @@ class LoggingHook(RecordingHook):
     full ring (or flush) moves the block, and the writer encodes it in bulk. Values match
     nvalchemi's LoggingHook: fmax = max over atoms of ||F_i||, temperature = sum(m v^2) / (3 N k_B).
 
-    Backends: ``"csv"`` (one file per rank, see ``log_path``), ``"tensorboard"`` (one run per rank,
-    tag ``name/graph_i``), ``"custom"`` (``writer_fn(step, rows)`` with rows a list of dicts, one per
-    system; pass ``columnar=True`` to get one dict of numpy columns instead).
+    Backends: ``"csv"`` (one file per rank, see ``log_path``), ``"tensorboard"`` (one run per rank:
+    ``name/mean|min|max`` over the systems and, with ``per_system``, ``name/sample_<sample_id>``;
+    ``per_system=None`` keeps those while a firing holds at most 64 systems), ``"custom"``
+    (``writer_fn(step, rows)`` with rows a list of dicts, one per system; pass ``columnar=True`` to
+    get one dict of numpy columns instead).
+
+    Live logs: a CSV gets its header at the first firing, and rows reach the file (whole blocks,
+    flushed) at least every ``flush_interval`` seconds, not only per full ring: a firing ships the
+    ring early when its oldest row would be older than the interval at the next firing (one
+    ``time.monotonic()`` per firing, no host sync). So while firings come at a steady pace, a
+    live reader sees each row within ``flush_interval`` seconds (the first firing's at once); rows
+    are shipped only at firings and boundaries. ``0`` or ``None``: per full ring only (and at every
+    boundary, flush and close, as always).
 
     ``log_path``: a ``.csv`` path gets the rank inserted (``log.csv`` -> ``log.rank-00003.csv``); any
     other path is a directory holding ``rank-00003.csv``; ``{rank}`` in the path is formatted instead.
@@ -50,7 +61,8 @@ class LoggingHook(RecordingHook):
                  custom_scalars: Mapping[str, Callable[[Any, Any], Any]] | None = None,
                  writer_fn: Callable[[int, Any], None] | None = None, stage: Any = Stage.AFTER_STEP, *,
                  name: str = "log", rank: int | None = None, ring_size: int = 64, buffers: int = 4,
-                 columnar: bool = False):
+                 columnar: bool = False, flush_interval: float | None = 5.0,
+                 per_system: bool | None = None):
         super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
         if backend not in ("csv", "tensorboard", "custom"):
             raise ValueError(f"backend must be 'csv', 'tensorboard' or 'custom', got {backend!r}")
@@ -58,6 +70,8 @@ class LoggingHook(RecordingHook):
             raise ValueError("backend='custom' needs writer_fn(step, rows)")
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, got {ring_size}")
+        if flush_interval is not None and not float(flush_interval) >= 0:
+            raise ValueError(f"flush_interval must be >= 0 seconds or None, got {flush_interval}")
         self.backend = backend
         self.writer_fn = writer_fn
         self.columnar = columnar
@@ -67,19 +81,24 @@ class LoggingHook(RecordingHook):
             if problem is not None:
                 raise BatchError(f"{name}: custom scalar {key!r} {problem}; give it another name")
         self.ring_size = int(ring_size)
+        self.flush_interval = float(flush_interval) if flush_interval else None
+        self.per_system = per_system
         self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
         if backend in ("csv", "tensorboard"):
             check_writable_dir(self.log_path if not is_csv_file_path(self.log_path) else self.log_path.parent)
         # the backend, chosen here once; opened at the first firing, as _open_sink(rank)
         self._open_sink: Callable[[int], LogSink] = {
             "csv": partial(CsvLogSink, self.log_path),
-            "tensorboard": partial(TensorBoardLogSink, self.log_path),
+            "tensorboard": partial(TensorBoardLogSink, self.log_path, per_system),
             "custom": partial(CustomLogSink, writer_fn, columnar),
         }[backend]
         self._pool = HostBufferPool(buffers, pinned=True)
         self._names: list[str] | None = None
         self._ring: torch.Tensor | None = None
         self._steps: list[int] = []
+        # flush_interval: when the ring's first row was recorded, and the previous firing's time
+        # (-inf: the first firing ships at once)
+        self._first_t = self._prev_t = -float("inf")
         self.path: Path | None = None
         self._ones: dict = {}
 
@@ -108,6 +127,9 @@ class LoggingHook(RecordingHook):
         self.path = self._output.path
         if self._resume_point is not None:  # a resumed run: cut back to what the last boundary committed
             self._output.resume(self._resume_point)
+        # the header now, like the resume (before any block is queued): a reader finds a
+        # parseable file from the first firing on, however busy the writer thread is
+        self._output.start(list(INT_COLUMNS) + self._names)
 
     def _check_view(self, view: BatchView) -> None:
         for scalar, fields in REDUCED_FIELDS.items():
@@ -145,7 +167,16 @@ class LoggingHook(RecordingHook):
         with self._streams.reading(), torch.no_grad():  # never extend a caller's autograd graph
             self._reduce(view, ctx, slot, grad)
         self._steps.append(int(getattr(ctx, "step_count", 0)))
-        if len(self._steps) == self.ring_size:
+        n, due = len(self._steps), False
+        if self.flush_interval is not None:
+            now = time.monotonic()
+            if n == 1:
+                self._first_t = now
+            # due: the oldest row would be older than the interval at the next firing, expected
+            # one firing period (now - previous firing) from now
+            due = 2.0 * now - self._prev_t - self._first_t >= self.flush_interval
+            self._prev_t = now
+        if n == self.ring_size or due:
             self._flush_device()
 
     def _reduce(self, view: BatchView, ctx: Any, out: torch.Tensor, grad: bool) -> None:
@@ -222,6 +253,7 @@ class LoggingHook(RecordingHook):
             for j, name in enumerate(self._names):
                 cols[name] = None if name in self._missing else a[:, 2 + j, :].reshape(-1).copy()
             self._output.append(cols, steps)
+            self._output.flush()  # whole blocks reach the reader, each as soon as it is written
         finally:
             self._pool.release(buf)
 

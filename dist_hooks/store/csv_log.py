@@ -7,6 +7,12 @@ does not steal the interpreter from the simulation thread (per-row Python format
 11-15x the step time, design/performance.md). Integers stay integers; floats use pyarrow's
 shortest round-trip formatting; missing values are empty fields.
 
+Each block is encoded in memory and handed to the OS in one write, right away (no buffer held
+back in Python), so a live reader (``tail -f``, pandas) sees whole blocks as soon as they are
+written, never a row cut by a buffer boundary. ``write_header`` writes the header line alone,
+before any row (the hook knows its columns at its first firing), so a reader finds a parseable
+file from the start; it writes nothing when the file already holds a header (a restart).
+
 The file is opened for append, never truncated on open: a restart continues it. ``truncate(bytes)``
 cuts it back to a committed length (resume after a crash). ``size``/``rows`` are what was written,
 ``sync()`` makes it durable (fsync) and brings ``crc32`` (of the whole file so far) up to date by
@@ -57,6 +63,16 @@ class CsvLog:
         found = scan_prefix(self.path, self.size)
         self.rows, self.crc32, self._crc_pos = found.rows, found.crc32, self.size
 
+    def write_header(self, names: list[str]) -> None:
+        """Write the header line alone when the file is empty; otherwise check that the header
+        there names ``names`` (a restart continues its file and must keep its columns)."""
+        names = list(names)
+        if self.columns is None:
+            self.columns = names
+            self._write(pa.table({k: pa.nulls(0) for k in names}), header=True)
+        elif names != self.columns:
+            raise self._schema_changed(names)
+
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
         """Append one block of rows given as equally long columns (None entries: empty fields)."""
         names = list(columns)
@@ -65,15 +81,26 @@ class CsvLog:
             header = True
         else:
             if names != self.columns:
-                raise SchemaChangedError(
-                    f"{self.path}: columns {names} differ from the header {self.columns}; a CSV cannot change "
-                    "its columns mid-run")
+                raise self._schema_changed(names)
             header = False
         table = pa.table({k: pa.array(v) for k, v in columns.items()})
-        pacsv.write_csv(table, self._fh, write_options=pacsv.WriteOptions(include_header=header,
-                                                                          quoting_style="needed"))
+        self._write(table, header)
         self.rows += table.num_rows
-        self.size = self._fh.tell()
+
+    def _write(self, table: pa.Table, header: bool) -> None:
+        """Encode ``table`` in memory (C++, GIL released) and hand it to the OS in one write."""
+        out = pa.BufferOutputStream()
+        pacsv.write_csv(table, out, write_options=pacsv.WriteOptions(include_header=header,
+                                                                     quoting_style="needed"))
+        data = out.getvalue()
+        self._fh.write(data)
+        self._fh.flush()
+        self.size += data.size
+
+    def _schema_changed(self, names: list[str]) -> SchemaChangedError:
+        return SchemaChangedError(
+            f"{self.path}: columns {names} differ from the header {self.columns}; a CSV cannot change "
+            "its columns mid-run")
 
     def flush(self) -> None:
         self._fh.flush()

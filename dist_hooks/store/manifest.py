@@ -378,19 +378,26 @@ class BoundarySummary:
 
 @dataclass
 class HookSettings:
-    """How a hook of the run was configured (``run.json``'s ``hooks``)."""
+    """How a hook of the run was configured (``run.json``'s ``hooks``). ``backend``: where a
+    LoggingHook's rows go (``"csv"``, ``"tensorboard"``, ``"custom"``), so that the tools can say
+    why a log has no committed file; absent (None) for other hooks and in older manifests, and
+    then not written, so those round-trip unchanged."""
 
     type: str
     frequency: int
     stage: str
+    backend: str | None = None
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "HookSettings":
         f = _Fields(obj, where)
-        return cls(f.str("type"), f.int("frequency"), f.str("stage"))
+        return cls(f.str("type"), f.int("frequency"), f.str("stage"), f.str("backend", optional=True))
 
     def to_json(self) -> dict:
-        return {"type": self.type, "frequency": self.frequency, "stage": self.stage}
+        out = {"type": self.type, "frequency": self.frequency, "stage": self.stage}
+        if self.backend is not None:
+            out["backend"] = self.backend
+        return out
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import zarr
 
 from ..errors import DamageError
+from ..store.layout import LOGS_DIR
 from ..reader import (
     CONSOLIDATED_MARKER,
     Unit,
@@ -134,6 +135,9 @@ def _manifest_info(run_dir: Path, m: Manifest, crc: int, roots: dict[int, Path],
                         summary.get("source", {}).get("manifest_crc32") == crc}
     hooks = {name: {**h.to_json(), "kind": totals.get(name, {}).get("kind")}
              for name, h in m.hooks.items()}
+    for name, h in hooks.items():  # a TensorBoard log commits nothing: say where its events are
+        if h.get("backend") == "tensorboard" and (run_dir / LOGS_DIR / name).is_dir():
+            h["log_dir"] = f"{LOGS_DIR}/{name}"
     return {
         "info_version": INFO_VERSION,
         "run": str(run_dir.resolve()),
@@ -233,4 +237,11 @@ def format_info(info: dict[str, Any]) -> str:
         n = t.get("rows", t.get("records", 0))
         lines.append(f"{name:<14} {'':<22} {'all':>5} {n:>13} "
                      f"{'' if t['kind'] == 'csv' else t.get('atoms', 0):>10}")
+    for name in sorted(set(info["hooks"]) - set(info["totals"])):  # hooks that commit nothing
+        h = info["hooks"][name]
+        what = {"tensorboard": "TensorBoard events, not committed" +
+                (f" ({h['log_dir']}/rank-*)" if h.get("log_dir") else ""),
+                "custom": "rows to a custom writer_fn, not in the run"}.get(
+                    h.get("backend"), "nothing committed yet")
+        lines.append(f"{name:<14} {h.get('type', '?'):<22} {'-':>5} {'-':>13} {'':>10}  {what}")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..reader import RunError, RunReader, open_run
+from ..reader import RunError, RunReader, load_manifest, open_run
+from ..store.layout import MANIFEST
 from ..errors import DamageError, MissingDependencyError
 
 __all__ = ["FORMATS", "draw", "output_format", "plot", "step_quantiles"]
@@ -295,6 +296,10 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike, *, hook: str = "log
     """Write the figure to ``out`` (PNG, SVG or PDF by its suffix); returns ``{"out", "format",
     "metrics", "rows", "systems", "ranks", "energy", "figure"}``. ``per_atom=False``: total
     energy per system. ``rank_roots``: as for :func:`~dist_hooks.reader.open_run`."""
+    if (Path(run_dir) / MANIFEST).is_file() and \
+            getattr(load_manifest(run_dir).hooks.get(hook), "backend", None) == "tensorboard":
+        raise RunError(f"log {hook!r} is a TensorBoard log (events, no committed rows): plot reads "
+                       "CSV logs only; view it with TensorBoard (tensorboard --logdir on its log dir)")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -233,6 +233,11 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: Manifest | None = None,
     notes = []
     if manifest.last is None:
         notes.append("no checkpoint boundary committed yet: nothing is promised")
+    for name, h in sorted(manifest.hooks.items()):  # logs that commit nothing: say so
+        where = {"tensorboard": "TensorBoard events", "custom": "a custom writer_fn"}.get(h.backend or "")
+        if where is not None:
+            notes.append(f"hook {name!r} logs to {where}: no committed length or checksum, "
+                         "nothing to check")
     if local and not rank_roots:
         notes.append("storage=local: rank data stay on the nodes; only the merged group and "
                      "the manifest are checked here (give the nodes' directories with "
