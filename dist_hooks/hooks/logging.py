@@ -68,6 +68,9 @@ class LoggingHook(RecordingHook):
             raise ValueError(f"backend must be 'csv', 'tensorboard' or 'custom', got {backend!r}")
         if backend == "custom" and writer_fn is None:
             raise ValueError("backend='custom' needs writer_fn(step, rows)")
+        if backend != "custom" and writer_fn is not None:
+            raise ValueError(f"writer_fn is only called with backend='custom' (got backend="
+                             f"{backend!r}): pass backend='custom', or leave writer_fn out")
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, got {ring_size}")
         if flush_interval is not None and not float(flush_interval) >= 0:
@@ -117,12 +120,13 @@ class LoggingHook(RecordingHook):
         super()._start(view)
         self._names = self._scalar_names()
         self._custom_keys = tuple(self.custom_scalars)
-        present = {"energy": "energy" in view.system_fields, "fmax": "forces" in view.atom_fields,
-                   "temperature": "velocities" in view.atom_fields and "atomic_masses" in view.atom_fields}
-        self._missing = {k for k, ok in present.items() if not ok and k not in self.custom_scalars}
+        # what each default scalar needs and the batch lacks: energy, or the fields it reduces
+        lacking = {"energy": [] if "energy" in view.system_fields else ["energy"],
+                   **{k: [f for f in fields if f not in view.atom_fields]
+                      for k, fields in REDUCED_FIELDS.items()}}
+        self._missing = {k for k, gone in lacking.items() if gone and k not in self.custom_scalars}
         for k in sorted(self._missing):
-            need = {"energy": "energy", "fmax": "forces", "temperature": "velocities and atomic_masses"}[k]
-            self._warn_once(k, f"batch has no {need}: column {k!r} is left empty")
+            self._warn_once(k, f"batch has no {' or '.join(lacking[k])}: column {k!r} is left empty")
         self._output = self._open_sink(self.rank)
         self.path = self._output.path
         if self._resume_point is not None:  # a resumed run: cut back to what the last boundary committed

@@ -204,3 +204,29 @@ def test_memory_bounded_under_slow_writer():
     # back-pressure: at most `buffers` blocks hold memory at once; the job counter may lag by the one
     # job that has already handed its buffer back but not yet reported itself done
     assert in_flight_max[0] <= 3 + 1
+
+
+def test_writer_fn_without_the_custom_backend_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="writer_fn is only called with backend='custom'"):
+        LoggingHook(log_path=tmp_path / "log", writer_fn=lambda step, rows: None)
+    with pytest.raises(ValueError, match="backend='custom' needs writer_fn"):
+        LoggingHook(backend="custom")
+
+
+def test_the_warning_names_exactly_what_the_batch_lacks(tmp_path, caplog):
+    """Masses but no velocities: the temperature column is empty, and the warning says it is the
+    velocities that are missing (not "velocities and atomic_masses")."""
+    from types import SimpleNamespace
+    full = make_batch([3, 2], seed=4)
+    batch = SimpleNamespace(**{k: v for k, v in vars(full).items() if k != "velocities"})
+    batch.num_graphs = full.num_graphs
+    hook = LoggingHook(log_path=tmp_path / "log", rank=0)
+    with caplog.at_level("WARNING", logger="dist_hooks"):
+        hook(Ctx(batch, step_count=0), Stage.AFTER_STEP)
+        hook.close()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("batch has no velocities: column 'temperature' is left empty" in m for m in msgs), msgs
+    assert not any("atomic_masses" in m for m in msgs), msgs
+    rows = list(csv.DictReader(open(tmp_path / "log" / "rank-00000.csv")))
+    assert len(rows) == 2 and all(r["temperature"] == "" for r in rows)
+    assert all(r["fmax"] != "" for r in rows)
