@@ -68,6 +68,14 @@ def _progress(value: str) -> bool | None:
     return {"auto": None, "always": True, "never": False}[value]
 
 
+def _dpi(value: str) -> int:
+    """A resolution matplotlib accepts and memory holds (argparse reports anything else)."""
+    n = int(value)
+    if not 10 <= n <= 1200:
+        raise argparse.ArgumentTypeError(f"{value}: a resolution from 10 to 1200 dots per inch")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dist-hooks`` (every subcommand, with its options)."""
     p = argparse.ArgumentParser(
@@ -165,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hook", default="log", help="CSV log to plot (default: log)")
     pl.add_argument("--total-energy", action="store_true",
                     help="plot each system's total energy instead of its energy per atom")
-    pl.add_argument("--dpi", type=int, default=110, help="resolution of a PNG (default: 110)")
+    pl.add_argument("--dpi", type=_dpi, default=110, help="resolution of a PNG (default: 110)")
     _add_rank_root(pl)
     return p
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import zarr
 
+from .errors import DamageError, RecorderError
 from .records import CsrBlock, merge_blocks
 from .store import layout
 from .store.checksums import fold_column_crc32
@@ -127,7 +128,7 @@ class Coordinator:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"coordinator (rank 0) failed to commit a boundary of "
+            raise RecorderError(f"coordinator (rank 0) failed to commit a boundary of "
                                f"{self.storage}: {type(err).__name__}: {err}; the previous "
                                "boundary stays in force") from err
 
@@ -185,7 +186,7 @@ class Coordinator:
         r = msg.record.rank
         reader = GroupReader(self.data_root, layout.hook_group(r, name), limit_records=stop)
         if len(reader) < stop:
-            raise RuntimeError(f"rank {r} committed {stop} records in {name!r} but only "
+            raise DamageError(f"rank {r} committed {stop} records in {name!r} but only "
                                f"{len(reader)} are visible under {self.storage}: storage='shared' "
                                "needs one filesystem that every rank writes and rank 0 reads")
         return group_block(reader, start, stop)

@@ -2,9 +2,9 @@
 
 Why one hierarchy: a caller (a workflow engine, the ``dist-hooks`` command, a test) should be able
 to tell "this package refused or detected something" from a bug, with one ``except``, and then
-tell the few kinds apart by what they mean, not by which module raised them. Each class also keeps
-the builtin base it always had (``RuntimeError``, ``ValueError``, ``TimeoutError``), so code that
-caught those keeps working.
+tell the few kinds apart by what they mean, not by which module raised them. A class that replaced
+one derived from a builtin (``RuntimeError``, ``ValueError``, ``TimeoutError``) keeps that base
+too, so code that caught those keeps working.
 
 ``exit_code`` is the status the ``dist-hooks`` command exits with for that error (docs/cli.md).
 """

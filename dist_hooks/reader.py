@@ -36,7 +36,7 @@ from .store.csv_log import (KEY_COLUMNS, iter_csv_batches, narrow_table, read_cs
 from .store.group_reader import GroupReader
 from .store.manifest import (BoundaryEntry, BoundarySummary, CsvCommit, GroupCommit, HookCommit,
                              HookSettings, Manifest)
-from .store.manifest import manifest_crc32 as _manifest_crc32
+from .store.manifest import manifest_crc32
 from .store.storage import LocalRunStorage, run_path
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "find_rank_roots",
     "iter_csv_batches",
     "load_manifest",
-    "manifest_crc32",
     "manifest_snapshot",
     "narrow_table",
     "open_run",
@@ -68,11 +67,6 @@ CONSOLIDATED_FORMAT = "dist_hooks-consolidated"
 
 
 # ------------------------------------------------------------------------------------ manifest
-def manifest_crc32(run_dir: str | Path) -> int:
-    """crc32 of ``run.json``'s bytes: identifies the committed state a consolidation was made of."""
-    return _manifest_crc32((Path(run_dir) / layout.MANIFEST).read_bytes())
-
-
 def manifest_snapshot(run_dir: str | Path) -> tuple[Manifest, int]:
     """The checked ``run.json`` and the crc32 of the same bytes, read once: a consolidate (or a
     boundary) replacing the file between two reads could otherwise pair one manifest with
@@ -82,7 +76,7 @@ def manifest_snapshot(run_dir: str | Path) -> tuple[Manifest, int]:
     data = LocalRunStorage(run_dir).read_manifest()
     if data is None:
         raise RunError(f"{run_dir}: not a dist_hooks run directory (no {layout.MANIFEST})")
-    return Manifest.parse(data), _manifest_crc32(data)
+    return Manifest.parse(data), manifest_crc32(data)
 
 
 def load_manifest(run_dir: str | Path, data: bytes | None = None) -> Manifest:
@@ -566,7 +560,8 @@ def open_run(path: str | os.PathLike,
     source_dir: Path | None = None
     if (src / layout.MANIFEST).is_file():
         try:
-            if manifest_crc32(src) == summary["source"].get("manifest_crc32"):
+            if manifest_crc32((src / layout.MANIFEST).read_bytes()) == \
+                    summary["source"].get("manifest_crc32"):
                 source_dir = src
         except OSError:
             pass

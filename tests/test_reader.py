@@ -345,3 +345,15 @@ def test_consolidated_summary_paths_are_checked(run):
         open_run(run / "consolidated")
     consolidate(run, progress=False, force=True)  # a damaged output is rebuilt, not trusted
     assert open_run(run).consolidated is not None
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "-1", "1e3", " 1"])
+def test_a_dropped_hook_with_an_odd_rank_key_is_damage(key):
+    """isdigit() takes '²'; int() does not: the parser must refuse it as damage, not crash."""
+    from dist_hooks.errors import DamageError
+    from dist_hooks.store.manifest import DroppedHook
+    entry = {"hook": "snapshots", "boundary": 2,
+             "ranks": {key: {"group": "ranks/rank-00000/snapshots", "records": 1, "atoms": 2,
+                             "crc32": {}, "kind": "zarr", "converged": False}}}
+    with pytest.raises(DamageError, match="is not a rank"):
+        DroppedHook.from_json(entry, "run.json.dropped[0]")

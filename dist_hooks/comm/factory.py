@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import sys
 
+from ..errors import LaunchError
 from ..launch import LaunchInfo, detect_launch
 from .base import DEFAULT_TIMEOUT, Communicator
 from .mpi import MPICommunicator
@@ -69,7 +70,7 @@ def get_communicator(kind: str = "auto", launch: LaunchInfo | None = None, *,
     else:
         comm = MPICommunicator(timeout=timeout)
         if launch is not None and (launch.rank, launch.world_size) != (comm.rank, comm.world_size):
-            raise RuntimeError(f"MPI.COMM_WORLD is rank {comm.rank}/{comm.world_size} but the "
+            raise LaunchError(f"MPI.COMM_WORLD is rank {comm.rank}/{comm.world_size} but the "
                                f"launch info says {launch.rank}/{launch.world_size}")
     logger.info("dist_hooks: %s communicator, rank %d/%d", comm.name, comm.rank, comm.world_size)
     return comm

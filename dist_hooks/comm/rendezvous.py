@@ -11,6 +11,7 @@ import re
 import socket
 from typing import Mapping
 
+from ..errors import LaunchError
 from ..launch import LaunchInfo
 
 
@@ -57,14 +58,14 @@ def rendezvous_url(launch: LaunchInfo, env: Mapping[str, str]) -> tuple[str, str
         return url, url
     if launch.launcher in ("mpich", "openmpi"):
         if importlib.util.find_spec("mpi4py") is None:
-            raise RuntimeError(
+            raise LaunchError(
                 f"launcher {launch.launcher!r}: MASTER_ADDR/MASTER_PORT are not set and mpi4py is "
                 "not installed to agree on them; set both, or install mpi4py")
         from mpi4py import MPI
 
         world = MPI.COMM_WORLD
         if world.Get_size() != launch.world_size or world.Get_rank() != launch.rank:
-            raise RuntimeError(
+            raise LaunchError(
                 f"MPI.COMM_WORLD is rank {world.Get_rank()}/{world.Get_size()} but the launch "
                 f"environment says {launch.rank}/{launch.world_size}")
         address = None
@@ -79,7 +80,7 @@ def rendezvous_url(launch: LaunchInfo, env: Mapping[str, str]) -> tuple[str, str
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") \
             or env.get("SLURM_NODELIST") or ""
         if not nodelist and not env.get("MASTER_ADDR"):
-            raise RuntimeError("slurm launch without MASTER_ADDR and without SLURM_STEP_NODELIST / "
+            raise LaunchError("slurm launch without MASTER_ADDR and without SLURM_STEP_NODELIST / "
                                "SLURM_JOB_NODELIST: set MASTER_ADDR and MASTER_PORT")
         host = env.get("MASTER_ADDR") or first_slurm_node(nodelist)
         job = int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0)
@@ -88,5 +89,5 @@ def rendezvous_url(launch: LaunchInfo, env: Mapping[str, str]) -> tuple[str, str
             20000 + (job * 131 + step) % 20000
         url = f"tcp://{host}:{port}"
         return url, f"{url} (first node of the Slurm step, port from the job id)"
-    raise RuntimeError(f"launcher {launch.launcher!r} with {launch.world_size} ranks: set "
+    raise LaunchError(f"launcher {launch.launcher!r} with {launch.world_size} ranks: set "
                        "MASTER_ADDR and MASTER_PORT")

@@ -43,7 +43,6 @@ from .workload import FS, KB_EV, DemoBatch, segment_max, segment_sum
 
 __all__ = [
     "FIRE",
-    "STEP_STAGES",
     "BaseDynamics",
     "HookContext",
     "Langevin",
@@ -51,17 +50,6 @@ __all__ = [
     "hook_lifetime",
 ]
 
-#: Stages fired inside every step, in order (ON_CONVERGE is conditional and comes after these).
-STEP_STAGES: tuple[Stage, ...] = (
-    Stage.BEFORE_STEP,
-    Stage.BEFORE_PRE_UPDATE,
-    Stage.AFTER_PRE_UPDATE,
-    Stage.BEFORE_COMPUTE,
-    Stage.AFTER_COMPUTE,
-    Stage.BEFORE_POST_UPDATE,
-    Stage.AFTER_POST_UPDATE,
-    Stage.AFTER_STEP,
-)
 
 
 @dataclass(kw_only=True)

@@ -118,8 +118,7 @@ class LoggingHook(RecordingHook):
 
     def _start(self, view: BatchView) -> None:
         super()._start(view)
-        self._names = self._scalar_names()
-        self._custom_keys = tuple(self.custom_scalars)
+        names = self._scalar_names()
         # what each default scalar needs and the batch lacks: energy, or the fields it reduces
         lacking = {"energy": [] if "energy" in view.system_fields else ["energy"],
                    **{k: [f for f in fields if f not in view.atom_fields]
@@ -133,7 +132,9 @@ class LoggingHook(RecordingHook):
             self._output.resume(self._resume_point)
         # the header now, like the resume (before any block is queued): a reader finds a
         # parseable file from the first firing on, however busy the writer thread is
-        self._output.start(list(INT_COLUMNS) + self._names)
+        self._output.start(list(INT_COLUMNS) + names)
+        # started only now: a sink that failed to open or resume is tried again, never skipped
+        self._names, self._custom_keys = names, tuple(self.custom_scalars)
 
     def _check_view(self, view: BatchView) -> None:
         for scalar, fields in REDUCED_FIELDS.items():

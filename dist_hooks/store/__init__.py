@@ -17,7 +17,7 @@ from .atomic_store import (
 )
 from .array_layout import make_compressors
 from .layout import FORMAT_NAME, FORMAT_VERSION
-from .group_writer import FieldSchemaError, GroupWriter
+from .group_writer import GroupWriter
 from .group_reader import GroupReader, resolve_data_root
 from .zarr_sink import ZarrSink
 
@@ -25,7 +25,6 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "AtomicLocalStore",
-    "FieldSchemaError",
     "GroupReader",
     "GroupWriter",
     "ZarrSink",

@@ -49,7 +49,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as _zsync
 
-from ..errors import SchemaChangedError
+from ..errors import DamageError, SchemaChangedError
 from .array_layout import (DEFAULT_CHUNK_ATOMS, DEFAULT_CHUNK_RECORDS, DEFAULT_CHUNKS_PER_SHARD,
                            ArraySpec, CompressorLike, make_compressors)
 from .atomic_store import AtomicLocalStore, FsyncPolicy, remove_stale_temporaries
@@ -60,10 +60,7 @@ from .staged_array import StagedArray, save_shapes, with_rows, write_regions
 Level = Literal["record", "atom"]
 WriteUnit = Literal["shard", "chunk"]
 
-#: the earlier name of :class:`~dist_hooks.errors.SchemaChangedError`
-FieldSchemaError = SchemaChangedError
-
-__all__ = ["FieldSchemaError", "GroupWriter", "WriteUnit"]
+__all__ = ["GroupWriter", "WriteUnit"]
 
 
 def _as_array(name: str, value: Any) -> np.ndarray:
@@ -231,7 +228,7 @@ class GroupWriter:
                 # killed before or during the first append's array creation: nothing was ever
                 # committed; the first append recreates the arrays (overwrite=True)
                 return
-            raise RuntimeError(
+            raise DamageError(
                 f"group {self.group_path!r} is damaged: arrays {missing or [ATOMS_PTR]} are "
                 f"missing but others hold data")
         unknown = [n for n in arrays if n not in level_map and n != ATOMS_PTR]
@@ -240,7 +237,7 @@ class GroupWriter:
                           stacklevel=3)
         for name, level in level_map.items():
             if level not in ("record", "atom"):
-                raise RuntimeError(f"group {self.group_path!r}: bad level {level!r} for {name!r}")
+                raise DamageError(f"group {self.group_path!r}: bad level {level!r} for {name!r}")
             self._cols[name] = StagedArray(name, level, arrays[name].async_array,
                                        self._unit_of(arrays[name]))
         self._ptr = StagedArray(ATOMS_PTR, "ptr", arrays[ATOMS_PTR].async_array,
@@ -249,7 +246,7 @@ class GroupWriter:
         # the one read of the whole atoms_ptr (O(R), once per open): find the consistent prefix
         ptr = np.asarray(arrays[ATOMS_PTR][:], dtype=np.int64)
         if len(ptr) and ptr[0] != 0:
-            raise RuntimeError(f"group {self.group_path!r} is damaged: atoms_ptr[0] = {ptr[0]}")
+            raise DamageError(f"group {self.group_path!r} is damaged: atoms_ptr[0] = {ptr[0]}")
         n_rec = max(len(ptr) - 1, 0)
         bad = np.flatnonzero(np.diff(ptr) < 0)
         if len(bad):

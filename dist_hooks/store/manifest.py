@@ -415,7 +415,7 @@ class DroppedHook:
         name = _hook_name(f.str("hook"), where)
         ranks = {}
         for k, v in f.obj_("ranks").items():
-            if not k.isdigit():
+            if not re.fullmatch(r"[0-9]{1,9}", k):
                 raise DamageError(f"{where}.ranks: key {_shown(k)} is not a rank")
             ranks[int(k)] = _hook_commit(v, f"{where}.ranks.{k}")
         return cls(name, f.int("boundary"), ranks)
@@ -442,8 +442,8 @@ class Manifest:
     created: float = 0.0
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
-    #: hooks left out on a resume (``Run(drop_hooks=...)``), each ``{"hook", "boundary",
-    #: hooks that resumes dropped (additive: absent in runs that dropped none)
+    #: hooks a resume left out (``Run(drop_hooks=...)``); additive: absent in runs that dropped
+    #: none
     dropped: list[DroppedHook] | None = None
 
     @classmethod

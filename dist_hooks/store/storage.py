@@ -196,10 +196,6 @@ class RunLock:
         self.path, self._fd = path, fd
         _HELD.add(self)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         fd, self._fd = self._fd, None
         _HELD.discard(self)
@@ -294,7 +290,11 @@ class LocalRunStorage(RunStorage):
         (docs/user-guide.md: ``Run(lock=False)``), never treated as unlocked.
         """
         path = self.path(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(f"{path}: cannot open the run's lock file ({exc.strerror}): the run "
+                           "directory must be writable") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -318,8 +318,12 @@ class LocalRunStorage(RunStorage):
                     "Without a lock nothing stops a second job from corrupting this run; pass "
                     "Run(lock=False) to record anyway") from exc
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as exc:  # a full disk: do not keep a lock nobody can name
+            os.close(fd)
+            raise RunError(f"{path}: cannot write the run's lock file ({exc.strerror})") from exc
         return RunLock(path, fd)
 
     def __repr__(self) -> str:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import zarr
 
+from dist_hooks.errors import SchemaChangedError
 from dist_hooks.store import (
     AtomicLocalStore,
-    FieldSchemaError,
     GroupReader,
     GroupWriter,
     ZarrSink,
@@ -317,7 +317,7 @@ def test_schema_errors_name_the_field(tmp_path: Path) -> None:
         (rec, {k: v for k, v in at.items() if k != "fixed"}, ["fixed", "missing"]),
     ]
     for r, a, words in cases:
-        with pytest.raises(FieldSchemaError) as ei:
+        with pytest.raises(SchemaChangedError) as ei:
             w.append(r, a, n)
         msg = str(ei.value)
         for word in words:
@@ -329,7 +329,7 @@ def test_schema_errors_name_the_field(tmp_path: Path) -> None:
     # a reopened writer reads the schema from the arrays and enforces it too
     w = GroupWriter(tmp_path, GROUP)
     assert w.fields["cell"] == ("record", np.dtype("float32"), (3, 3))
-    with pytest.raises(FieldSchemaError, match="energy"):
+    with pytest.raises(SchemaChangedError, match="energy"):
         w.append({**rec, "energy": rec["energy"].astype(np.int64)}, at, n)
 
 

@@ -151,3 +151,13 @@ def test_unknown_suffix_is_refused(runs, tmp_path):
         rc, _, err = cli("plot", runs["both"], "--out", tmp_path / name)
         assert rc == 2 and ".png, .svg, .pdf" in err, err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dpi", ["0", "-5", "100000"])
+def test_a_resolution_matplotlib_cannot_draw_is_a_usage_error(runs, tmp_path, dpi):
+    run = runs["both"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["plot", str(run), "--out", str(tmp_path / "x.png"), "--dpi", dpi])
+    assert code == 2 and "dots per inch" in err.getvalue() and "Traceback" not in err.getvalue()
+    assert not (tmp_path / "x.png").exists()
