@@ -53,8 +53,21 @@ class Streams:
             return nullcontext()
         return _SideRead(self.side)
 
-    def copying(self):
-        return torch.cuda.stream(self.side) if self.cuda else nullcontext()
+    def copying(self, after_compute: bool = False):
+        """The context of a device-to-host copy: the side stream (CUDA), which first waits for
+        the compute stream's work so far when the copy reads what that stream wrote
+        (``after_compute``: LoggingHook's ring, reduced on the compute stream)."""
+        if not self.cuda:
+            return nullcontext()
+        if after_compute:
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.side)
+
+    def compute_waits(self, event: "torch.cuda.Event | None") -> None:
+        """Make the compute stream wait (device-side, no host sync) for ``event`` of the side
+        stream: before it overwrites a buffer a side-stream copy may still be reading."""
+        if self.cuda and event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def protect(self, t: torch.Tensor) -> torch.Tensor:
         """Mark a compute-stream allocation as used by the side stream, so the caching allocator

@@ -15,16 +15,13 @@ from ..errors import BatchError, SchemaChangedError
 from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
+from . import reductions
 from .base import RecordingHook, column_name_problem
 from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
                         csv_rank_path, is_csv_file_path)
+from .reductions import KB_EV_PER_K, REDUCED_FIELDS  # noqa: F401 - their public home is here too
 
-KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
 DEFAULT_SCALARS = FLOAT_COLUMNS
-#: the atom fields each default scalar reduces; they must be floating point (checked per layout)
-REDUCED_FIELDS = {"fmax": ("forces",), "temperature": ("velocities", "atomic_masses")}
-#: reduced in float32 instead of their own dtype (a row sum of squares in bfloat16 keeps ~3 digits)
-_HALF = (torch.bfloat16, torch.float16)
 
 
 class LoggingHook(RecordingHook):
@@ -34,6 +31,11 @@ class LoggingHook(RecordingHook):
     Values are reduced on the device into a ring of ``ring_size`` firings; one device-to-host copy per
     full ring (or flush) moves the block, and the writer encodes it in bulk. Values match
     nvalchemi's LoggingHook: fmax = max over atoms of ||F_i||, temperature = sum(m v^2) / (3 N k_B).
+
+    ``reductions``: how the default scalars are computed (:mod:`.reductions`). ``"fused"``: one
+    NVIDIA Warp kernel launch per firing (the ``fast`` extra; CPU and CUDA); ``"eager"``: torch
+    ops, the reference; ``"auto"`` (default): fused when Warp is installed and takes the batch,
+    else eager. ``reductions_used`` says which ran. Custom scalars are computed as given, after.
 
     Backends: ``"csv"`` (one file per rank, see ``log_path``), ``"tensorboard"`` (one run per rank:
     ``name/mean|min|max`` over the systems and, with ``per_system``, ``name/sample_<sample_id>``;
@@ -62,7 +64,7 @@ class LoggingHook(RecordingHook):
                  writer_fn: Callable[[int, Any], None] | None = None, stage: Any = Stage.AFTER_STEP, *,
                  name: str = "log", rank: int | None = None, ring_size: int = 64, buffers: int = 4,
                  columnar: bool = False, flush_interval: float | None = 5.0,
-                 per_system: bool | None = None):
+                 per_system: bool | None = None, reductions: reductions.Mode = "auto"):
         super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
         if backend not in ("csv", "tensorboard", "custom"):
             raise ValueError(f"backend must be 'csv', 'tensorboard' or 'custom', got {backend!r}")
@@ -71,11 +73,14 @@ class LoggingHook(RecordingHook):
         if backend != "custom" and writer_fn is not None:
             raise ValueError(f"writer_fn is only called with backend='custom' (got backend="
                              f"{backend!r}): pass backend='custom', or leave writer_fn out")
+        if reductions not in _MODES:
+            raise ValueError(f"reductions must be one of {_MODES}, got {reductions!r}")
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, got {ring_size}")
         if flush_interval is not None and not float(flush_interval) >= 0:
             raise ValueError(f"flush_interval must be >= 0 seconds or None, got {flush_interval}")
         self.backend = backend
+        self.reductions = reductions
         self.writer_fn = writer_fn
         self.columnar = columnar
         self.custom_scalars = dict(custom_scalars or {})
@@ -98,12 +103,20 @@ class LoggingHook(RecordingHook):
         self._pool = HostBufferPool(buffers, pinned=True)
         self._names: list[str] | None = None
         self._ring: torch.Tensor | None = None
+        # CUDA: the ring a flush is copying out, and the event that says it is done; the next
+        # flush switches back to it (rings alternate, so no firing waits for a copy)
+        self._spare: tuple[torch.Tensor, Any] | None = None
+        self._scalars: reductions.SystemScalars | None = None  # chosen per batch layout
         self._steps: list[int] = []
         # flush_interval: when the ring's first row was recorded, and the previous firing's time
         # (-inf: the first firing ships at once)
         self._first_t = self._prev_t = -float("inf")
         self.path: Path | None = None
-        self._ones: dict = {}
+
+    @property
+    def reductions_used(self) -> str | None:
+        """``"fused"`` or ``"eager"``: what reduced the last firing (None before the first)."""
+        return None if self._scalars is None else self._scalars.name
 
     def rank_path(self, rank: int) -> Path:
         """The CSV that rank ``rank`` writes (backend ``"csv"``)."""
@@ -137,40 +150,25 @@ class LoggingHook(RecordingHook):
         self._names, self._custom_keys = names, tuple(self.custom_scalars)
 
     def _check_view(self, view: BatchView) -> None:
-        for scalar, fields in REDUCED_FIELDS.items():
-            if scalar in self.custom_scalars:
-                continue
-            for f in fields:
-                t = view.atom_fields.get(f)
-                if t is not None and not t.dtype.is_floating_point:
-                    raise BatchError(f"{self.name}: batch field {f!r} is {t.dtype}; {scalar} needs a floating-"
-                                     f"point {f!r} (or a custom scalar named {scalar!r} instead)")
+        bad = reductions.required_dtype_problem(view, self.custom_scalars)
+        if bad is not None:
+            scalar, f, dtype = bad
+            raise BatchError(f"{self.name}: batch field {f!r} is {dtype}; {scalar} needs a floating-"
+                             f"point {f!r} (or a custom scalar named {scalar!r} instead)")
+        self._scalars = None  # a new layout: chosen again at the next reduction
 
     def __call__(self, ctx: Any, stage: Any = None) -> None:
         if not self._should_fire(ctx, stage):
             return
         if self._channel is not None:
             self._channel.check()
-        view = self._view(ctx.batch)
-        if view.num_systems == 0:
-            return  # every system retired: no rows for this firing
-        if self._names is None:
-            self._start(view)
-        elif tuple(self.custom_scalars) != self._custom_keys:
-            raise SchemaChangedError(f"{self.name}: custom scalars changed from {list(self._custom_keys)} to "
-                             f"{list(self.custom_scalars)} after the first row was logged; a CSV keeps the "
-                             "columns it started with — declare every custom scalar before the run")
-        B = view.num_systems
-        if self._ring is not None and self._ring.shape[2] != B:
-            self._flush_device()  # batch size changed: ship what we have, then resize the ring
-            self._ring = None
-        if self._ring is None:
-            self._ring = self._streams.protect(torch.empty(self.ring_size, 2 + len(self._names), B,
-                                                           dtype=torch.float64, device=view.device))
-        slot = self._ring[len(self._steps)]
-        grad = torch.is_grad_enabled()
-        with self._streams.reading(), torch.no_grad():  # never extend a caller's autograd graph
-            self._reduce(view, ctx, slot, grad)
+        scalars, ring = self._scalars, self._ring
+        # the steady state: the fused kernel launched again on the tensors it has bound (one
+        # launch, no view, no torch op); anything else takes the full path
+        if (scalars is None or ring is None or self.custom_scalars
+                or not scalars.replay(ctx.batch, ring, len(self._steps))):
+            if not self._reduce(ctx):
+                return
         self._steps.append(int(getattr(ctx, "step_count", 0)))
         n, due = len(self._steps), False
         if self.flush_interval is not None:
@@ -184,53 +182,63 @@ class LoggingHook(RecordingHook):
         if n == self.ring_size or due:
             self._flush_device()
 
-    def _reduce(self, view: BatchView, ctx: Any, out: torch.Tensor, grad: bool) -> None:
-        """Write one firing's per-system values into ``out`` (C, B) on the current stream, under
-        ``no_grad``; custom scalars run in the caller's grad mode ``grad``, their results copied."""
+    def _reduce(self, ctx: Any) -> bool:
+        """The full path of a firing: view the batch, check it, (re)size the ring, choose the
+        reduction for its layout and run it. False: nothing to record (an empty batch)."""
+        view = self._view(ctx.batch)
+        if view.num_systems == 0:
+            return False  # every system retired: no rows for this firing
+        if self._names is None:
+            self._start(view)
+        elif tuple(self.custom_scalars) != self._custom_keys:
+            raise SchemaChangedError(f"{self.name}: custom scalars changed from {list(self._custom_keys)} to "
+                             f"{list(self.custom_scalars)} after the first row was logged; a CSV keeps the "
+                             "columns it started with — declare every custom scalar before the run")
         B = view.num_systems
-        seg = None
-        out[0].copy_(view.sample_ids())
-        out[1].copy_(view.status())
-        row = 2
-        for name in self._names:
-            dst = out[row]
-            row += 1
-            fn = self.custom_scalars.get(name)
-            if fn is not None:
-                with torch.set_grad_enabled(grad):
-                    value = fn(ctx.batch, getattr(ctx, "workflow", None))
-                _fill(dst, value, name, B)
-            elif name in self._missing:
-                dst.fill_(float("nan"))
-            elif name == "energy":
-                dst.copy_(view.system_scalar("energy"))
-            elif name == "fmax":
-                # max of squared norms, square root of the B maxima only; (F*F) @ 1 is a fast row sum
-                f = view.atom_fields["forces"]
-                f = f.float() if f.dtype in _HALF else f
-                seg = view.atom_to_system() if seg is None else seg
-                f2 = (f * f) @ self._ones3(f)
-                m2 = torch.zeros(B, dtype=f2.dtype, device=f2.device)
-                m2.scatter_reduce_(0, seg, f2, "amax", include_self=False)
-                dst.copy_(m2).sqrt_()
-            elif name == "temperature":
-                v = view.atom_fields["velocities"]
-                v = v.float() if v.dtype in _HALF else v
-                m = view.atom_fields["atomic_masses"].reshape(-1)
-                mv2 = ((v * v) @ self._ones3(v)).mul_(m)
-                seg = view.atom_to_system() if seg is None else seg
-                dst.zero_().index_add_(0, seg, mv2.to(torch.float64))
-                counts = (view.atoms_ptr[1:] - view.atoms_ptr[:-1]).to(torch.float64)
-                dst.div_(counts.mul_(3.0 * KB_EV_PER_K))
+        ring = self._ring
+        if ring is not None and ring.shape[2] != B:
+            self._flush_device()  # batch size changed: ship what we have, then resize the ring
+            ring = self._ring = self._spare = None
+        if ring is None:
+            ring = self._ring = self._new_ring(view.device, B)
+        n = len(self._steps)
+        if self._scalars is None or not self._run_scalars(view, ctx, ring, n):
+            self._scalars = reductions.choose(
+                self.reductions, view, frozenset(self._missing),
+                frozenset(self.custom_scalars) & frozenset(DEFAULT_SCALARS), self.name)
+            self._run_scalars(view, ctx, ring, n)  # the chosen one takes this batch
+        return True
 
-    def _ones3(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.dtype, like.device)
-        t = self._ones.get(key)
-        if t is None:
-            t = self._ones[key] = torch.ones(like.shape[-1], dtype=like.dtype, device=like.device)
-        return t
+    def _run_scalars(self, view: BatchView, ctx: Any, ring: torch.Tensor, n: int) -> bool:
+        if self.custom_scalars:
+            return self._reduce_with_custom(view, ctx, ring, n)
+        with torch.no_grad():  # never extend a caller's autograd graph
+            return self._scalars(view, ring, n)
+
+    def _new_ring(self, device: torch.device, systems: int) -> torch.Tensor:
+        rows = 2 + len(self._names)
+        return self._streams.protect(torch.empty(self.ring_size, rows, systems,
+                                                 dtype=torch.float64, device=device))
+
+    def _reduce_with_custom(self, view: BatchView, ctx: Any, ring: torch.Tensor, n: int) -> bool:
+        """The default rows, then each custom scalar in the caller's grad mode, its result copied
+        (a custom scalar named like a default one replaces it)."""
+        grad = torch.is_grad_enabled()
+        B = view.num_systems
+        with torch.no_grad():
+            if not self._scalars(view, ring, n):
+                return False
+            for row, name in enumerate(self._names, start=2):
+                fn = self.custom_scalars.get(name)
+                if fn is not None:
+                    with torch.set_grad_enabled(grad):
+                        value = fn(ctx.batch, getattr(ctx, "workflow", None))
+                    _fill(ring[n, row], value, name, B)
+        return True
 
     def _flush_device(self) -> None:
+        """Ship the ring's rows: one device-to-host copy (CUDA: on the side stream, after the
+        compute stream's reductions; the next firings write the other ring meanwhile)."""
         n = len(self._steps)
         if n == 0 or self._ring is None:
             return
@@ -239,9 +247,17 @@ class LoggingHook(RecordingHook):
         nbytes = ring.numel() * 8
         buf = self._pool.acquire(nbytes, self._channel.check)
         host = buf[:nbytes].view(torch.float64).view(ring.shape)
-        with self._streams.copying():
+        streams = self._streams
+        with streams.copying(after_compute=True):
             host.copy_(ring, non_blocking=True)
-            event = self._streams.event()
+            event = streams.event()
+        if streams.cuda:  # alternate rings; reuse one only after its copy is done (device-side wait)
+            spare, self._spare = self._spare, (self._ring, event)
+            if spare is None:
+                self._ring = self._new_ring(self._ring.device, self._ring.shape[2])
+            else:
+                self._ring = spare[0]
+                streams.compute_waits(spare[1])
         self._channel.submit(lambda: self._write_block(buf, host, steps), event)
 
     def _write_block(self, buf: torch.Tensor, host: torch.Tensor, steps: list[int]) -> None:
@@ -264,6 +280,9 @@ class LoggingHook(RecordingHook):
 
     def _sync_files(self) -> dict:
         return self._output.sync() if self._output is not None else {}
+
+
+_MODES = reductions.MODES
 
 
 def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:
