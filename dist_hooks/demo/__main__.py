@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec = p.add_argument_group("recording")
     rec.add_argument("--no-record", action="store_true", help="run the workload without any hook")
     rec.add_argument("--log-every", type=int, default=1, help="LoggingHook frequency (default: 1)")
+    rec.add_argument("--reductions", choices=("auto", "fused", "eager"), default="auto",
+                     help="LoggingHook's reductions: one Warp kernel (fused), torch ops (eager), or "
+                     "fused where Warp is installed (auto, the default)")
     rec.add_argument("--snapshot-every", type=int, default=10,
                      help="SnapshotHook frequency; 0 disables snapshots (default: 10)")
     rec.add_argument("--checkpoint-every", type=int, default=50,
@@ -127,7 +130,7 @@ def build_hooks(args: argparse.Namespace, run: Any) -> list[Any]:
     """
     if run is None:
         return []
-    hooks = [run.logging_hook(frequency=args.log_every)]
+    hooks = [run.logging_hook(frequency=args.log_every, reductions=args.reductions)]
     if args.snapshot_every > 0:
         hooks.append(run.snapshot_hook(frequency=args.snapshot_every))
     hooks.append(run.converged_hook())

@@ -31,24 +31,26 @@ def _system_scalars(forces: wp.array2d(dtype=Any), velocities: wp.array2d(dtype=
                     masses: wp.array(dtype=Any), atoms_ptr: wp.array(dtype=Any),
                     energy: wp.array(dtype=Any), sample_id: wp.array(dtype=Any),
                     status: wp.array(dtype=Any), flags: int, ring: wp.array3d(dtype=wp.float64),
-                    slot: int, per_dof: wp.float64):
+                    slot: int, three_kb: wp.float64):
     b = wp.tid()
     a0 = int(atoms_ptr[b])
     a1 = int(atoms_ptr[b + 1])
     f2max = wp.float64(0.0)
     mv2 = wp.float64(0.0)
     for a in range(a0, a1):
-        fx = wp.float64(forces[a, 0])
-        fy = wp.float64(forces[a, 1])
-        fz = wp.float64(forces[a, 2])
-        f2 = fx * fx + fy * fy + fz * fz
+        # in the fields' own dtype, as the torch reference rounds: squares, their row sum (and
+        # for velocities its product with the mass), then float64 for the max and the sum
+        fx = forces[a, 0]
+        fy = forces[a, 1]
+        fz = forces[a, 2]
+        f2 = wp.float64(fx * fx + fy * fy + fz * fz)
         if f2 > f2max or wp.isnan(f2):  # a NaN stays: no later atom compares above it
             if not wp.isnan(f2max):
                 f2max = f2
-        vx = wp.float64(velocities[a, 0])
-        vy = wp.float64(velocities[a, 1])
-        vz = wp.float64(velocities[a, 2])
-        mv2 += wp.float64(masses[a]) * (vx * vx + vy * vy + vz * vz)
+        vx = velocities[a, 0]
+        vy = velocities[a, 1]
+        vz = velocities[a, 2]
+        mv2 += wp.float64((vx * vx + vy * vy + vz * vz) * masses[a])
     sid = wp.float64(b)
     if flags & 1:
         sid = wp.float64(sample_id[b])
@@ -59,7 +61,7 @@ def _system_scalars(forces: wp.array2d(dtype=Any), velocities: wp.array2d(dtype=
     ring[slot, 1, b] = st
     ring[slot, 2, b] = wp.float64(energy[b])
     ring[slot, 3, b] = wp.sqrt(f2max)
-    ring[slot, 4, b] = mv2 * per_dof / wp.float64(a1 - a0)
+    ring[slot, 4, b] = mv2 / (wp.float64(a1 - a0) * three_kb)
 
 
 assert ROWS == ("sample_id", "status", "energy", "fmax", "temperature")  # the kernel's row order
@@ -195,7 +197,7 @@ class FusedScalars(SystemScalars):
             wp.init()  # once per process
             args = [wp.from_torch(t, requires_grad=False) for t in self._bound]
             args += [flags, wp.from_torch(ring, requires_grad=False), 0,
-                     wp.float64(1.0 / (3.0 * KB_EV_PER_K))]
+                     wp.float64(3.0 * KB_EV_PER_K)]
             self._cmd = wp.launch(_system_scalars, dim=view.num_systems, inputs=args,
                                   device=wp.device_from_torch(view.device), record_cmd=True)
         finally:

@@ -19,16 +19,30 @@ from test_refusals import assert_group_equals, snapshot_rows
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_logging_on_cuda_matches_float64_reference(tmp_path):
-    hook = LoggingHook(log_path=tmp_path / "log.csv", ring_size=4, rank=0)
-    b = make_batch([3, 7, 1, 12, 5], seed=1)
-    want = []
-    for step in range(11):
-        perturb(b, step)
-        want += reference_rows(b, step, 0)
-        hook(Ctx(b.to("cuda"), step_count=step), Stage.AFTER_STEP)
-    hook.close()
-    compare(read_csv(tmp_path / "log.rank-00000.csv"), want)
+@pytest.mark.parametrize("mode", ["fused", "eager"])
+def test_logging_on_cuda_matches_float64_reference(tmp_path, mode):
+    """Both reductions on the compute stream, over rings of 4 that alternate (the copy of one
+    ring runs while the next is written), once with a batch updated in place (the fused
+    launch replayed) and once with a new batch each firing (re-bound)."""
+    if mode == "fused":
+        pytest.importorskip("warp", reason="carry the warp-lang wheel to the GPU machine")
+    for fresh in (False, True):
+        hook = LoggingHook(log_path=tmp_path / f"{fresh}.csv", ring_size=4, rank=0, reductions=mode)
+        b = make_batch([3, 7, 1, 12, 5], seed=1)
+        on_gpu = b.to("cuda")
+        want = []
+        for step in range(11):
+            perturb(b, step)
+            want += reference_rows(b, step, 0)
+            if fresh:
+                on_gpu = b.to("cuda")
+            else:
+                for name in ("positions", "velocities", "forces", "energy"):
+                    getattr(on_gpu, name).copy_(getattr(b, name))
+            hook(Ctx(on_gpu, step_count=step), Stage.AFTER_STEP)
+        hook.close()
+        assert hook.reductions_used == mode
+        compare(read_csv(tmp_path / f"{fresh}.rank-00000.csv"), want)
 
 
 def test_in_place_updates_on_the_compute_stream_do_not_race_the_side_stream(tmp_path):
