@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from ..batch import BatchView
-from ..errors import BatchError, SchemaChangedError
+from ..errors import BatchError, MissingDependencyError, SchemaChangedError
 from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
 from ..stages import Stage
-from ..writer_runtime import HostBufferPool
+from ..writer_runtime import HostBufferPool, log
 from . import reductions
 from .base import RecordingHook, column_name_problem
 from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
@@ -203,7 +203,7 @@ class LoggingHook(RecordingHook):
             ring = self._ring = self._new_ring(view.device, B)
         n = len(self._steps)
         if self._scalars is None or not self._run_scalars(view, ctx, ring, n):
-            self._scalars = reductions.choose(
+            self._scalars = _choose_scalars(
                 self.reductions, view, frozenset(self._missing),
                 frozenset(self.custom_scalars) & frozenset(DEFAULT_SCALARS), self.name)
             self._run_scalars(view, ctx, ring, n)  # the chosen one takes this batch
@@ -283,6 +283,34 @@ class LoggingHook(RecordingHook):
 
 
 _MODES = reductions.MODES
+
+
+def _choose_scalars(mode: reductions.Mode, view: BatchView, missing: frozenset[str],
+                    replaced: frozenset[str], hook: str) -> reductions.SystemScalars:
+    """The reduction for ``mode`` and this batch layout: ``"eager"`` always the reference;
+    ``"fused"`` the Warp kernel, or an error when Warp is missing; ``"auto"`` the kernel when Warp
+    is installed and takes the batch, else the reference. A batch the kernel does not take (a
+    missing field, bfloat16, ...) falls back to the reference under ``"fused"`` too, with a
+    warning: the values are the same, only the cost differs. ``missing``: default scalars whose
+    fields the batch lacks (NaN); ``replaced``: those a custom scalar computes instead."""
+    eager = reductions.EagerScalars(missing, replaced)
+    if mode == "eager":
+        return eager
+    if not reductions.warp_available():
+        if mode == "fused":
+            raise MissingDependencyError(
+                f"{hook}: reductions='fused' needs NVIDIA Warp: pip install 'dist_hooks[fast]' "
+                "(warp-lang), or pass reductions='auto' to fall back to torch")
+        return eager
+    from .warp_scalars import FusedScalars  # noqa: PLC0415 - Warp is optional and slow to import
+
+    fused = FusedScalars()
+    if not missing and fused.accepts(view):
+        return fused
+    say = log.warning if mode == "fused" else log.info
+    say("%s: the fused reduction does not take this batch (%s); reducing with torch ops",
+        hook, f"no {', '.join(sorted(missing))}" if missing else fused.refusal(view))
+    return eager
 
 
 def _fill(dst: torch.Tensor, value: Any, name: str, B: int) -> None:

@@ -15,17 +15,13 @@ fmax = max over a system's atoms of ||F_i||, temperature = sum(m v^2) / (3 N k_B
 """
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from typing import Any, Literal
 
 import torch
 
 from ..batch import BatchView
-from ..errors import MissingDependencyError
 from ..store.csv_log import FLOAT_COLUMNS
-
-log = logging.getLogger("dist_hooks")
 
 KB_EV_PER_K = 8.617333262e-5  # Boltzmann constant in eV/K, as nvalchemi uses it
 #: the atom fields each reduced scalar needs; they must be floating point (checked per layout)
@@ -125,34 +121,6 @@ def warp_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def choose(mode: Mode, view: BatchView, missing: frozenset[str], replaced: frozenset[str],
-           hook: str) -> SystemScalars:
-    """The implementation for ``mode`` and this batch layout: ``"eager"`` always the reference;
-    ``"fused"`` the Warp kernel, or an error when Warp is missing; ``"auto"`` the kernel when Warp
-    is installed and takes the batch, else the reference. A batch the kernel does not take (a
-    missing field, bfloat16, ...) falls back to the reference under ``"fused"`` too, with a
-    warning: the values are the same, only the cost differs. ``missing``: default scalars whose
-    fields the batch lacks (NaN); ``replaced``: those a custom scalar computes instead."""
-    eager = EagerScalars(missing, replaced)
-    if mode == "eager":
-        return eager
-    if not warp_available():
-        if mode == "fused":
-            raise MissingDependencyError(
-                f"{hook}: reductions='fused' needs NVIDIA Warp: pip install 'dist_hooks[fast]' "
-                "(warp-lang), or pass reductions='auto' to fall back to torch")
-        return eager
-    from .warp_scalars import FusedScalars  # noqa: PLC0415 - Warp is optional and slow to import
-
-    fused = FusedScalars()
-    if not missing and fused.accepts(view):
-        return fused
-    level = logging.WARNING if mode == "fused" else logging.INFO
-    log.log(level, "%s: the fused reduction does not take this batch (%s); reducing with torch ops",
-            hook, f"no {', '.join(sorted(missing))}" if missing else fused.refusal(view))
-    return eager
 
 
 def required_dtype_problem(view: BatchView, custom: Any) -> tuple[str, str, torch.dtype] | None:

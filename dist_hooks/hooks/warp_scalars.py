@@ -1,8 +1,8 @@
 """One NVIDIA Warp kernel for LoggingHook's default scalars: a thread per system over its CSR atoms.
 
-Imported only when Warp is installed and asked for (:func:`.reductions.choose`): importing Warp
-and compiling the kernel take seconds the first time on a machine (the kernel is cached on disk,
-in Warp's kernel cache, for every later process).
+Imported only when Warp is installed and asked for (``LoggingHook`` chooses per batch layout):
+importing Warp and compiling the kernel take seconds the first time on a machine (the kernel is
+cached on disk, in Warp's kernel cache, for every later process).
 
 Why the launch is recorded: ``wp.launch`` packs its arguments in Python on every call (~20 µs
 here), and wrapping a torch tensor costs a few µs more. A recorded launch (``record_cmd=True``)
