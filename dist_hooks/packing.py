@@ -65,17 +65,24 @@ def recorded_dtype(dtype: torch.dtype) -> torch.dtype | None:
 def plan(tensors: Mapping[str, torch.Tensor]) -> tuple[list[Slot], int]:
     """Byte layout for ``tensors`` (from shapes only: no device sync): slots in the mapping's order,
     bytes in decreasing item size (a stable order), so each offset is a multiple of its item size."""
-    slots = [Slot(name, 0, t.dtype, tuple(int(d) for d in t.shape)) for name, t in tensors.items()]
-    off = 0
-    for i in byte_order(slots):
-        slots[i] = Slot(slots[i].name, off, slots[i].dtype, slots[i].shape)
-        off += slots[i].nbytes
-    return slots, off
+    items = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    offsets, off = [0] * len(items), 0
+    for i in _by_itemsize([dtype for _, dtype, _ in items]):
+        offsets[i] = off
+        n = items[i][1].itemsize
+        for d in items[i][2]:
+            n *= d
+        off += n
+    return [Slot(name, o, dtype, shape) for (name, dtype, shape), o in zip(items, offsets)], off
 
 
 def byte_order(slots: list[Slot]) -> list[int]:
     """Indices of ``slots`` in the order their bytes lie in the buffer."""
-    return sorted(range(len(slots)), key=lambda i: -slots[i].dtype.itemsize)
+    return _by_itemsize([s.dtype for s in slots])
+
+
+def _by_itemsize(dtypes: list[torch.dtype]) -> list[int]:
+    return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].itemsize)  # stable
 
 
 def aliases(t: torch.Tensor) -> bool:
@@ -143,7 +150,7 @@ class Staging:
         """This firing's byte views of ``batch`` (and ``given``), in buffer order; None when the
         batch no longer fits this staging (a tensor changed dtype, shape or device, or went): then
         make a new one. No device op unless a tensor is viewed anew; no host sync."""
-        views = self._views
+        views, stale = self._views, None
         for k in self._kept:
             u = getattr(batch, k[4], None)
             if u is k[1]() and u is not None and u.data_ptr() == k[2] and u.shape == k[3]:
@@ -151,7 +158,10 @@ class Staging:
             if not isinstance(u, torch.Tensor) or u.dtype != k[5] or u.shape != k[3] \
                     or u.device != self.device or not aliases(u):
                 return None
-            k[1], k[2] = weakref.ref(u), u.data_ptr()  # replaced by an equal-layout tensor: view it
+            stale = [] if stale is None else stale
+            stale.append((k, u))
+        for k, u in stale or ():  # replaced by equal-layout tensors: view those, keep them
+            k[1], k[2] = weakref.ref(u), u.data_ptr()
             views[k[0]] = byte_view(u)
         if not self._fresh:
             return views

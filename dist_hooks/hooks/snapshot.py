@@ -51,9 +51,12 @@ class SnapshotHook(RecordingHook):
     """The full per-system state — every atom-level and system-level tensor, status and system id
     included, neighbour data excluded — appended to this rank's group of a ``ZarrSink``.
 
-    One firing: the batch's tensors are staged device-to-device on the side stream (the compute
-    stream waits only for that), then copied into one reused pinned buffer; the writer appends the
-    records in CSR layout. Record columns: step, sample_id, graph_idx, status and the system fields
+    One firing costs about one launch (``packing``): one ``cat`` of every recorded tensor's bytes
+    (kept uint8 views while the batch keeps its tensors) — on CPU straight into a reused host
+    buffer; on CUDA into a device staging tensor on the compute stream, which the side stream,
+    after one wait for it, copies into a reused pinned buffer. The writer thread turns the bytes
+    into columns (ids, status and pointers to int64, bfloat16 to float32) and appends the records
+    in CSR layout. Record columns: step, sample_id, graph_idx, status and the system fields
     (a trailing singleton axis, as in energy (B,1), is dropped); atom columns: the atom fields.
     """
 
@@ -156,8 +159,9 @@ class SnapshotHook(RecordingHook):
         self._channel.submit(lambda: self._write(buf, staging.slots, step, staged), event)
 
     def _restage(self, batch: Any, given: dict[str, torch.Tensor]) -> packing.Staging | None:
-        """The full path, at the first firing and whenever the batch's tensors changed layout:
-        view the batch, check its fields against the schema, and lay out a new staging."""
+        """The full path, at the first firing and whenever the batch no longer fits the kept
+        staging (tensors of another shape, dtype or device): view the batch, check its fields
+        against the schema, and lay out a new staging (None for an empty batch)."""
         view = self._view(batch)
         if view.num_systems == 0:
             return None
