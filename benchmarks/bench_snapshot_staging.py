@@ -14,7 +14,8 @@ Per size B (systems of 8-64 atoms, ``demo.workload.make_batch``):
            copy or concatenate bytes (copy_/cat/_to_copy/clone)
   replace  iso_us when the engine assigns a new forces tensor (same shape) before every firing
   alt      iso_us when two batches of B systems (other atom counts) alternate: every firing sees
-           new tensors of a new shape (the full path: view, schema check, new layout)
+           new tensors of a new shape (the full path: view, schema check, new layout), and its
+           top-level aten ops and copying ops (at any depth) per firing
 """
 from __future__ import annotations
 
@@ -103,12 +104,20 @@ def measure(sizes: list[int], calls: int) -> dict:
                     with record_function("firing"):
                         fire()
                     hook._channel.drain()
+            with profile(activities=[ProfilerActivity.CPU]) as prof_alt:
+                for i in range(k):
+                    ctx.batch = other if i % 2 == 0 else b
+                    with record_function("firing"):
+                        fire()
+                    hook._channel.drain()
             hook.close()
         top, evs = aten_ops(prof.events(), "firing")
+        alt_top, alt_evs = aten_ops(prof_alt.events(), "firing")
         out["sizes"][B] = {"iso_us": statistics.median(iso) * 1e6, "cont_us": cont * 1e6,
                            "replace_us": statistics.median(rep) * 1e6, "alt_us": statistics.median(alt) * 1e6,
                            "ops": len(top) / k, "copy_ops": sum(e.name in COPY_OPS for e in top) / k,
-                           "all_aten": len(evs) / k}
+                           "all_aten": len(evs) / k, "alt_ops": len(alt_top) / k,
+                           "alt_copy_ops": sum(e.name in COPY_OPS for e in alt_evs) / k}
     return out
 
 
@@ -156,12 +165,13 @@ def main() -> None:
         print(f"[{label}] small-op unit (x.add_(1), 8 elements): {u:.2f} us (median of {len(rs)} processes)")
         for B in sizes:
             med = {f: statistics.median(r["sizes"][str(B)][f] for r in rs)
-                   for f in ("iso_us", "cont_us", "replace_us", "alt_us", "ops", "copy_ops", "all_aten")}
+                   for f in ("iso_us", "cont_us", "replace_us", "alt_us", "ops", "copy_ops", "all_aten",
+                             "alt_ops", "alt_copy_ops")}
             units = statistics.median(r["sizes"][str(B)]["iso_us"] / r["unit_us"] for r in rs)
             print(f"[{label}] B={B:5d}: iso {med['iso_us']:8.1f} us = {units:6.1f} units | cont "
-                  f"{med['cont_us']:8.1f} us | aten ops/firing {med['ops']:.0f} (copy/cat {med['copy_ops']:.0f},"
-                  f" incl. nested {med['all_aten']:.0f}) | replace {med['replace_us']:7.1f} us | alt "
-                  f"{med['alt_us']:7.1f} us")
+                  f"{med['cont_us']:8.1f} us | aten ops/firing {med['ops']:.0f} (copy/cat "
+                  f"{med['copy_ops']:.0f}, incl. nested {med['all_aten']:.0f}) | replace {med['replace_us']:7.1f} us | alt "
+                  f"{med['alt_us']:7.1f} us ({med['alt_ops']:.0f} ops, copy/cat {med['alt_copy_ops']:.0f})")
 
 
 if __name__ == "__main__":

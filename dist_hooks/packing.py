@@ -112,7 +112,11 @@ class Staging:
     checked each firing by object identity, data pointer and shape (an in-place ``resize_``/``set_``
     changes one of them). A tensor replaced by one of the same dtype, shape and device is viewed
     anew without re-planning. The others (not contiguous, on another device, or passed each firing
-    as ``given``, like the converged mask) are viewed each firing. ``reuse``: the previous staging, whose views of unchanged tensors are taken over.
+    as ``given``, like the converged mask) are viewed each firing. ``reuse``: the previous staging,
+    whose views of unchanged tensors are taken over.
+
+    What it costs: the kept views hold the storage (not the tensor, nor its autograd graph) of
+    the tensors last staged, until the next re-staging or the hook's close.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], attrs: Mapping[str, str], *,
@@ -169,7 +173,8 @@ class Staging:
         with torch.no_grad() if self._fresh_grad else nullcontext():
             for pos, name, attr, dtype, shape, device in self._fresh:
                 u = given.get(name) if attr is None else getattr(batch, attr, None)
-                if not isinstance(u, torch.Tensor) or u.dtype != dtype or u.shape != shape or u.device != device:
+                if not isinstance(u, torch.Tensor) or u.dtype != dtype or u.shape != shape \
+                        or u.device != device:
                     return None
                 views[pos] = byte_view(u, self.device)
         return views

@@ -46,8 +46,8 @@ def expected(firings, exclude=("batch_ptr", "batch_idx", "system_id", "status"))
         sid = t.get("system_id")
         st = t.get("status")
         rec = {"step": torch.full((B,), step), "graph_idx": torch.arange(B),
-               "sample_id": torch.arange(B) if sid is None else (sid.flatten(1)[:, 0] if sid.dim() > 1 else sid),
-               "status": torch.zeros(B) if st is None else (st.flatten(1)[:, 0] if st.dim() > 1 else st)}
+               "sample_id": torch.arange(B) if sid is None else first_column(sid),
+               "status": torch.zeros(B) if st is None else first_column(st)}
         for k in RECORD_KEYS:
             cols.setdefault(k, []).append(rec[k].to(torch.int64).cpu())
         for name, v in t.items():
@@ -58,6 +58,10 @@ def expected(firings, exclude=("batch_ptr", "batch_idx", "system_id", "status"))
                 v = v.reshape(B)  # a system field's trailing singleton is dropped
             cols.setdefault(name, []).append(v)
     return {k: torch.cat(v).numpy() for k, v in cols.items()}
+
+
+def first_column(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1)[:, 0] if t.dim() > 1 else t
 
 
 def assert_columns(g, want: dict[str, np.ndarray]) -> None:
@@ -214,12 +218,13 @@ def test_converged_masks_of_any_form_select_the_right_systems(tmp_path, device):
                 want.append((step, g, snap))
     hook.close()
     g = group(tmp_path / "d.zarr", name="converged")
-    assert [(int(s), int(i)) for s, i in zip(g["step"][:], g["sample_id"][:])] == [(w[0], w[1]) for w in want]
-    assert [(1, 1), (2, 2), (3, 0), (4, 3), (4, 4)] == [(w[0], w[1]) for w in want]
+    got = [(int(s), int(i)) for s, i in zip(g["step"][:], g["sample_id"][:])]
+    assert got == [(w[0], w[1]) for w in want] == [(1, 1), (2, 2), (3, 0), (4, 3), (4, 4)]
     ptr = g["atoms_ptr"][:]
     for r, (step, sys, snap) in enumerate(want):
         s, e = int(snap["batch_ptr"][sys]), int(snap["batch_ptr"][sys + 1])
-        assert np.array_equal(bits(g["positions"][int(ptr[r]):int(ptr[r + 1])]), bits(snap["positions"][s:e].cpu().numpy()))
+        rec = g["positions"][int(ptr[r]):int(ptr[r + 1])]
+        assert np.array_equal(bits(rec), bits(snap["positions"][s:e].cpu().numpy()))
         assert np.array_equal(bits(g["energy"][r:r + 1]), bits(snap["energy"][sys].cpu().numpy()))
 
 
@@ -272,7 +277,8 @@ def test_ops_per_firing_do_not_grow_with_the_number_of_fields(tmp_path):
         for step in range(6):  # warm: buffers allocated, schema and staging made
             hook(SimpleNamespace(batch=same, step_count=step), Stage.AFTER_STEP)
         steady = _ops_per_firing(hook, [SimpleNamespace(batch=same, step_count=10 + i) for i in range(3)])
-        changing = _ops_per_firing(hook, [SimpleNamespace(batch=b, step_count=20 + i) for i, b in enumerate(fresh)])
+        changing = _ops_per_firing(hook, [SimpleNamespace(batch=b, step_count=20 + i)
+                                          for i, b in enumerate(fresh)])
         hook.close()
         per[n_fields] = steady, changing
         # the same tensors: no per-field op at all; one cat, into the host buffer
@@ -284,9 +290,9 @@ def test_ops_per_firing_do_not_grow_with_the_number_of_fields(tmp_path):
 
 def test_slots_are_naturally_aligned_and_bfloat16_converts_exactly():
     every_bf16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    tensors = {"b": torch.ones(3, dtype=torch.bool), "x": every_bf16, "d": torch.randn(5, dtype=torch.float64),
-               "i": torch.arange(3, dtype=torch.int32), "c": torch.randn(2, 2, dtype=torch.complex64),
-               "h": torch.randn(7).half()}
+    tensors = {"b": torch.ones(3, dtype=torch.bool), "x": every_bf16,
+               "d": torch.randn(5, dtype=torch.float64), "i": torch.arange(3, dtype=torch.int32),
+               "c": torch.randn(2, 2, dtype=torch.complex64), "h": torch.randn(7).half()}
     st = packing.Staging(tensors, {k: k for k in tensors}, device=torch.device("cpu"))
     buf = torch.empty(st.nbytes, dtype=torch.uint8)
     torch.cat(st.first, out=buf)
