@@ -69,6 +69,15 @@ class Streams:
         if self.cuda and event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
+    def handing_off(self):
+        """The context in which the side stream copies a tensor the compute stream just made (a
+        staging buffer that the caller keeps alive until the copy's event completed): the side
+        stream waits for the compute stream. Unlike ``reading()`` the compute stream does not wait
+        back: the side stream reads only that buffer, which the compute stream never writes again."""
+        if not self.cuda:
+            return nullcontext()
+        return _SideRead(self.side, wait_back=False)
+
     def protect(self, t: torch.Tensor) -> torch.Tensor:
         """Mark a compute-stream allocation as used by the side stream, so the caching allocator
         does not hand its memory out again before the side stream's pending work on it is done."""
@@ -85,8 +94,9 @@ class Streams:
 
 
 class _SideRead:
-    def __init__(self, side: "torch.cuda.Stream"):
+    def __init__(self, side: "torch.cuda.Stream", wait_back: bool = True):
         self.side = side
+        self.wait_back = wait_back
 
     def __enter__(self):
         self.main = torch.cuda.current_stream(self.side.device)
@@ -97,7 +107,8 @@ class _SideRead:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
-        self.main.wait_stream(self.side)
+        if self.wait_back:
+            self.main.wait_stream(self.side)
         return False
 
 

@@ -51,9 +51,12 @@ class SnapshotHook(RecordingHook):
     """The full per-system state — every atom-level and system-level tensor, status and system id
     included, neighbour data excluded — appended to this rank's group of a ``ZarrSink``.
 
-    One firing: the batch's tensors are staged device-to-device on the side stream (the compute
-    stream waits only for that), then copied into one reused pinned buffer; the writer appends the
-    records in CSR layout. Record columns: step, sample_id, graph_idx, status and the system fields
+    One firing costs about one launch (``packing``): one ``cat`` of every recorded tensor's bytes
+    (kept uint8 views while the batch keeps its tensors) — on CPU straight into a reused host
+    buffer; on CUDA into a device staging tensor on the compute stream, which the side stream,
+    after one wait for it, copies into a reused pinned buffer. The writer thread turns the bytes
+    into columns (ids, status and pointers to int64, bfloat16 to float32) and appends the records
+    in CSR layout. Record columns: step, sample_id, graph_idx, status and the system fields
     (a trailing singleton axis, as in energy (B,1), is dropped); atom columns: the atom fields.
     """
 
@@ -70,6 +73,7 @@ class SnapshotHook(RecordingHook):
         self.exclude = set(exclude)
         self._pool = HostBufferPool(buffers, pinned=True)
         self._schema: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] | None = None
+        self._staging: packing.Staging | None = None  # kept while the batch keeps its tensors
 
     def _start(self, view: BatchView) -> None:
         super()._start(view)
@@ -121,39 +125,67 @@ class SnapshotHook(RecordingHook):
             return
         if self._channel is not None:
             self._channel.check()
-        mask = None
+        given: dict[str, torch.Tensor] = {}
         if self.converged_only:
             mask = getattr(ctx, "converged_mask", None)
             if mask is None:
                 return
-        view = self._view(ctx.batch)
+            given["_mask"] = mask
+        batch = ctx.batch
+        staging, views = self._staging, None
+        if staging is not None:
+            try:  # the same tensors as last time (the usual case): no view, no check to redo
+                views = staging.views(batch, given)
+            except Exception:  # noqa: BLE001 - an odd batch container: the full path below decides
+                views = None
+        if views is None:
+            staging = self._restage(batch, given)
+            if staging is None:
+                return  # every system retired: no records for this firing
+            views = staging.first
+        step = int(getattr(ctx, "step_count", 0))
+        buf = self._pool.acquire(staging.nbytes, self._channel.check)
+        if self._streams.cuda:
+            # one kernel on the compute stream reads every field (later in-place updates queue
+            # behind it); the side stream waits for it and moves the staged bytes in one copy
+            staged = torch.cat(views)
+            with self._streams.handing_off():
+                buf[:staging.nbytes].copy_(staged, non_blocking=True)
+                event = self._streams.event()
+        else:
+            torch.cat(views, out=buf[:staging.nbytes])
+            staged, event = None, None
+        # ``staged`` stays referenced by the job until the copy's event completed
+        self._channel.submit(lambda: self._write(buf, staging.slots, step, staged), event)
+
+    def _restage(self, batch: Any, given: dict[str, torch.Tensor]) -> packing.Staging | None:
+        """The full path, at the first firing and whenever the batch no longer fits the kept
+        staging (tensors of another shape, dtype or device): view the batch, check its fields
+        against the schema, and lay out a new staging (None for an empty batch)."""
+        view = self._view(batch)
         if view.num_systems == 0:
-            return  # every system retired: no records for this firing
+            return None
         if self._schema is None:
             self._start(view)
         fields = self._check_schema(view)
-        step = int(getattr(ctx, "step_count", 0))
-        tensors = {"_atoms_ptr": view.atoms_ptr, "_sample_id": view.sample_ids(), "_status": view.status()}
-        if mask is not None:
-            tensors["_mask"] = mask.reshape(-1).to(torch.bool)
-        tensors.update(fields)
-        slots, nbytes = packing.plan(tensors)
-        buf = self._pool.acquire(nbytes, self._channel.check)
-        # no_grad: a field that requires grad is copied, not added to the caller's autograd graph
-        if self._streams.cuda:
-            with self._streams.reading(), torch.no_grad():
-                # stage on the device (in the recorded dtype: the same one copy); the compute
-                # stream waits only for this
-                tensors = {s.name: tensors[s.name].to(s.dtype, copy=True) for s in slots}
-            with self._streams.copying():
-                packing.copy_into(buf, slots, tensors)
-                event = self._streams.event()
-        else:
-            with torch.no_grad():
-                packing.copy_into(buf, slots, tensors)  # copy_ converts to the recorded dtype
-            tensors, event = None, None
-        # ``tensors`` (the staged clones) stay referenced by the job until the copy's event completed
-        self._channel.submit(lambda: self._write(buf, slots, step, tensors), event)
+        tensors: dict[str, torch.Tensor] = {}
+        attrs: dict[str, str] = {}
+        ptr_attr = _ptr_attribute(batch, view)
+        if ptr_attr is None:  # derived from batch_idx: computed again at every firing (no reuse)
+            tensors["_atoms_ptr"] = view.atoms_ptr
+        else:  # staged as the batch holds it; the writer converts to int64
+            tensors["_atoms_ptr"], attrs["_atoms_ptr"] = getattr(batch, ptr_attr), ptr_attr
+        for col, attr in (("_sample_id", "system_id"), ("_status", "status")):
+            t = view.system_fields.get(attr)
+            if t is not None:  # else the writer fills the column in (batch position; 0)
+                tensors[col], attrs[col] = t, attr
+        tensors.update(given)
+        for name, t in fields.items():
+            tensors[name], attrs[name] = t, name
+        staging = packing.Staging(tensors, attrs, device=view.device, reuse=self._staging)
+        # a derived pointer cannot be re-read from the batch: such a staging is never reused
+        self._staging = staging if ptr_attr is not None else None
+        return staging
 
     def _select(self, sample_id: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
         return None  # all systems
@@ -161,13 +193,15 @@ class SnapshotHook(RecordingHook):
     def _write(self, buf: torch.Tensor, slots: list, step: int, _keep: Any) -> None:
         try:
             cols = packing.unpack(buf, slots)
-            ptr = cols.pop("_atoms_ptr")
+            ptr = cols.pop("_atoms_ptr").reshape(-1).astype(np.int64, copy=False)
             n_atoms = np.diff(ptr)
-            records = {"step": np.full(n_atoms.shape[0], step, dtype=np.int64),
-                       "sample_id": cols.pop("_sample_id"),
-                       "graph_idx": np.arange(n_atoms.shape[0], dtype=np.int64),
-                       "status": cols.pop("_status")}
-            sel = self._select(records["sample_id"], cols.pop("_mask", None))
+            n = n_atoms.shape[0]
+            records = {"step": np.full(n, step, dtype=np.int64),
+                       "sample_id": _first_column(cols.pop("_sample_id", None), n, np.arange),
+                       "graph_idx": np.arange(n, dtype=np.int64),
+                       "status": _first_column(cols.pop("_status", None), n, np.zeros)}
+            mask = cols.pop("_mask", None)
+            sel = self._select(records["sample_id"], None if mask is None else mask.reshape(-1).astype(bool))
             atoms = {}
             for name, a in cols.items():
                 if self._schema[name][0] == "atom":
@@ -189,6 +223,12 @@ class SnapshotHook(RecordingHook):
             self._output.append(records, atoms, n_atoms.astype(np.int64))
         finally:
             self._pool.release(buf)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._staging = None  # let go of the batch's tensors it kept views of
 
     def _sync_files(self) -> dict:
         if self._output is None:
@@ -226,6 +266,25 @@ class ConvergedSnapshotHook(SnapshotHook):
         keep[np.flatnonzero(sel)[first]] = True
         self._written = np.union1d(self._written, new_ids)
         return keep
+
+
+def _ptr_attribute(batch: Any, view: BatchView) -> str | None:
+    """The batch attribute that ``view.atoms_ptr`` was read from (``BatchView`` takes
+    ``batch_ptr``, else ``ptr``), when it holds integers; None when the view derived it."""
+    for attr in ("batch_ptr", "ptr"):
+        t = getattr(batch, attr, None)
+        if t is not None:
+            ok = isinstance(t, torch.Tensor) and t.numel() == view.num_systems + 1
+            return attr if ok and not t.is_floating_point() and not t.is_complex() else None
+    return None
+
+
+def _first_column(a: np.ndarray | None, n: int, default: Any) -> np.ndarray:
+    """A per-system column as ``BatchView.sample_ids()``/``status()`` make it on the device: the
+    first entry per row, as int64; ``default(n)`` (arange: the batch position; zeros) when absent."""
+    if a is None:
+        return default(n, dtype=np.int64)
+    return (a.reshape(n, -1)[:, 0] if a.ndim > 1 else a).astype(np.int64, copy=False)
 
 
 def _existing_sample_ids(writer: RecordWriter) -> np.ndarray:
