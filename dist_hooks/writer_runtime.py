@@ -2,15 +2,15 @@
 
 Why it looks like this (figures in docs/performance.md and ../shared/design/performance.md): moving
 bytes off the GPU is cheap, CPU work on the simulation thread is not. So the simulation thread only
-*issues* device work (reductions into a device ring, device-to-device staging copies, one
-device-to-host copy into a reused pinned buffer) on a side CUDA stream and records an event; a single
-background writer thread per process waits on that event and encodes in bulk. Nothing here
-synchronises the host with the device on the simulation thread.
+*issues* device work (a reduction into a device ring, one staging copy, one device-to-host copy
+into a reused pinned buffer on a side CUDA stream) and records an event; a single background
+writer thread per process waits on that event and encodes in bulk. Nothing here synchronises the
+host with the device on the simulation thread.
 
 Pieces:
-- ``Streams``: the side stream and the two orderings that keep sources safe (side waits for the
-  compute stream before reading; the compute stream waits for the side stream's *reads* before it can
-  overwrite the tensors in place).
+- ``Streams``: the side stream of the device-to-host copies and the orderings that keep sources
+  safe (the copy waits for the compute stream; the compute stream waits for a copy only before
+  it overwrites that copy's source).
 - ``HostBufferPool``: a bounded set of (pinned) host buffers, allocated once and reused; taking one
   blocks while all are in flight, which is the back-pressure that bounds memory when the disk is slow.
 - ``WriterThread`` / ``Channel``: the per-process writer and each hook's view of it: ordered jobs, an
@@ -36,11 +36,14 @@ log = logging.getLogger("dist_hooks")
 class Streams:
     """Side-stream handling for one hook on one device; a no-op on CPU tensors.
 
-    ``reading()`` is the context in which the hook reads the batch: on CUDA it runs on the side stream
-    after the side stream waited for the compute stream, and on exit the compute stream waits for the
-    side stream, so an in-place update of positions in the next step cannot race with our read. The
-    wait is GPU-side only (no host sync) and covers only the short reduction/staging kernels; the
-    device-to-host copy is issued afterwards (``copying()``), so the compute stream never waits for it.
+    A firing issues its device work (LoggingHook's reduction into its ring, a snapshot's one
+    staging ``cat``) on the compute stream, where it is ordered with the simulation's kernels by
+    the stream itself: no wait either way, and an in-place update in the next step queues behind
+    the read. Only the device-to-host copy goes to the side stream (``copying()``), after one
+    device-side wait for the compute stream's work so far; the compute stream never waits for the
+    copy, except before it overwrites a buffer a copy may still read (``compute_waits``). The
+    source of a copy is kept alive until its event completed (``protect``, or the writer job
+    holding it).
     """
 
     def __init__(self, device: torch.device):
@@ -48,19 +51,12 @@ class Streams:
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device=device) if self.cuda else None
 
-    def reading(self):
+    def copying(self):
+        """The context of a device-to-host copy: on CUDA the side stream, which first waits
+        (device-side, no host sync) for what the compute stream issued so far."""
         if not self.cuda:
             return nullcontext()
-        return _SideRead(self.side)
-
-    def copying(self, after_compute: bool = False):
-        """The context of a device-to-host copy: the side stream (CUDA), which first waits for
-        the compute stream's work so far when the copy reads what that stream wrote
-        (``after_compute``: LoggingHook's ring, reduced on the compute stream)."""
-        if not self.cuda:
-            return nullcontext()
-        if after_compute:
-            self.side.wait_stream(torch.cuda.current_stream(self.device))
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(self.side)
 
     def compute_waits(self, event: "torch.cuda.Event | None") -> None:
@@ -68,15 +64,6 @@ class Streams:
         stream: before it overwrites a buffer a side-stream copy may still be reading."""
         if self.cuda and event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
-
-    def handing_off(self):
-        """The context in which the side stream copies a tensor the compute stream just made (a
-        staging buffer that the caller keeps alive until the copy's event completed): the side
-        stream waits for the compute stream. Unlike ``reading()`` the compute stream does not wait
-        back: the side stream reads only that buffer, which the compute stream never writes again."""
-        if not self.cuda:
-            return nullcontext()
-        return _SideRead(self.side, wait_back=False)
 
     def protect(self, t: torch.Tensor) -> torch.Tensor:
         """Mark a compute-stream allocation as used by the side stream, so the caching allocator
@@ -91,25 +78,6 @@ class Streams:
         ev = torch.cuda.Event()
         ev.record(self.side)
         return ev
-
-
-class _SideRead:
-    def __init__(self, side: "torch.cuda.Stream", wait_back: bool = True):
-        self.side = side
-        self.wait_back = wait_back
-
-    def __enter__(self):
-        self.main = torch.cuda.current_stream(self.side.device)
-        self.side.wait_stream(self.main)
-        self._ctx = torch.cuda.stream(self.side)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        if self.wait_back:
-            self.main.wait_stream(self.side)
-        return False
 
 
 class HostBufferPool:

@@ -248,7 +248,7 @@ class LoggingHook(RecordingHook):
         buf = self._pool.acquire(nbytes, self._channel.check)
         host = buf[:nbytes].view(torch.float64).view(ring.shape)
         streams = self._streams
-        with streams.copying(after_compute=True):
+        with streams.copying():
             host.copy_(ring, non_blocking=True)
             event = streams.event()
         if streams.cuda:  # alternate rings; reuse one only after its copy is done (device-side wait)

@@ -149,7 +149,7 @@ class SnapshotHook(RecordingHook):
             # one kernel on the compute stream reads every field (later in-place updates queue
             # behind it); the side stream waits for it and moves the staged bytes in one copy
             staged = torch.cat(views)
-            with self._streams.handing_off():
+            with self._streams.copying():
                 buf[:staging.nbytes].copy_(staged, non_blocking=True)
                 event = self._streams.event()
         else:
