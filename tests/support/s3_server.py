@@ -141,12 +141,12 @@ class S3Server:
             return "(no log)"
 
     def stop(self) -> None:
-        """Terminate the server, kill it if it is still there after two seconds (its graceful
+        """Terminate the server, kill it if it is still there after a second (its graceful
         gRPC stop can wait on idle connections for longer; nothing of its data is needed)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=2)
+                self.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
