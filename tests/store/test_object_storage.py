@@ -306,10 +306,10 @@ def test_live_lease_is_renewed_past_its_length_and_an_abandoned_one_released(s3_
     import gc
 
     url = s3_server.new_url()
-    st = _storage(s3_server, url, lease_s=0.6)
+    st = _storage(s3_server, url, lease_s=1.0)
     lease = st.lock(HOLDER)
     first = json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))["expires"]
-    time.sleep(1.3)  # over twice the lease: only renewals keep it
+    time.sleep(2.1)  # over twice the lease: only renewals keep it
     now = json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))
     assert now["expires"] > first and "released" not in now and lease.lost is None
     with pytest.raises(LockHeldError, match="job id job-17"):

@@ -82,10 +82,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class S3Server:
     """A running SeaweedFS S3 gateway: its endpoint, one identity, and a default bucket."""
 
-    def __init__(self, root: Path, proc: subprocess.Popen, port: int, secret: str,
+    def __init__(self, root: Path, proc: subprocess.Popen, ports: dict[str, int], secret: str,
                  log_path: Path) -> None:
-        self.root, self.proc, self.log_path = root, proc, log_path
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.root, self.proc, self.log_path, self.ports = root, proc, log_path, ports
+        self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         self.access_key, self.secret_key, self.region = ACCESS_KEY, secret, REGION
         self.bucket = BUCKET
 
@@ -150,6 +150,9 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        for port in self.ports.values():  # its Unix sockets, named by our ports, left in /tmp
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def __enter__(self) -> "S3Server":
         return self
@@ -212,7 +215,7 @@ def start_s3_server(root: str | Path, *, timeout: float = 60.0, attempts: int = 
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=base,
                                     preexec_fn=_die_with_parent)
-        server = S3Server(base, proc, ports["s3.port"], secret, log_path)
+        server = S3Server(base, proc, ports, secret, log_path)
         try:
             _ready(server, time.monotonic() + timeout)
             return server
