@@ -121,6 +121,13 @@ class LockHeldError(RunError):
     exit_code = EXIT_LOCKED
 
 
+class CommitConflictError(LockHeldError):
+    """Another writer owns the run now: on an object store, ``run.json`` changed since this
+    writer last read or wrote it (its compare-and-swap commit was refused), or this writer's
+    lease was taken over or could not be renewed in time. Nothing was committed; the other
+    writer's boundary stays in force. Raised so that two writers can never both commit."""
+
+
 class MissingDependencyError(RunError):
     """An optional extra (``dist_hooks[ase]``, ``dist_hooks[plot]``) is needed and missing."""
 

