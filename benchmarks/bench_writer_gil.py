@@ -27,7 +27,12 @@ the snapshot writer:
   through the store but the shard files do not (no atomic replace, no fsync at boundaries, no
   file checksums; the check below shows it);
 * ``raw``: whole shards written as shard files by the project's own code
-  (``store.staged_array.ShardFiles``: numcodecs' zstd, the atomic store), the rest through zarr.
+  (``store.staged_array.ShardFiles``: numcodecs' zstd, the atomic store), the rest through zarr
+  (the code after issue 14).
+
+Two controls calibrate the method: ``free`` burns CPU with the GIL released, ``held`` with it
+held. On a loaded 2-core machine even ``free`` slows the simulation (CPU contention), so the
+loop rates measure CPU taken as much as GIL held.
 
 With ``--py-spy PATH`` (py-spy 0.4, ``pip install py-spy``), each case also runs in a process of
 its own whose threads py-spy samples for the GIL (``record --gil --threads``) while the writer
@@ -35,7 +40,7 @@ repeats its job: the fraction of samples in which a writer-side thread (the writ
 loop and its worker threads) holds the GIL is the writer's GIL share itself, which the loop
 rates cannot separate from plain CPU contention on a loaded machine.
 
-Then a check (``--check``): the same small synthetic run (``bench_consolidate.make_synthetic_run``)
+Then, unless ``--no-check``, the same small synthetic run (``bench_consolidate.make_synthetic_run``)
 written by each variant, compared file for file with ``zarr``'s, verified with ``dist-hooks
 verify``, and the file checksums its commit records carry compared with the files.
 
@@ -48,6 +53,7 @@ zarr + zarrs would change.
 
     python benchmarks/bench_writer_gil.py                       # B=64 and 1024, 5 repetitions
     python benchmarks/bench_writer_gil.py --systems 1024 --reps 3 --variants zarr,raw
+    python benchmarks/bench_writer_gil.py --py-spy "$(which py-spy)" --io   # and the GIL, I/O
 """
 from __future__ import annotations
 
@@ -86,10 +92,7 @@ from dist_hooks.store.csv_log import FLOAT_COLUMNS, INT_COLUMNS  # noqa: E402
 from dist_hooks.store.group_writer import GroupWriter  # noqa: E402
 
 SNAPSHOT_VARIANTS = ("zarr", "zarrs", "raw")
-#: controls: ``free`` burns CPU with the GIL released (sha256 of a 12 MB buffer), ``held`` with
-#: it held (a pure-Python loop), each about 10 ms per unit: on a shared machine the first shows
-#: what CPU contention alone costs the simulation per CPU-millisecond, the second what the GIL
-#: costs
+#: controls (see the module docstring): sha256 of a 12 MB buffer, a pure-Python loop; ~10 ms each
 CONTROLS = ("free", "held")
 VARIANTS = (*SNAPSHOT_VARIANTS, "csv", *CONTROLS)
 RING = 64  # LoggingHook's ring_size: firings per CSV block
