@@ -41,7 +41,6 @@ import asyncio
 import os
 import re
 import threading
-import uuid
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -133,7 +132,9 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview, *, fsync: boo
 
 
 def _replace_into(path: Path, view: memoryview, *, do_fsync: bool, exclusive: bool) -> int:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    # 32 random hex digits (as uuid4().hex, without building a UUID object: the writer thread
+    # names one temporary per file, under the GIL)
+    tmp = path.parent / f".{path.name}.{os.urandom(16).hex()}.tmp"
     try:
         with open(tmp, "xb") as f:
             n = _write_payload(f, view)

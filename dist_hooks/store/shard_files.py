@@ -30,9 +30,11 @@ measured, two threads compress twice the data in the same time), its index built
 written in one piece; ``zarr.json`` (:meth:`~.array_layout.ArraySpec.document`) last, with the
 final shape. ``tests/store/test_raw_group_writer.py`` compares the files with zarr's for the same appends:
 the metadata and every shard file are byte-identical, except that zarr leaves out a chunk whose
-values all equal the fill value, where this writer keeps it (so a chunk of ``-0.0`` reads back
-as written; zarr's reads back as ``0.0``). Chunks past the last row are left out (empty in the
-index) and a partial last chunk is padded with the fill value, as zarr does.
+bytes are all zero (the fill value), where this writer keeps it. Chunks past the last row are
+left out (empty in the index) and a partial last chunk is padded with the fill value, as zarr
+does. The live writer's whole shards are encoded here too (:func:`encode_rows`, called by
+:class:`~.staged_array.ShardFiles`), leaving out the zero chunks as zarr does, for the same
+reason: zarr's machinery held the GIL that the simulation thread needs (issue 14).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ from .array_layout import ZSTD_LEVEL, ArrayLayout, ArraySpec, parse_array
 from .atomic_store import AtomicLocalStore
 
 __all__ = ["EMPTY", "ArrayMeta", "RawArrayReader", "RawArrayWriter", "ShardDamage",
-           "ShardLayout", "encode_shard", "key_row_block", "read_shard_rows", "shard_key"]
+           "ShardLayout", "encode_rows", "encode_shard", "key_row_block", "read_shard_rows",
+           "shard_key"]
 
 #: an index entry (offset and size) of a chunk the shard does not hold
 EMPTY = np.uint64(2**64 - 1)
@@ -340,15 +343,49 @@ class RawArrayReader:
 
 
 def encode_shard(chunks: list[bytes], chunks_per_shard: int) -> bytes:
-    """One shard file: the encoded chunks (in order, from chunk 0; the rest absent) followed by
-    their index, as :meth:`ShardLayout.index` reads it (``bytes`` + ``crc32c``, at the end)."""
+    """One shard file: the encoded chunks (in order, from chunk 0; ``b""`` and the rest absent)
+    followed by their index, as :meth:`ShardLayout.index` reads it (``bytes`` + ``crc32c``, at
+    the end)."""
     index = np.full((int(chunks_per_shard), 2), EMPTY, dtype="<u8")
     off = 0
     for j, enc in enumerate(chunks):
-        index[j] = (off, len(enc))
-        off += len(enc)
+        if enc:
+            index[j] = (off, len(enc))
+            off += len(enc)
     body = index.tobytes()
     return b"".join([*chunks, body + google_crc32c.value(body).to_bytes(4, "little")])
+
+
+def _all_zero(chunk: np.ndarray) -> bool:
+    """Whether every byte of a (contiguous) chunk is zero: zarr's test for a chunk equal to the
+    fill value 0 / ``False`` (it compares float bit patterns, so ``-0.0`` is not zero)."""
+    flat = chunk.reshape(-1).view(np.uint8)
+    return not np.count_nonzero(flat)
+
+
+def encode_rows(rows: np.ndarray, chunk_rows: int, chunks_per_shard: int, codec: Any, *,
+                keep_zero_chunks: bool) -> bytes | None:
+    """The shard file of ``rows`` (at most one shard's, from its first row; native little-endian
+    dtype, fill value 0): chunks compressed with ``codec`` (numcodecs, which releases the GIL),
+    a partial last chunk padded with zeros, chunks past the rows absent, as zarr writes them.
+
+    ``keep_zero_chunks=False`` leaves out chunks whose bytes are all zero and returns ``None``
+    when every chunk is: zarr's ``write_empty_chunks=False``, so that the live writer
+    (:class:`~.staged_array.ShardFiles`) writes zarr's bytes; ``True`` keeps them
+    (:class:`RawArrayWriter`, as it always did)."""
+    n = len(rows)
+    parts: list[bytes] = []
+    for j in range(-(-n // chunk_rows)):
+        chunk = rows[j * chunk_rows: (j + 1) * chunk_rows]
+        if len(chunk) < chunk_rows:  # zarr stores whole chunks: pad with the fill
+            pad = np.zeros((chunk_rows, *rows.shape[1:]), rows.dtype)
+            pad[: len(chunk)] = chunk
+            chunk = pad
+        chunk = np.ascontiguousarray(chunk)
+        parts.append(b"" if not keep_zero_chunks and _all_zero(chunk) else codec.encode(chunk))
+    if not keep_zero_chunks and not any(parts):
+        return None
+    return encode_shard(parts, chunks_per_shard)
 
 
 class RawArrayWriter:
@@ -403,21 +440,11 @@ class RawArrayWriter:
         self.rows += len(x)
 
     def _write_shard(self, rows: np.ndarray) -> None:
-        n = len(rows)
-        if 0 in self.trailing:  # no element, so no chunk (zarr's grid has none either)
-            self._shard += 1
-            self._fill = 0
-            return
-        parts: list[bytes] = []
-        for j in range(-(-n // self.chunk_rows)):
-            chunk = rows[j * self.chunk_rows: (j + 1) * self.chunk_rows]
-            if len(chunk) < self.chunk_rows:  # zarr stores whole chunks: pad with the fill
-                pad = np.zeros((self.chunk_rows, *self.trailing), self.dtype)
-                pad[: len(chunk)] = chunk
-                chunk = pad
-            parts.append(self._codec.encode(np.ascontiguousarray(chunk, dtype=self.dtype)))
-        self.store.put_bytes(f"{self.key}/{shard_key(self._shard, len(self.trailing))}",
-                             encode_shard(parts, self.per_shard))
+        if 0 not in self.trailing:  # no element, so no chunk (zarr's grid has none either)
+            data = encode_rows(np.asarray(rows, self.dtype), self.chunk_rows, self.per_shard,
+                               self._codec, keep_zero_chunks=True)
+            assert data is not None
+            self.store.put_bytes(f"{self.key}/{shard_key(self._shard, len(self.trailing))}", data)
         self._shard += 1
         self._fill = 0
 

@@ -28,6 +28,7 @@ from dist_hooks.store import (
     remove_stale_temporaries,
 )
 from dist_hooks.store import atomic_store as atomic_store_mod
+from dist_hooks.store import staged_array
 from store_helpers import list_shards, pending_sync
 
 GROUP = layout.hook_group(0, "snap")
@@ -343,9 +344,9 @@ class CountingStore(AtomicLocalStore):
     def with_read_only(self, read_only: bool = False):  # keep counting on the same lists
         return self
 
-    def _put_atomic(self, key, value, exclusive=False):
+    def put_bytes(self, key, data, *, exclusive=False):  # zarr's writes and the shard files'
         self.sets.append(key)
-        return super()._put_atomic(key, value, exclusive)
+        return super().put_bytes(key, data, exclusive=exclusive)
 
     async def get(self, key, prototype=None, byte_range=None):
         out = await super().get(key, prototype, byte_range)
@@ -357,9 +358,16 @@ class CountingStore(AtomicLocalStore):
         self.sets.append("DEL " + key)
         return await super().delete(key)
 
+    def delete_sync(self, key):
+        self.sets.append("DEL " + key)
+        return super().delete_sync(key)
 
+
+@pytest.mark.parametrize("raw", [True, False], ids=["shard-files", "zarr"])
 @pytest.mark.parametrize("shards", [0, 4])
-def test_appends_write_only_whole_units(tmp_path: Path, shards: int) -> None:
+def test_appends_write_only_whole_units(tmp_path: Path, shards: int, raw: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(staged_array, "RAW_SHARD_WRITES", raw)
     store = CountingStore(tmp_path)
     cr, ca = 16, 64  # 4 atoms per record: record and atom chunks complete together
     w = GroupWriter(store, GROUP, chunk_records=cr, chunk_atoms=ca,

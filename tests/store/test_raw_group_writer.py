@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
+from dist_hooks.store import staged_array
 from dist_hooks.store.atomic_store import AtomicLocalStore
 from dist_hooks.store.layout import ATOMS_PTR
 from dist_hooks.store.group_reader import GroupReader
@@ -55,7 +56,10 @@ def _append_both(zw: GroupWriter, rw: RawGroupWriter, rec: dict, atoms: dict,
 
 @pytest.mark.parametrize("sizes", [[5000], [1] * 40 + [777] * 7, [4096, 4096, 3]],
                          ids=["one", "small-and-odd", "whole-shards"])
-def test_same_files_as_zarr(tmp_path: Path, sizes: list[int]) -> None:
+def test_same_files_as_zarr(tmp_path: Path, sizes: list[int],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # the reference: GroupWriter through zarr's own write path (not its shard files)
+    monkeypatch.setattr(staged_array, "RAW_SHARD_WRITES", False)
     rng = np.random.default_rng(len(sizes))
     n = sum(sizes)
     rec, atoms, counts = _data(rng, n)
