@@ -304,7 +304,7 @@ def print_table(size: dict, cuda: bool) -> None:
     print(f"\n{size['systems']} systems, {size['atoms']} atoms; unit = {size['unit_us']:.2f} µs "
           f"(aten ops per unit: {size['unit_launches']['aten_top']:.0f} top-level, "
           f"{size['unit_launches']['aten_events']:.0f} events)")
-    head = f"{'hook':>12} {'µs/firing':>10} {'median':>8} {'units':>7} {'flush ms':>9} {'aten top':>9} {'aten all':>9}"
+    head = f"{'hook':>12} {'µs/firing':>10} {'p50 call':>8} {'units':>7} {'flush ms':>9} {'aten top':>9} {'aten all':>9}"
     if cuda:
         head += f" {'cuda launch':>11} {'kernels':>8} {'copies':>7}"
     print(head)
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # each size's table as it is done, also through a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     device = torch.device(args.device)
     sizes = [int(s) for s in args.systems.split(",") if s]
     names = variant_names(args)

@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # each size's table as it is done, also through a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     variants = args.variants.split(",")
     if "none" not in variants:
         variants.insert(0, "none")
