@@ -57,9 +57,11 @@ from dist_hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, ZarrSin
 from dist_hooks.demo.workload import LennardJones, make_batch  # noqa: E402
 
 #: the unit of host cost: one small in-place op, dispatched from Python
-UNIT_OP = "x.add_(1), x an 8-element float32 tensor on the benchmark's device"
 UNIT_CALLS = 200  # calls per timed block of the unit op
-UNIT_BLOCKS = 25  # blocks per repetition; the unit is the median block's time per call
+UNIT_BLOCKS = 25  # blocks per measurement; the unit is the median block's time per call
+UNIT_OP = (f"host time of x.add_(1), x an 8-element float32 tensor on the benchmark's device: median over "
+           f"{UNIT_BLOCKS} blocks of {UNIT_CALLS} calls of the time per call, at the start and end of "
+           f"each repetition")
 #: errors that mean "this LoggingHook does not offer that option" (skip the variant, with a note)
 REFUSED = (TypeError, ValueError, ImportError, NotImplementedError)
 #: CUDA runtime/driver calls that put work on a stream
@@ -113,7 +115,7 @@ class Firer:
             g = torch.arange(batch.num_systems, device=batch.device)
             self.masks = (g % 2 == 0, g % 2 == 1)
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
         if self.converged:
             self.ctx.converged_mask = self.masks[self.ctx.step_count % 2]
             self.batch.system_id.add_(self.batch.num_systems)  # replaced systems: new ids
@@ -123,7 +125,7 @@ class Firer:
         hook, stage, ctx, out = self.hook, self.stage, self.ctx, []
         clock = time.perf_counter_ns
         for _ in range(n):
-            self._prepare()
+            self.prepare()
             t0 = clock()
             hook(ctx, stage)
             out.append(clock() - t0)
@@ -224,20 +226,19 @@ def profile_calls(fn: Callable[[], Any], n: int, device: torch.device) -> dict:
     return {**{k: v / n for k, v in counts.items()}, "aten_top_ops": ops}
 
 
-def profile_hook(name: str, args, batch, out: Path) -> dict | None:
+def profile_hook(name: str, args, batch, out: Path) -> dict:
+    """Launch counts per firing of variant ``name`` (warmed up first, not timed)."""
+    hook = build_hook(name, out / f"{name}-prof")
+    firer = Firer(hook, batch)
     try:
-        hook = build_hook(name, out / f"{name}-prof")
-        firer = Firer(hook, batch)
         warm(firer, args)
-    except REFUSED:
-        return None
-    try:
+
         def one() -> None:
-            firer._prepare()
+            firer.prepare()
             hook(firer.ctx, firer.stage)
             firer.ctx.step_count += 1
         counts = profile_calls(one, args.profile_firings, batch.device)
-        # the converged hook's id shift and the sync are outside the hook: take the unit's away
+        # the converged hook's id shift (outside the hook, see Firer): profiled alone, taken away
         if firer.converged:
             shift = profile_calls(lambda: batch.system_id.add_(batch.num_systems), args.profile_firings,
                                   batch.device)
@@ -287,7 +288,7 @@ def bench_size(B: int, args, device: torch.device, names: list[str], out: Path) 
         if n in notes or not reps[n]:
             continue
         batch.system_id.copy_(sid0)
-        counts = profile_hook(n, args, batch, out) or {}
+        counts = profile_hook(n, args, batch, out)
         rs = reps[n]
         hooks[n] = {"us_per_firing": statistics.median(r["us_mean"] for r in rs),
                     "us_median_call": statistics.median(r["us_median_call"] for r in rs),

@@ -17,7 +17,6 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
-import torch
 
 from dist_hooks import LoggingHook
 from dist_hooks.demo.workload import LennardJones, make_batch
