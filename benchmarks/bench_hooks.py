@@ -7,10 +7,16 @@ is reported, with the median time per step.
 
     python benchmarks/bench_hooks.py                     # CPU, 64 systems of 8-64 atoms
     python benchmarks/bench_hooks.py --device cuda --systems 1024 --min-atoms 64 --max-atoms 64
+    python benchmarks/bench_hooks.py --systems 1,64,256,1024   # one table per batch size, one run
+
+Batch sizes of a comma list run one after the other in the same process (each its own batch and
+repetitions); the JSON has one entry per size under "sizes" (with one size, also the earlier
+top-level "systems", "atoms" and "variants").
 
 Variants:
   none            no hook
-  seed_csv        upstream-style logging: reductions, .cpu(), one csv.writer row per system per step
+  seed_csv        upstream-style logging: reductions, .cpu(), one csv.writer row per system per step,
+                  the eight columns LoggingHook writes by default (synchronous, per row: the reference)
   log             dist_hooks LoggingHook every step (device ring, one copy per 64 steps, pyarrow CSV)
   snap10          dist_hooks SnapshotHook every 10 steps
   all             LoggingHook every step + SnapshotHook every 10 + ConvergedSnapshotHook
@@ -40,15 +46,21 @@ from dist_hooks.stages import Stage  # noqa: E402
 
 
 class SeedStyleLogger:
-    """What upstream's design costs: per-step reductions, a blocking host copy, per-row formatting."""
+    """What upstream's design costs: per-step reductions, a blocking host copy, per-row formatting.
 
+    Writes the same columns as ``LoggingHook``'s default CSV (``COLUMNS``), so the comparison is
+    the design, not the amount of data: one synchronous ``.cpu()`` per step, one ``csv.writer``
+    row per system."""
+
+    COLUMNS = ("step", "rank", "sample_id", "graph_idx", "status", "energy", "fmax", "temperature")
     frequency = 1
     stage = Stage.AFTER_STEP
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rank: int = 0):
+        self.rank = rank
         self.fh = open(path, "w", newline="")
         self.w = csv.writer(self.fh)
-        self.w.writerow(["step", "graph_idx", "status", "energy", "fmax", "temperature"])
+        self.w.writerow(self.COLUMNS)
 
     def __call__(self, ctx, stage=None):
         b = ctx.batch
@@ -60,9 +72,13 @@ class SeedStyleLogger:
         ke = torch.zeros(B, device=fn.device, dtype=fn.dtype).index_add_(0, b.batch_idx, mv2)
         n = (b.batch_ptr[1:] - b.batch_ptr[:-1]).to(fn.dtype)
         temp = ke / (3 * n * KB_EV_PER_K)
-        rows = torch.stack([b.status[:, 0].to(fn.dtype), b.energy[:, 0], fmax, temp]).cpu().tolist()
+        f64 = torch.float64
+        host = torch.stack([b.system_id[:, 0].to(f64), b.status[:, 0].to(f64), b.energy[:, 0].to(f64),
+                            fmax.to(f64), temp.to(f64)]).cpu()  # the one blocking copy per step
+        ints, floats = host[:2].long().tolist(), host[2:].tolist()
+        step, rank = ctx.step_count, self.rank
         for g in range(B):
-            self.w.writerow([ctx.step_count, g, rows[0][g], rows[1][g], rows[2][g], rows[3][g]])
+            self.w.writerow([step, rank, ints[0][g], g, ints[1][g], floats[0][g], floats[1][g], floats[2][g]])
 
     def close(self):
         self.fh.close()
@@ -115,10 +131,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def bench_size(B: int, args, variants: list[str], model, out: Path) -> dict:
+    """Every variant at ``B`` systems, interleaved over the repetitions; medians and ratios."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batch = make_batch(B, min_atoms=args.min_atoms, max_atoms=args.max_atoms, seed=0,
+                       device=device, temperature_k=30.0)
+    times = {v: [] for v in variants}
+    for rep in range(args.reps):
+        for v in variants:  # interleaved: every repetition runs every variant once
+            times[v].append(time_variant(v, args, batch, model, out / f"b{B}", rep))
+    med = {v: statistics.median(t) for v, t in times.items()}
+    # ratio per repetition against the no-recording run of the same repetition, then the median: on a
+    # shared machine the load drifts between repetitions far more than within one
+    ratio = {v: statistics.median(a / b for a, b in zip(times[v], times["none"])) for v in variants}
+    return {"systems": B, "atoms": batch.num_atoms,
+            "variants": {v: {"ms_per_step": med[v] * 1e3, "ratio": ratio[v],
+                             "all_ms": [t * 1e3 for t in times[v]]} for v in variants}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--systems", type=int, default=64)
+    p.add_argument("--systems", default="64", help="batch size, or a comma list of them (1,64,256,1024)")
     p.add_argument("--min-atoms", type=int, default=8)
     p.add_argument("--max-atoms", type=int, default=64)
     p.add_argument("--steps", type=int, default=300)
@@ -129,35 +164,38 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # each size's table as it is done, also through a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     variants = args.variants.split(",")
     if "none" not in variants:
         variants.insert(0, "none")
+    try:
+        sizes = [int(s) for s in str(args.systems).split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--systems: expected an integer or a comma list of them, got {args.systems!r}")
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_hooks_"))
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    batch = make_batch(args.systems, min_atoms=args.min_atoms, max_atoms=args.max_atoms, seed=0,
-                       device=device, temperature_k=30.0)
     model = LennardJones()
-    times = {v: [] for v in variants}
-    for rep in range(args.reps):
-        for v in variants:  # interleaved: every repetition runs every variant once
-            times[v].append(time_variant(v, args, batch, model, out, rep))
-    med = {v: statistics.median(t) for v, t in times.items()}
-    # ratio per repetition against the no-recording run of the same repetition, then the median: on a
-    # shared machine the load drifts between repetitions far more than within one
-    ratio = {v: statistics.median(a / b for a, b in zip(times[v], times["none"])) for v in variants}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    res = {"device": name, "torch": torch.__version__, "systems": args.systems, "atoms": batch.num_atoms,
-           "steps": args.steps, "reps": args.reps,
-           "variants": {v: {"ms_per_step": med[v] * 1e3, "ratio": ratio[v],
-                            "all_ms": [t * 1e3 for t in times[v]]} for v in variants}}
-    print(f"device: {name}; {args.systems} systems, {batch.num_atoms} atoms, {args.steps} steps x {args.reps} reps")
-    print(f"{'variant':>10} {'ms/step':>9} {'ratio':>7}")
-    for v in variants:
-        print(f"{v:>10} {med[v] * 1e3:>9.3f} {ratio[v]:>7.3f}")
+    load = os.getloadavg()
+    res = {"device": name, "torch": torch.__version__, "steps": args.steps, "reps": args.reps,
+           "load_average": list(load), "sizes": {}}
+    print(f"device: {name}; {args.steps} steps x {args.reps} reps; load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    try:
+        for B in sizes:
+            r = res["sizes"][str(B)] = bench_size(B, args, variants, model, out)
+            print(f"\n{B} systems, {r['atoms']} atoms")
+            print(f"{'variant':>10} {'ms/step':>9} {'ratio':>7}")
+            for v, x in r["variants"].items():
+                print(f"{v:>10} {x['ms_per_step']:>9.3f} {x['ratio']:>7.3f}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    res["load_average_end"] = list(os.getloadavg())
+    if len(sizes) == 1:  # the earlier layout, for one size
+        res.update({k: res["sizes"][str(sizes[0])][k] for k in ("systems", "atoms", "variants")})
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
     return 0
 
 
