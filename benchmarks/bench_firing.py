@@ -15,8 +15,9 @@ batch size:
   ops the calling thread dispatches (top-level ones, and every aten event with the nested ones);
   with ``--device cuda`` also the CUDA runtime launch/copy/memset calls and the device kernels and
   copies. The profiler records the calling thread only (the writer thread's work is not counted).
-  A kernel launched outside aten (NVIDIA Warp on CPU) is not an aten op: on CPU a fused path shows
-  fewer aten ops, and only the CUDA counts see its kernel.
+  A kernel launched outside aten (NVIDIA Warp) is not an aten op, and on CPU the profiler does
+  not see it at all: Warp launches are counted separately (``warp``: calls of ``wp.launch`` and
+  replays of a recorded ``wp.Launch`` during the profiled firings).
 
 The writer thread runs in the background during the timed firings and competes for the GIL and
 the cores: that is part of what a firing costs the simulation, and without a simulation step
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -213,15 +215,44 @@ def count_events(events, cuda: bool) -> dict:
     return res
 
 
+@contextlib.contextmanager
+def counting_warp_launches():
+    """Count NVIDIA Warp kernel launches (``wp.launch`` and replays of a recorded ``wp.Launch``)
+    while inside: the profiler sees a Warp kernel on CUDA only, never on CPU. Warp is only
+    watched if something imported it already."""
+    n = {"warp_launches": 0}
+    wp = sys.modules.get("warp")
+    cls = getattr(wp, "Launch", None)
+    if wp is None or cls is None or not hasattr(wp, "launch"):
+        yield n
+        return
+    launch, replay = wp.launch, cls.launch
+
+    def counted_launch(*a, **kw):
+        if not kw.get("record_cmd", False):  # a recorded command is launched by its replay
+            n["warp_launches"] += 1
+        return launch(*a, **kw)
+
+    def counted_replay(self, *a, **kw):
+        n["warp_launches"] += 1
+        return replay(self, *a, **kw)
+
+    wp.launch, cls.launch = counted_launch, counted_replay
+    try:
+        yield n
+    finally:
+        wp.launch, cls.launch = launch, replay
+
+
 def profile_calls(fn: Callable[[], Any], n: int, device: torch.device) -> dict:
     """Launch counts per call of ``fn`` (called ``n`` times under the profiler)."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    with profile(activities=acts) as prof:
+    with profile(activities=acts) as prof, counting_warp_launches() as warp:
         for _ in range(n):
             fn()
         sync(device)  # device kernels are collected only once they ran
-    counts = count_events(prof.events(), device.type == "cuda")
+    counts = {**count_events(prof.events(), device.type == "cuda"), **warp}
     ops = {k: v / n for k, v in counts.pop("aten_top_ops").items()}
     return {**{k: v / n for k, v in counts.items()}, "aten_top_ops": ops}
 
@@ -305,7 +336,7 @@ def print_table(size: dict, cuda: bool) -> None:
     print(f"\n{size['systems']} systems, {size['atoms']} atoms; unit = {size['unit_us']:.2f} µs "
           f"(aten ops per unit: {size['unit_launches']['aten_top']:.0f} top-level, "
           f"{size['unit_launches']['aten_events']:.0f} events)")
-    head = f"{'hook':>12} {'µs/firing':>10} {'p50 call':>8} {'units':>7} {'flush ms':>9} {'aten top':>9} {'aten all':>9}"
+    head = f"{'hook':>12} {'µs/firing':>10} {'p50 call':>8} {'units':>7} {'flush ms':>9} {'aten top':>9} {'aten all':>9} {'warp':>5}"
     if cuda:
         head += f" {'cuda launch':>11} {'kernels':>8} {'copies':>7}"
     print(head)
@@ -313,7 +344,7 @@ def print_table(size: dict, cuda: bool) -> None:
         c = h["launches_per_firing"]
         line = (f"{n:>12} {h['us_per_firing']:>10.1f} {h['us_median_call']:>8.1f} {h['units']:>7.1f} "
                 f"{h['flush_ms']:>9.2f} {c.get('aten_top', float('nan')):>9.1f} "
-                f"{c.get('aten_events', float('nan')):>9.1f}")
+                f"{c.get('aten_events', float('nan')):>9.1f} {c.get('warp_launches', float('nan')):>5.1f}")
         if cuda:
             line += (f" {c.get('cuda_runtime_launches', float('nan')):>11.1f} "
                      f"{c.get('cuda_kernels', float('nan')):>8.1f} {c.get('cuda_copies', float('nan')):>7.1f}")

@@ -80,7 +80,9 @@ def test_bench_firing_reports_every_hook(tmp_path):
             for k in ("us_per_firing", "us_median_call", "units", "flush_ms"):
                 assert positive(h[k]), k
             c = h["launches_per_firing"]
-            assert positive(c["aten_top"]) and c["aten_events"] >= c["aten_top"]
+            # a fused LoggingHook may dispatch no aten op at all: then it launched Warp kernels
+            assert c["aten_events"] >= c["aten_top"] >= 0 and c["warp_launches"] >= 0
+            assert c["aten_top"] + c["warp_launches"] >= 0.9, c
 
 
 def test_seed_logger_writes_the_rows_of_logging_hook(tmp_path):
