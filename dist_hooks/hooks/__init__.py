@@ -1,7 +1,7 @@
 """Recording hooks that follow nvalchemi's hook protocol and run from a plain PyTorch loop too.
 
 One module per hook family over a shared base: ``base`` (protocol attributes, lazy start, the writer
-channel, flush/sync/close, ``bind``), ``logging`` (``LoggingHook``) writing through the ``LogSink`` of
+channel, flush/sync/close, ``bind``), ``logging`` (``LoggingHook``, its default scalars computed by ``reductions``) writing through the ``LogSink`` of
 its backend (``log_sinks``), and ``snapshot`` (``SnapshotHook``, ``ConvergedSnapshotHook``) writing to
 a ``RecordSink`` (``store.ZarrSink``).
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 from ..errors import SchemaChangedError
 from .base import RecordingHook, resolve_rank
 from .log_sinks import CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink
-from .logging import DEFAULT_SCALARS, KB_EV_PER_K, LoggingHook
+from .logging import DEFAULT_SCALARS, LoggingHook
+from .reductions import KB_EV_PER_K
 from .snapshot import ConvergedSnapshotHook, RecordSink, RecordWriter, SnapshotHook
 
 #: the earlier name of :class:`~dist_hooks.errors.SchemaChangedError`

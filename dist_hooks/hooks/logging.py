@@ -19,7 +19,7 @@ from . import reductions
 from .base import RecordingHook, column_name_problem
 from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
                         csv_rank_path, is_csv_file_path)
-from .reductions import KB_EV_PER_K, REDUCED_FIELDS  # noqa: F401 - their public home is here too
+from .reductions import REDUCED_FIELDS
 
 DEFAULT_SCALARS = FLOAT_COLUMNS
 

@@ -25,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zsync
 
 from .array_layout import parse_array
-from .shard_files import ShardLayout, encode_rows, shard_key
+from .shard_files import ShardLayout, encode_rows
 
 __all__ = ["RAW_SHARD_WRITES", "ShardFiles", "StagedArray", "save_shapes", "with_rows",
            "write_regions"]
