@@ -60,7 +60,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import (CommitConflictError, DamageError, LockHeldError, MissingDependencyError,
                       RunError)
 from .layout import DATA_DIR, MANIFEST
-from .storage import RUN_LOCK, LocalRunStorage, RunStorage, _holder_text
+from .storage import RUN_LOCK, LocalRunStorage, RunStorage, holder_text
 
 __all__ = ["ObjectLease", "ObjectRunStorage", "open_storage"]
 
@@ -404,7 +404,7 @@ def _lease_body(holder: dict[str, Any], token: str, lease_s: float, *,
 
 def _who(doc: dict | None) -> str:
     """The holder a lease names, as a refused job is told (the words of a local lock's)."""
-    return _holder_text(json.dumps((doc or {}).get("holder")).encode())
+    return holder_text(json.dumps((doc or {}).get("holder")).encode())
 
 
 def _lease_doc(raw: bytes) -> dict | None:

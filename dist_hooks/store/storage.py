@@ -45,7 +45,7 @@ from .group_reader import GroupReader
 from .layout import DATA_DIR, MANIFEST, RANKS_GROUP
 from .manifest import CsvCommit, HookCommit
 
-__all__ = ["LocalRunStorage", "RUN_LOCK", "RunLock", "RunStorage", "run_path"]
+__all__ = ["LocalRunStorage", "RUN_LOCK", "RunLock", "RunStorage", "holder_text", "run_path"]
 
 #: The lock file of a run directory (rank 0's; with node-local storage each rank also locks
 #: ``.run.rank-XXXXX.lock`` in its own directory). Its content names the holder (JSON).
@@ -231,8 +231,9 @@ def _forget_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-def _holder_text(raw: bytes) -> str:
-    """What a lock file says about its holder, for the message of the refused job."""
+def holder_text(raw: bytes) -> str:
+    """What a lock (a file, or an object store's lease) says about its holder, for the message of
+    the refused job."""
     try:
         h = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -314,7 +315,7 @@ class LocalRunStorage(RunStorage):
                 time.sleep(0.05)
             os.close(fd)
             raise LockHeldError(
-                f"{self.root} is being recorded by another job ({_holder_text(raw)}; lock "
+                f"{self.root} is being recorded by another job ({holder_text(raw)}; lock "
                 f"{path}): two writers would corrupt it. Wait for that job to end or stop it; "
                 "the lock is released when its process exits, however it exits") from None
         except OSError as exc:
