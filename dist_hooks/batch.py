@@ -7,6 +7,7 @@ size it needs comes from tensor *shapes*, which the host already knows.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,6 +170,21 @@ class BatchView:
         counts = self.atoms_ptr[1:] - self.atoms_ptr[:-1]
         return torch.repeat_interleave(
             torch.arange(self.num_systems, device=counts.device), counts, output_size=self.num_atoms)
+
+
+class HeldTensor:
+    """A batch tensor remembered by identity, data pointer and shape, without keeping it (or its
+    autograd graph) alive: what lets a hook reuse the work of its last firing (views, a bound
+    kernel launch) while an engine updates its batch in place. ``is_(t)``: ``t`` is still that
+    very tensor, on the same storage and shape (an in-place ``resize_`` or ``set_`` changes one)."""
+
+    __slots__ = ("ref", "ptr", "shape")
+
+    def __init__(self, t: torch.Tensor):
+        self.ref, self.ptr, self.shape = weakref.ref(t), t.data_ptr(), t.shape
+
+    def is_(self, t: Any) -> bool:
+        return t is not None and t is self.ref() and t.data_ptr() == self.ptr and t.shape == self.shape
 
 
 def _num_systems_without_ptr(batch: Any, tensors: dict[str, torch.Tensor]) -> int:

@@ -15,7 +15,6 @@ for aligned views) without padding between them.
 from __future__ import annotations
 
 import functools
-import weakref
 from contextlib import nullcontext
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .batch import HeldTensor
 
 #: dtypes that numpy (hence Zarr) lacks, and what they are recorded as instead, exactly: the bytes
 #: are staged as they are and :func:`unpack` converts (bfloat16 -> float32 is a 16-bit shift)
@@ -125,11 +126,12 @@ class Staging:
         self.device = device
         old = {}  # views of the previous staging's kept tensors, by tensor
         if reuse is not None:
-            old = {id(k[1]()): (k, reuse._views[k[0]]) for k in reuse._kept if k[1]() is not None}
+            old = {id(k[1].ref()): (k, reuse._views[k[0]]) for k in reuse._kept
+                   if k[1].ref() is not None}
         self._views: list[torch.Tensor] = []  # byte order; fresh positions are refilled each firing
-        # kept: [position, weakref to the tensor, data_ptr, shape, attr, dtype]; a weak reference,
-        # so that a tensor the engine dropped (and its autograd graph) is not kept alive by us
-        # (a uint8 view holds the storage only)
+        # kept: [position, HeldTensor, attr, dtype]; held weakly, so that a tensor the engine
+        # dropped (and its autograd graph) is not kept alive by us (a uint8 view holds the
+        # storage only)
         self._kept: list[list[Any]] = []
         self._fresh: list[tuple[int, str, str | None, torch.dtype, torch.Size, torch.device]] = []
         self._fresh_grad = False
@@ -139,10 +141,9 @@ class Staging:
                 t, attr = tensors[name], attrs.get(name)
                 if attr is not None and aliases(t) and t.device == device:
                     hit = old.get(id(t))
-                    same = hit is not None and hit[0][1]() is t and hit[0][2] == t.data_ptr() \
-                        and hit[0][3] == t.shape
+                    same = hit is not None and hit[0][1].is_(t)
                     self._views.append(hit[1] if same else byte_view(t))
-                    self._kept.append([pos, weakref.ref(t), t.data_ptr(), t.shape, attr, t.dtype])
+                    self._kept.append([pos, HeldTensor(t), attr, t.dtype])
                 else:
                     self._views.append(byte_view(t, device))
                     self._fresh.append((pos, name, attr, t.dtype, t.shape, t.device))
@@ -156,16 +157,16 @@ class Staging:
         make a new one. No device op unless a tensor is viewed anew; no host sync."""
         views, stale = self._views, None
         for k in self._kept:
-            u = getattr(batch, k[4], None)
-            if u is k[1]() and u is not None and u.data_ptr() == k[2] and u.shape == k[3]:
+            u = getattr(batch, k[2], None)
+            if k[1].is_(u):
                 continue
-            if not isinstance(u, torch.Tensor) or u.dtype != k[5] or u.shape != k[3] \
+            if not isinstance(u, torch.Tensor) or u.dtype != k[3] or u.shape != k[1].shape \
                     or u.device != self.device or not aliases(u):
                 return None
             stale = [] if stale is None else stale
             stale.append((k, u))
         for k, u in stale or ():  # replaced by equal-layout tensors: view those, keep them
-            k[1], k[2] = weakref.ref(u), u.data_ptr()
+            k[1] = HeldTensor(u)
             views[k[0]] = byte_view(u)
         if not self._fresh:
             return views

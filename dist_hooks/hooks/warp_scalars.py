@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import warp as wp
 
-from ..batch import BatchView
+from ..batch import BatchView, HeldTensor
 from .reductions import KB_EV_PER_K, ROWS, SystemScalars
 
 _FLOATS = (torch.float32, torch.float64)
@@ -86,8 +86,8 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.reshape(-1) if t is not None and t.dim() == 2 and t.shape[1] == 1 else t
 
 
-def _sources(view: BatchView) -> tuple[tuple[str, Any, int, Any], ...] | None:
-    """The batch attributes the arguments were taken from, as (name, tensor, data_ptr, shape), for
+def _sources(view: BatchView) -> tuple[tuple[str, HeldTensor | None], ...] | None:
+    """The batch attributes the arguments were taken from (None: an absent optional one), for
     :meth:`FusedScalars.replay`; None when an argument was derived (atom offsets computed from
     ``batch_idx``, a converted dtype), so only the full path can bind it."""
     out = []
@@ -98,8 +98,8 @@ def _sources(view: BatchView) -> tuple[tuple[str, Any, int, Any], ...] | None:
             if name not in ("system_id", "status"):
                 return None
             t = None  # absent: must stay absent
-        out.append((attr, t, 0 if t is None else t.data_ptr(), None if t is None else t.shape))
-    if view.atoms_ptr.data_ptr() != out[3][2]:
+        out.append((attr, None if t is None else HeldTensor(t)))
+    if view.atoms_ptr.data_ptr() != out[3][1].ptr:
         return None  # offsets not the batch's own tensor
     return tuple(out)
 
@@ -149,9 +149,9 @@ class FusedScalars(SystemScalars):
         the full path (a view of the batch, then ``self(view, ring, index)``)."""
         if ring is not self._ring or self._src is None:
             return False
-        for attr, t, ptr, shape in self._src:
+        for attr, held in self._src:
             now = getattr(batch, attr, None)
-            if now is not t or (t is not None and (now.data_ptr() != ptr or now.shape != shape)):
+            if not (now is None if held is None else held.is_(now)):
                 return False
         self._launch(index)
         return True

@@ -196,3 +196,22 @@ except MissingDependencyError as e:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=env)
     assert res.returncode == 0 and res.stdout.strip() == "refused", res.stderr[-2000:]
+
+
+def test_the_fused_path_keeps_no_batch_tensor_alive(tmp_path):
+    """What replay remembers of the batch is held weakly: forces straight from an autograd model
+    (and so their graph) are freed once the engine drops them, between firings."""
+    import gc
+    import weakref
+
+    b = with_grad(make_batch([3, 4], seed=10))
+    hook = LoggingHook(log_path=tmp_path / "g.csv", rank=0, reductions="fused")
+    hook(Ctx(b, step_count=0), Stage.AFTER_STEP)
+    assert hook.reductions_used == "fused"
+    gone = weakref.ref(b.forces)
+    b.forces = b.forces.detach().clone()  # the engine's next forces replace these
+    gc.collect()
+    assert gone() is None
+    hook(Ctx(b, step_count=1), Stage.AFTER_STEP)  # re-bound: still recorded
+    hook.close()
+    assert len(read_csv(tmp_path / "g.rank-00000.csv")) == 4
