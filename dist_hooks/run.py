@@ -384,6 +384,27 @@ class Run:
             for hook in self._hooks.values():
                 hook.flush()
 
+    def wait_committed(self, timeout: float = 60.0) -> None:
+        """Block until every boundary this rank has taken part in is in the manifest (rank 0
+        commits in the background, so a returned :meth:`checkpoint` is not yet durable). Rank 0
+        joins its commit; the others poll the manifest, which they can read only where the run
+        directory is shared (``storage="shared"``). :class:`RunError` after ``timeout`` seconds."""
+        if self.coordinator is not None:
+            self.coordinator.join()
+            return
+        if self.storage != "shared":
+            raise RunError(f"rank {self.rank} cannot read {self.path / layout.MANIFEST} with "
+                           "storage='local'; only rank 0 can wait for a commit there")
+        deadline = time.monotonic() + timeout
+        while True:
+            manifest = self._read_manifest()
+            if manifest is not None and len(manifest.boundaries) >= self._boundary_index:
+                return
+            if time.monotonic() > deadline:
+                raise RunError(f"boundary {self._boundary_index - 1} not committed to "
+                               f"{self.path / layout.MANIFEST} after {timeout:g} s")
+            time.sleep(0.05)
+
     def sync(self) -> dict[str, dict]:
         """Flush and fsync every hook (not a boundary); each hook's lengths by name."""
         return {} if self._closed else {n: h.sync() for n, h in self._hooks.items()}

@@ -95,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     # fault injection for the crash-and-resume tests: this rank SIGKILLs itself before step N
     rec.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
     rec.add_argument("--fail-rank", type=int, default=0, help=argparse.SUPPRESS)
-    # ... after flushing every hook and waiting for rank 0's background commit: the files are then
-    # as a writer leaves them between flushes, not cut half-way through one (tests that open them)
+    # ... once rank 0 committed every boundary before it (it commits in the background, so a kill
+    # soon after a boundary can otherwise land before that boundary is in force)
+    rec.add_argument("--fail-after-commit", action="store_true", help=argparse.SUPPRESS)
+    # ... after that and after flushing every hook: the files are then as a writer leaves them
+    # between flushes, not cut half-way through one (tests that open them)
     rec.add_argument("--fail-after-flush", action="store_true", help=argparse.SUPPRESS)
     rec.add_argument("--timeout", type=float, default=300.0,
                      help="seconds a rank waits for the others at a boundary before failing")
@@ -140,22 +143,24 @@ def build_hooks(args: argparse.Namespace, run: Any) -> list[Any]:
 
 class _KillAt:
     """Test fault injection: SIGKILL this process at BEFORE_STEP of ``step`` (no cleanup, as a
-    crash). With ``run``: flush its hooks and wait for its background commit first, so the kill
-    cannot land inside a flush (whose arrays would then differ in length)."""
+    crash). With ``run``: first wait until the boundaries before are committed, so that the
+    boundary in force is known; with ``flush`` also flush the hooks, so the kill cannot land inside
+    a flush (whose arrays would then differ in length)."""
 
     frequency = 1
     stage = Stage.BEFORE_STEP
 
-    def __init__(self, step: int, run: Run | None = None):
+    def __init__(self, step: int, run: Run | None = None, flush: bool = False):
         self.step = step
         self.run = run
+        self.flush = flush
 
     def __call__(self, ctx: Any, stage: Any = None) -> None:
         if ctx.step_count == self.step:
             if self.run is not None:
-                self.run.flush()
-                if self.run.coordinator is not None:
-                    self.run.coordinator.join()
+                if self.flush:
+                    self.run.flush()
+                self.run.wait_committed()
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -244,7 +249,8 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
                   settings={k: v for k, v in vars(args).items() if k not in ("out",)})
     hooks = build_hooks(args, run)
     if args.fail_at_step is not None and rank == args.fail_rank:
-        hooks.insert(0, _KillAt(args.fail_at_step, run if args.fail_after_flush else None))
+        waits = args.fail_after_commit or args.fail_after_flush
+        hooks.insert(0, _KillAt(args.fail_at_step, run if waits else None, args.fail_after_flush))
     resume = run.resume_state if run is not None else None
     start = run.start_step if run is not None and resume is not None else 0
     if resume is not None:
