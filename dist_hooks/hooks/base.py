@@ -12,7 +12,6 @@ no text formatting. Encoding and disk I/O happen in the process's writer thread.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -102,9 +101,11 @@ class RecordingHook:
         # the committed entry this hook resumes from (see bind); None: a new run
         self._resume_point: dict | None = None
 
-    def committed_path(self, rank: int) -> Path | None:
-        """The file a checkpoint names by path for this hook at ``rank`` (a CSV log), or None
-        when it names none (a record group is named by its group path)."""
+    def committed_path(self, rank: int) -> str | None:
+        """Where the file lies that a checkpoint names by path for this hook at ``rank`` (a CSV
+        log): an absolute local path or an ``s3://`` URL, as ``RunStorage.url`` writes it (the
+        ``path`` its ``sync()`` returns; ``Run`` names it relative to the rank root); None when
+        it names none (a record group is named by its group path)."""
         return None
 
     def bind(self, *, rank: int, resume_point: dict | None) -> None:

@@ -12,9 +12,10 @@ sink after every block, so what a live reader sees is always whole blocks.
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,8 @@ import pyarrow as pa
 
 from ..errors import DamageError, MissingDependencyError
 from ..store.csv_log import CsvLog
+from ..store.object_storage import open_storage
+from ..store.storage import LocalRunStorage, RunStorage
 
 #: one block of rows: column name -> values (``None``: the column is left empty)
 Columns = Mapping[str, "np.ndarray | None"]
@@ -30,8 +33,9 @@ Columns = Mapping[str, "np.ndarray | None"]
 class LogSink(ABC):
     """A destination for LoggingHook's blocks of rows."""
 
-    #: the file or directory written (``LoggingHook.path``); None for sinks that write nothing
-    path: Path | None = None
+    #: the file or directory written (``LoggingHook.path``): a local ``Path``, or the ``s3://``
+    #: URL of a log on an object store; None for sinks that write nothing
+    path: Path | str | None = None
 
     @abstractmethod
     def append(self, columns: Columns, steps: Sequence[int]) -> None:
@@ -55,37 +59,88 @@ class LogSink(ABC):
         """Release files; called once, after the last flush."""
 
 
-def csv_rank_path(log_path: Path, rank: int) -> Path:
-    """This rank's CSV: ``{rank}`` formatted, a ``.csv`` path with the rank inserted
-    (``log.csv`` -> ``log.rank-00003.csv``), otherwise ``log_path/rank-00003.csv``."""
-    s = str(log_path)
+def split_log_path(log_path: str) -> tuple[str, str]:
+    """``(root, name)``: the directory (or object-store prefix) that holds every rank's CSV, and
+    under it one rank's file name with ``{rank}`` to format. ``{rank}`` in ``log_path`` is
+    formatted (the root is what comes before its path component); a ``.csv`` path gets the rank
+    inserted (``log.csv`` -> ``log.rank-00003.csv``); any other path is a directory holding
+    ``rank-00003.csv``. Plain ``/``-separated text, so a local path and an ``s3://`` URL split
+    alike."""
+    s = log_path if log_path in ("/", "") else log_path.rstrip("/")
     if "{rank" in s:
-        return Path(s.format(rank=rank))
-    if is_csv_file_path(log_path):
-        return log_path.with_name(f"{log_path.stem}.rank-{rank:05d}{log_path.suffix}")
-    return log_path / f"rank-{rank:05d}.csv"
+        cut = s.rfind("/", 0, s.index("{rank"))
+        return (s[:cut] or "/", s[cut + 1:]) if cut >= 0 else (".", s)
+    head, name = posixpath.split(s)
+    if is_csv_file_path(name):
+        stem, suffix = posixpath.splitext(name)
+        stem = stem.replace("{", "{{").replace("}", "}}")
+        return head or ".", f"{stem}.rank-{{rank:05d}}{suffix}"
+    return s or ".", "rank-{rank:05d}.csv"
 
 
-def is_csv_file_path(log_path: Path) -> bool:
-    return log_path.suffix.lower() == ".csv"
+def is_csv_file_path(log_path: str | os.PathLike) -> bool:
+    return PurePosixPath(os.fspath(log_path)).suffix.lower() == ".csv"
+
+
+class CsvPlace:
+    """Where a CSV backend's logs lie: the storage of their directory (a local one, or an
+    ``s3://`` prefix: :func:`~dist_hooks.store.object_storage.open_storage`, credentials from
+    ``storage_options`` or the AWS environment) and each rank's file in it. Opened when the
+    hook is built, so an unwritable directory, bad credentials or a dead endpoint fail then."""
+
+    def __init__(self, log_path: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        given = os.fspath(log_path)
+        self.root, self._name = split_log_path(given)
+        if "://" in given and "://" not in self.root:
+            raise ValueError(f"log_path {given!r}: its logs must lie under a bucket "
+                             "(s3://bucket/prefix/...), and {rank} cannot name the bucket")
+        self.storage: RunStorage = open_storage(self.root, storage_options)
+        self.local = isinstance(self.storage, LocalRunStorage)
+        if self.local:
+            check_writable_dir(Path(self.root))
+
+    def rel(self, rank: int) -> str:
+        """Rank ``rank``'s log, relative to :attr:`storage`."""
+        return self._name.format(rank=rank)
+
+    def url(self, rank: int) -> str:
+        """Where rank ``rank``'s log is: an absolute local path or an ``s3://`` URL
+        (``RunStorage.url``)."""
+        return self.storage.url(self.rel(rank))
+
+    def path(self, rank: int) -> Path | str:
+        """:meth:`url` as a ``Path`` for a local log."""
+        return Path(self.url(rank)) if self.local else self.url(rank)
+
+    def open(self, rank: int, cut: int | None = None) -> CsvLog:
+        """Rank ``rank``'s ``CsvLog``: continued as it is, or cut back to ``cut`` bytes."""
+        return CsvLog(self.storage.log_file(self.rel(rank)), cut)
 
 
 class CsvLogSink(LogSink):
-    """One CSV per rank (``store/csv_log.CsvLog``: pyarrow encodes each block in C++, GIL released),
-    opened for append; resumed by cutting it back to the committed bytes and checking their crc32."""
+    """One CSV per rank (``store/csv_log.CsvLog``: pyarrow encodes each block in C++, GIL released):
+    a local file opened for append, or on an object store one part per block (one PUT each).
+    Opened at ``resume`` (cut back to the committed bytes, whose crc32 is checked) or at
+    ``start`` (continued as it is)."""
 
-    def __init__(self, log_path: Path, rank: int):
-        self.path = csv_rank_path(log_path, rank)
-        self._log = CsvLog(self.path)
+    def __init__(self, place: CsvPlace, rank: int):
+        self._place, self._rank = place, rank
+        self.path = place.path(rank)
+        self._url = place.url(rank)
+        self._log: CsvLog | None = None
 
     def resume(self, resume_point: dict) -> None:
         rp = resume_point
-        self._log.truncate(int(rp.get("bytes", 0)), int(rp.get("rows", 0)))
-        if "crc32" in rp and self._log.crc32 != rp["crc32"]:
-            raise DamageError(f"{self.path}: the committed first {rp['bytes']} bytes do not match "
-                              "their checksum in run.json; the file was changed after the checkpoint")
+        self._log = self._place.open(self._rank, cut=int(rp.get("bytes", 0)))
+        if ("crc32" in rp and self._log.crc32 != rp["crc32"]) or \
+                ("rows" in rp and self._log.rows != int(rp["rows"])):
+            raise DamageError(f"{self._url}: the committed first {rp['bytes']} bytes do not match "
+                              "their checksum (or row count) in run.json; the file was changed "
+                              "after the checkpoint")
 
     def start(self, names: Sequence[str]) -> None:
+        if self._log is None:
+            self._log = self._place.open(self._rank)
         self._log.write_header(list(names))  # nothing when a restart continues the file
 
     def append(self, columns: Columns, steps: Sequence[int]) -> None:
@@ -97,10 +152,12 @@ class CsvLogSink(LogSink):
 
     def sync(self) -> dict:
         self._log.sync()
-        return {"path": str(self.path), "bytes": self._log.size, "rows": self._log.rows, "crc32": self._log.crc32}
+        return {"path": self._url, "bytes": self._log.size, "rows": self._log.rows,
+                "crc32": self._log.crc32}
 
     def close(self) -> None:
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
 
 #: ``per_system=None``: per-sample tags while a firing holds at most this many systems

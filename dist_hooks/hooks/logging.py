@@ -17,8 +17,8 @@ from ..stages import Stage
 from ..writer_runtime import HostBufferPool, log
 from . import reductions
 from .base import RecordingHook, column_name_problem
-from .log_sinks import (CsvLogSink, CustomLogSink, LogSink, TensorBoardLogSink, check_writable_dir,
-                        csv_rank_path, is_csv_file_path)
+from .log_sinks import (CsvLogSink, CsvPlace, CustomLogSink, LogSink, TensorBoardLogSink,
+                        check_writable_dir, is_csv_file_path)
 from .reductions import REDUCED_FIELDS
 
 DEFAULT_SCALARS = FLOAT_COLUMNS
@@ -54,6 +54,13 @@ class LoggingHook(RecordingHook):
     ``log_path``: a ``.csv`` path gets the rank inserted (``log.csv`` -> ``log.rank-00003.csv``); any
     other path is a directory holding ``rank-00003.csv``; ``{rank}`` in the path is formatted instead.
     Directories are created; an unwritable location fails at construction.
+
+    Object storage (backend ``"csv"``): ``log_path="s3://bucket/prefix/logs/log"`` writes each
+    rank's log there as immutable parts, one PUT per block (``store/log_parts.py``; the logical
+    log is byte for byte the local CSV, and every part is a CSV of its own). Credentials and
+    endpoint come from ``storage_options`` (``access_key_id``, ``secret_access_key``,
+    ``endpoint``, ``region``, ...) or the ``AWS_*`` environment, and are never written anywhere;
+    bad ones or a dead endpoint fail at construction.
     """
 
     commit_kind = "csv"
@@ -64,7 +71,8 @@ class LoggingHook(RecordingHook):
                  writer_fn: Callable[[int, Any], None] | None = None, stage: Any = Stage.AFTER_STEP, *,
                  name: str = "log", rank: int | None = None, ring_size: int = 64, buffers: int = 4,
                  columnar: bool = False, flush_interval: float | None = 5.0,
-                 per_system: bool | None = None, reductions: reductions.Mode = "auto"):
+                 per_system: bool | None = None, reductions: reductions.Mode = "auto",
+                 storage_options: dict[str, Any] | None = None):
         super().__init__(frequency=frequency, stage=stage, name=name, rank=rank)
         if backend not in ("csv", "tensorboard", "custom"):
             raise ValueError(f"backend must be 'csv', 'tensorboard' or 'custom', got {backend!r}")
@@ -91,12 +99,23 @@ class LoggingHook(RecordingHook):
         self.ring_size = int(ring_size)
         self.flush_interval = float(flush_interval) if flush_interval else None
         self.per_system = per_system
-        self.log_path = Path(log_path) if log_path is not None else Path("dist_hooks_logs") / name
-        if backend in ("csv", "tensorboard"):
+        if log_path is None:
+            log_path = Path("dist_hooks_logs") / name
+        if storage_options and backend != "csv":
+            raise ValueError(f"storage_options are for backend='csv' (a log on an object store), "
+                             f"got backend={backend!r}")
+        # a URL stays text (a Path would fold its '//'); a local path is a Path, as it was
+        self.log_path: Path | str = log_path if "://" in os.fspath(log_path) else Path(log_path)
+        #: backend "csv": where each rank's log lies (its storage opened now: fails early)
+        self._place = CsvPlace(log_path, storage_options) if backend == "csv" else None
+        if backend == "tensorboard":
+            if isinstance(self.log_path, str):
+                raise ValueError(f"backend='tensorboard' writes local files; log_path must be a "
+                                 f"local directory, got {self.log_path!r}")
             check_writable_dir(self.log_path if not is_csv_file_path(self.log_path) else self.log_path.parent)
         # the backend, chosen here once; opened at the first firing, as _open_sink(rank)
         self._open_sink: Callable[[int], LogSink] = {
-            "csv": partial(CsvLogSink, self.log_path),
+            "csv": partial(CsvLogSink, self._place),
             "tensorboard": partial(TensorBoardLogSink, self.log_path, per_system),
             "custom": partial(CustomLogSink, writer_fn, columnar),
         }[backend]
@@ -111,19 +130,20 @@ class LoggingHook(RecordingHook):
         # flush_interval: when the ring's first row was recorded, and the previous firing's time
         # (-inf: the first firing ships at once)
         self._first_t = self._prev_t = -float("inf")
-        self.path: Path | None = None
+        self.path: Path | str | None = None
 
     @property
     def reductions_used(self) -> str | None:
         """``"fused"`` or ``"eager"``: what reduced the last firing (None before the first)."""
         return None if self._scalars is None else self._scalars.name
 
-    def rank_path(self, rank: int) -> Path:
-        """The CSV that rank ``rank`` writes (backend ``"csv"``)."""
-        return csv_rank_path(self.log_path, rank)
+    def rank_path(self, rank: int) -> Path | str | None:
+        """The CSV that rank ``rank`` writes (backend ``"csv"``; None for the others): a local
+        ``Path``, or the ``s3://`` URL of a log on an object store."""
+        return self._place.path(rank) if self._place is not None else None
 
-    def committed_path(self, rank: int) -> Path | None:
-        return self.rank_path(rank) if self.backend == "csv" else None
+    def committed_path(self, rank: int) -> str | None:
+        return self._place.url(rank) if self._place is not None else None
 
     # columns of the ring: sample_id, status, then the float scalars
     def _scalar_names(self) -> list[str]:

@@ -13,11 +13,14 @@ written, never a row cut by a buffer boundary. ``write_header`` writes the heade
 before any row (the hook knows its columns at its first firing), so a reader finds a parseable
 file from the start; it writes nothing when the file already holds a header (a restart).
 
-The file is opened for append, never truncated on open: a restart continues it. ``truncate(bytes)``
-cuts it back to a committed length (resume after a crash). ``size``/``rows`` are what was written,
-``sync()`` makes it durable (fsync) and brings ``crc32`` (of the whole file so far) up to date by
-reading back only the bytes written since the previous sync — the coordinator records all three at a
-checkpoint boundary, and ``dist-hooks verify`` recomputes them from disk (:func:`scan_prefix`).
+The bytes go to an :class:`AppendLog`: a local file (:class:`LocalLogFile`: opened for append,
+never truncated on open, so a restart continues it) or, on an object store, which cannot append,
+one immutable part per block (``store/log_parts.py``; the logical log is byte for byte the
+file). ``CsvLog(out, cut=bytes)`` cuts it back to a committed length as it opens it (resume after
+a crash). ``size``/``rows`` are what was written, ``sync()`` makes it durable (a file: fsync) and
+brings ``crc32`` (of the whole log so far) up to date — a file's by reading back only the bytes
+written since the previous sync — the coordinator records all three at a checkpoint boundary,
+and ``dist-hooks verify`` recomputes them from disk (:func:`scan_prefix`).
 
 The readers parse only a committed prefix (:func:`iter_csv_batches`, :func:`read_csv_committed`)
 and type the text columns over whole columns (:func:`narrow_table`), for ``open_run`` and
@@ -28,6 +31,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -37,13 +41,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from ..errors import SchemaChangedError
+from ..errors import DamageError, SchemaChangedError
 from .checksums import fd_crc32, file_crc32
 
-__all__ = ["FLOAT_COLUMNS", "INT_COLUMNS", "KEY_COLUMNS", "KIND_TYPES", "CsvLog", "CsvPrefix",
-           "cast_text_column", "iter_csv_batches", "merge_kinds", "narrow_table",
-           "read_csv_committed", "read_header", "scan_prefix", "sort_table", "text_kind",
-           "text_kind_cast"]
+__all__ = ["FLOAT_COLUMNS", "INT_COLUMNS", "KEY_COLUMNS", "KIND_TYPES", "AppendLog", "CsvLog",
+           "CsvPrefix", "LocalLogFile", "cast_text_column", "header_columns", "iter_csv_batches",
+           "merge_kinds", "narrow_table", "read_csv_committed", "read_header", "scan_prefix",
+           "sort_table", "text_kind", "text_kind_cast"]
 
 #: The integer columns that open every LoggingHook row, in this order (the CSV schema, with
 #: :data:`FLOAT_COLUMNS`; docs/format.md). Rows of a merged log are ordered by the first three.
@@ -53,19 +57,152 @@ KEY_COLUMNS = INT_COLUMNS[:3]
 FLOAT_COLUMNS = ("energy", "fmax", "temperature")
 
 
-class CsvLog:
-    def __init__(self, path: str | os.PathLike):
+class AppendLog(ABC):
+    """Where a :class:`CsvLog`'s bytes go: the log as one byte stream, appended to block by block.
+
+    Why an interface: a local file appends in place, an object store cannot append at all (it
+    keeps the log as immutable parts, :class:`~.log_parts.LogParts`), and the CSV encoding, the
+    header and the row count above it are the same for both. A backend hands out its kind with
+    :meth:`~.storage.RunStorage.log_file`. Constructing one does no I/O; :meth:`open` starts
+    writing, :meth:`scan` only reads (the check of a committed prefix).
+    """
+
+    #: where the log is, as people are told (a local path, an ``s3://`` URL)
+    name: str
+    #: bytes in the log (those written so far)
+    size: int = 0
+    #: crc32 of the first ``size`` bytes as of the last :meth:`sync`
+    crc32: int = 0
+
+    @abstractmethod
+    def open(self, size: int | None = None) -> CsvPrefix:
+        """Open for appending: continue the log as it is (``None``), or first cut it back to its
+        first ``size`` bytes (resume: :class:`DamageError` when fewer are there). Returns what
+        the log then holds (bytes, crc32, newlines), which :attr:`size`/:attr:`crc32` are."""
+
+    @abstractmethod
+    def first_line(self) -> bytes:
+        """The log's first line (its header), ``b""`` when it is empty; after :meth:`open`."""
+
+    @abstractmethod
+    def append(self, data: Any) -> None:
+        """Append ``data`` (bytes-like: the header, then whole rows) as one write."""
+
+    @abstractmethod
+    def scan(self, nbytes: int) -> CsvPrefix | None:
+        """What the first ``nbytes`` bytes are (fewer when the log is shorter), reading only;
+        ``None`` when there is no log."""
+
+    def flush(self) -> None:
+        """Hand what was appended to the reader (the OS); nothing when each append is final."""
+
+    def sync(self) -> None:
+        """Make what was appended durable and bring :attr:`crc32` up to date."""
+
+    def close(self) -> None:
+        """Release the file; idempotent."""
+
+
+class LocalLogFile(AppendLog):
+    """A log in a local file, opened for append (never truncated on open: a restart continues
+    it). ``sync`` fsyncs and brings ``crc32`` up to date by reading back only the bytes written
+    since the previous sync. A file not there yet is created by the first append, with it: a
+    live reader never finds it empty (it would not parse)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.name = str(self.path)
+        self._fh: Any = None
+        self._crc_pos = 0
+
+    def open(self, size: int | None = None) -> CsvPrefix:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not size and not self.path.exists():
+            self.size = self.crc32 = self._crc_pos = 0
+            return CsvPrefix(0, 0, 0, b"")
         self._fh = open(self.path, "ab")
-        self.size = self._fh.tell()
-        self.columns: list[str] | None = read_header(self.path) if self.size else None
-        found = scan_prefix(self.path, self.size)
-        self.rows, self.crc32, self._crc_pos = found.rows, found.crc32, self.size
+        try:
+            end = self._fh.tell()
+            if size is not None:
+                if size > end:
+                    raise DamageError(f"{self.path}: cannot cut it back to {size} bytes, it holds "
+                                      f"{end}; it was damaged or replaced after the checkpoint")
+                self._fh.truncate(size)
+                self._fh.seek(size)
+                end = size
+            found = scan_prefix(self.path, end)
+        except BaseException:
+            self._fh.close()
+            raise
+        self.size, self.crc32, self._crc_pos = end, found.crc32, end
+        return found
+
+    def first_line(self) -> bytes:
+        if not self.size:
+            return b""
+        with open(self.path, "rb") as fh:
+            return fh.readline()
+
+    def append(self, data: Any) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "ab")
+        self._fh.write(data)
+        self._fh.flush()
+        self.size += len(data)
+
+    def scan(self, nbytes: int) -> CsvPrefix | None:
+        try:
+            return scan_prefix(self.path, nbytes)
+        except FileNotFoundError:
+            return None
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    def sync(self) -> None:
+        if self._fh is None:
+            return  # nothing written, nothing there
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.crc32 = file_crc32(self.path, self.size, start=self._crc_pos, crc=self.crc32)
+        self._crc_pos = self.size
+
+    def close(self) -> None:
+        if self._fh is not None and not self._fh.closed:
+            self._fh.flush()
+            self._fh.close()
+
+
+class CsvLog:
+    """One CSV log written in blocks (see the module docstring) to an :class:`AppendLog`: a
+    local file (a path given: :class:`LocalLogFile`) or, on an object store, its parts.
+
+    ``cut``: the committed length of a resumed run; the log is cut back to it as it is opened,
+    so what follows it is never read. Without it the log is continued as it is.
+    """
+
+    def __init__(self, out: str | os.PathLike | AppendLog, cut: int | None = None):
+        self._out = out if isinstance(out, AppendLog) else LocalLogFile(out)
+        self.name = self._out.name
+        found = self._out.open(None if cut is None else int(cut))
+        self.rows = found.rows
+        self.columns: list[str] | None = (header_columns(self._out.first_line())
+                                          if self._out.size else None)
+
+    @property
+    def size(self) -> int:
+        """Bytes written (the log's length)."""
+        return self._out.size
+
+    @property
+    def crc32(self) -> int:
+        """crc32 of the whole log as of the last :meth:`sync`."""
+        return self._out.crc32
 
     def write_header(self, names: list[str]) -> None:
-        """Write the header line alone when the file is empty; otherwise check that the header
-        there names ``names`` (a restart continues its file and must keep its columns)."""
+        """Write the header line alone when the log is empty; otherwise check that the header
+        there names ``names`` (a restart continues its log and must keep its columns)."""
         names = list(names)
         if self.columns is None:
             self.columns = names
@@ -88,53 +225,40 @@ class CsvLog:
         self.rows += table.num_rows
 
     def _write(self, table: pa.Table, header: bool) -> None:
-        """Encode ``table`` in memory (C++, GIL released) and hand it to the OS in one write."""
+        """Encode ``table`` in memory (C++, GIL released) and hand it on in one write."""
         out = pa.BufferOutputStream()
         pacsv.write_csv(table, out, write_options=pacsv.WriteOptions(include_header=header,
                                                                      quoting_style="needed"))
-        data = out.getvalue()
-        self._fh.write(data)
-        self._fh.flush()
-        self.size += data.size
+        self._out.append(out.getvalue())
 
     def _schema_changed(self, names: list[str]) -> SchemaChangedError:
         return SchemaChangedError(
-            f"{self.path}: columns {names} differ from the header {self.columns}; a CSV cannot change "
+            f"{self.name}: columns {names} differ from the header {self.columns}; a CSV cannot change "
             "its columns mid-run")
 
     def flush(self) -> None:
-        self._fh.flush()
+        self._out.flush()
 
     def sync(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.crc32 = file_crc32(self.path, self.size, start=self._crc_pos, crc=self.crc32)
-        self._crc_pos = self.size
-
-    def truncate(self, size: int, rows: int) -> None:
-        """Cut the file back to ``size`` bytes holding ``rows`` data rows (resume after a crash)."""
-        self._fh.flush()
-        if size > self._fh.seek(0, os.SEEK_END):
-            raise ValueError(f"{self.path}: cannot truncate to {size} bytes, the file holds fewer; "
-                             "it was damaged or replaced after the checkpoint")
-        self._fh.truncate(size)
-        self._fh.seek(size)
-        self.size, self.rows = size, rows
-        self.columns = read_header(self.path) if size else None
-        self.crc32, self._crc_pos = file_crc32(self.path, size), size
+        """Durable, and ``crc32`` up to date (a local file: fsync; object-store parts: each
+        written block already is)."""
+        self._out.sync()
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            self._fh.close()
+        self._out.close()
 
 
 # ------------------------------------------------------------------------------- reading
 def read_header(path: str | os.PathLike) -> list[str]:
     """Column names of a CSV log (its first line; pyarrow quotes them)."""
     with open(path, "rb") as fh:
-        line = fh.readline().decode("utf-8", "replace").rstrip("\r\n")
-    return [c.strip('"') for c in line.split(",")] if line else []
+        return header_columns(fh.readline())
+
+
+def header_columns(line: bytes) -> list[str]:
+    """Column names of a header line (pyarrow quotes them)."""
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    return [c.strip('"') for c in text.split(",")] if text else []
 
 
 @dataclass(frozen=True)

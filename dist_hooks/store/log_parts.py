@@ -21,17 +21,30 @@ its own object instead, named by where its rows start in the log:
   it is replaced by its cut copy (a PUT replaces an object atomically).
 
 Readers and the writer of this layout are both here, over :class:`~.storage.RunStorage`'s
-``read``, ``replace``, ``list`` and ``remove``, so any backend can hold a log this way.
+``read``, ``replace``, ``list``, ``remove`` and ``url`` (:class:`PartStore`: those five, so that
+``storage.py`` can hand out a ``LogParts`` without an import cycle), so any backend can hold a
+log this way. ``LogParts`` is a :class:`~.csv_log.AppendLog`: ``CsvLog`` writes through it.
 """
 from __future__ import annotations
 
 import re
 import zlib
+from typing import Any, Protocol
 
 from ..errors import DamageError
-from .storage import RunStorage
+from .csv_log import AppendLog, CsvPrefix
 
-__all__ = ["LogParts", "part_name"]
+__all__ = ["LogParts", "PartStore", "part_name"]
+
+
+class PartStore(Protocol):
+    """What a :class:`LogParts` needs of its storage (a :class:`~.storage.RunStorage`)."""
+
+    def read(self, rel: str) -> bytes | None: ...
+    def replace(self, rel: str, data: bytes) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def remove(self, rel: str) -> None: ...
+    def url(self, rel: str = "", place: str | None = None) -> str: ...
 
 _PART = re.compile(r"^part-(\d{16})\.csv$")
 
@@ -41,16 +54,18 @@ def part_name(offset: int) -> str:
     return f"part-{int(offset):016d}.csv"
 
 
-class LogParts:
+class LogParts(AppendLog):
     """One log kept as parts in ``storage`` under the folder ``rel`` (``logs/log/rank-00000.csv``).
 
-    The writer (one per log: the rank's hook) calls :meth:`truncate` once on resume, then
-    :meth:`append` per block; ``size`` and ``crc32`` are the logical log's. Readers call
-    :meth:`read`.
+    The writer (one per log: the rank's hook) calls :meth:`truncate` once on resume (or
+    :meth:`open`, which also continues a log), then :meth:`append` per block; ``size`` and
+    ``crc32`` are the logical log's, always up to date. Readers call :meth:`read` (or
+    :meth:`scan`).
     """
 
-    def __init__(self, storage: RunStorage, rel: str) -> None:
+    def __init__(self, storage: PartStore, rel: str) -> None:
         self.storage, self.rel = storage, rel.rstrip("/")
+        self.name = storage.url(self.rel)
         self.header = b""
         self.size = 0
         self.crc32 = 0
@@ -72,9 +87,18 @@ class LogParts:
         """The logical log, or its first ``limit`` bytes (the committed prefix): fewer when the
         parts there end before it. :class:`DamageError` when a part's header differs from the
         first part's."""
+        return self._read(self.offsets(), limit)
+
+    def scan(self, nbytes: int) -> CsvPrefix | None:
+        """The first ``nbytes`` bytes as :func:`~.csv_log.scan_prefix` sees a file's; ``None``
+        when the log has no part at all."""
+        offsets = self.offsets()
+        return _prefix(self._read(offsets, int(nbytes))) if offsets else None
+
+    def _read(self, offsets: list[int], limit: int | None) -> bytes:
         out = bytearray()
         header = b""
-        for off in self.offsets():
+        for off in offsets:
             if off != len(out) or (limit is not None and off >= limit):
                 break  # a gap (nothing after it is trusted) or past what was asked for
             data = self._part(off)
@@ -91,12 +115,31 @@ class LogParts:
         return bytes(out if limit is None else out[:limit])
 
     # ----------------------------------------------------------------- writing
+    def open(self, size: int | None = None) -> CsvPrefix:
+        """Start writing: :meth:`truncate` to ``size``, or (``None``) continue the log as it is,
+        as a file opened for append continues (a restart without a committed length): parts
+        after a gap, which no reader trusts, are deleted so a new part never follows them."""
+        if size is not None:
+            return _prefix(self._truncate(int(size)))
+        offsets = self.offsets()
+        kept = self._read(offsets, None)
+        for off in reversed(offsets):
+            if off >= len(kept) and (off > 0 or not kept):
+                self.storage.remove(f"{self.rel}/{part_name(off)}")
+        self._keep(kept)
+        return _prefix(kept)
+
+    def first_line(self) -> bytes:
+        return self.header
+
     def truncate(self, size: int) -> None:
         """Cut the log back to its first ``size`` bytes (the committed length) and continue it
         from there: later parts are deleted, the last one first, and a part spanning ``size``
         is replaced by its cut copy. :class:`DamageError` when fewer than ``size`` bytes are
         there."""
-        size = int(size)
+        self._truncate(int(size))
+
+    def _truncate(self, size: int) -> bytes:
         offsets = self.offsets()
         for off in reversed(offsets):
             if off >= size and (off > 0 or size == 0):
@@ -112,19 +155,29 @@ class LogParts:
             want = (len(header) if last else 0) + size - last
             if len(data) > want:
                 self.storage.replace(f"{self.rel}/{part_name(last)}", data[:want])
-        self.header = kept[: kept.find(b"\n") + 1] if b"\n" in kept else b""
-        self.size, self.crc32 = size, zlib.crc32(kept)
+        self._keep(kept)
+        return kept
 
-    def append(self, data: bytes) -> None:
-        """Write ``data`` (the header first, then whole rows, each block once) as the next part:
-        one PUT. The header is the first block written to an empty log."""
-        if not data:
+    def _keep(self, kept: bytes) -> None:
+        """The writer's state once the log holds ``kept``."""
+        self.header = kept[: kept.find(b"\n") + 1] if b"\n" in kept else b""
+        self.size, self.crc32 = len(kept), zlib.crc32(kept)
+
+    def append(self, data: Any) -> None:
+        """Write ``data`` (bytes-like: the header first, then whole rows, each block once) as the
+        next part: one PUT. The header is the first block written to an empty log."""
+        view = memoryview(data)
+        if not view.nbytes:
             return
         if self.size == 0:
-            self.header = data[: data.find(b"\n") + 1]
-            body = data
+            body = bytes(view)
+            self.header = body[: body.find(b"\n") + 1]
         else:
-            body = self.header + data
+            body = b"".join((self.header, view))
         self.storage.replace(f"{self.rel}/{part_name(self.size)}", body)
-        self.size += len(data)
-        self.crc32 = zlib.crc32(data, self.crc32)
+        self.size += view.nbytes
+        self.crc32 = zlib.crc32(view, self.crc32)
+
+
+def _prefix(data: bytes) -> CsvPrefix:
+    return CsvPrefix(len(data), zlib.crc32(data), data.count(b"\n"), data[-1:])

@@ -40,9 +40,10 @@ from zarr.errors import ContainsGroupError
 
 from ..errors import DamageError, LockHeldError, RunError
 from .atomic_store import AtomicLocalStore, atomic_write_bytes, sync_dir
-from .csv_log import scan_prefix
+from .csv_log import AppendLog, LocalLogFile
 from .group_reader import GroupReader
 from .layout import DATA_DIR, MANIFEST, RANKS_GROUP
+from .log_parts import LogParts
 from .manifest import CsvCommit, HookCommit
 
 __all__ = ["LocalRunStorage", "RUN_LOCK", "RunLock", "RunStorage", "holder_text", "run_path"]
@@ -120,6 +121,14 @@ class RunStorage(ABC):
         it dies, so a killed job never blocks its relaunch."""
 
     # -- built on the above
+    def log_file(self, rel: str, place: str | None = None) -> AppendLog:
+        """Where the CSV log ``rel`` keeps its bytes, checked as :meth:`path` checks ``rel``; no
+        I/O until it is opened or scanned. By default immutable parts (an object store cannot
+        append: :class:`~.log_parts.LogParts`, over this storage's read, replace, list and
+        remove); a filesystem backend appends to a file in place."""
+        self.url(rel, place)
+        return LogParts(self, rel)
+
     def check_committed(self, c: HookCommit, what: str) -> None:
         """:class:`DamageError` naming the file unless a committed prefix is there as committed:
         a CSV's first ``bytes`` match their crc32, a group shows its ``records`` and ``atoms``
@@ -127,21 +136,20 @@ class RunStorage(ABC):
         writes; a group's column checksums are verify's (they need all of its data read)."""
         place = f"{MANIFEST} ({what})"
         if isinstance(c, CsvCommit):
-            path = self.path(c.path, place)
+            log = self.log_file(c.path, place)  # a local file, or an object store's parts
             if not c.bytes:
                 return
-            try:
-                got = scan_prefix(path, c.bytes)
-            except FileNotFoundError:
-                raise DamageError(f"{path}: missing; {place} commits {c.rows} rows ({c.bytes} "
-                                  "bytes) in it") from None
+            got = log.scan(c.bytes)
+            if got is None:
+                raise DamageError(f"{log.name}: missing; {place} commits {c.rows} rows "
+                                  f"({c.bytes} bytes) in it")
             if got.bytes < c.bytes:
-                raise DamageError(f"{path}: {got.bytes} bytes, {place} commits {c.bytes}; the "
-                                  "file was cut after the boundary")
+                raise DamageError(f"{log.name}: {got.bytes} bytes, {place} commits {c.bytes}; "
+                                  "the file was cut (or lost a part) after the boundary")
             if got.crc32 != c.crc32:
-                raise DamageError(f"{path}: the committed first {c.bytes} bytes do not match "
-                                  f"their crc32 in {place}; the file was changed after the "
-                                  "boundary")
+                raise DamageError(f"{log.name}: the committed first {c.bytes} bytes do not "
+                                  f"match their crc32 in {place}; the file was changed after "
+                                  "the boundary")
             return
         if not c.records and not c.atoms:
             return
@@ -280,6 +288,9 @@ class LocalRunStorage(RunStorage):
 
     def zarr_store(self, rel: str = DATA_DIR) -> AtomicLocalStore:
         return AtomicLocalStore(self.path(rel))
+
+    def log_file(self, rel: str, place: str | None = None) -> LocalLogFile:
+        return LocalLogFile(self.path(rel, place))
 
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
         run_path(self.root, rel, place)
