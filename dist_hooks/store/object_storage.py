@@ -16,7 +16,8 @@ version I saw). Those two are all the boundary protocol needs:
   and an expiry, created with a create-only PUT and renewed (``If-Match``) by a daemon thread
   every ``lease_s / 3``. An object store cannot see a process die, so a killed holder's lease
   *expires* ``lease_s`` after its last renewal; a relaunch then takes it over with an ``If-Match``
-  PUT on the stale ETag: of two relaunches racing for it, exactly one wins.
+  PUT on the stale ETag: of two relaunches racing for it, exactly one wins. A relaunch on the
+  holder's own host whose pid is gone takes it over at once (the usual restart after a crash).
 
 Who calls what, and in which order (as for :mod:`.storage`, whose docstring has the protocol):
 
@@ -48,6 +49,7 @@ import json
 import logging
 import os
 import posixpath
+import socket
 import threading
 import time
 import uuid
@@ -138,8 +140,8 @@ class ObjectRunStorage(RunStorage):
     ``session_token``, ``endpoint``, ``region``, ...; s3fs's ``key``/``secret``/``token``/
     ``endpoint_url`` too), its client keys (``allow_http``, ``connect_timeout``, ``timeout``, ...)
     and ``max_retries``/``retry_timeout`` (seconds); what is not given comes from the AWS
-    environment variables. An ``http://`` endpoint allows plain HTTP by itself. ``lease_s``:
-    the lease of :meth:`lock`. ``check``: list the prefix once now, so bad credentials, a
+    environment variables. An ``http://`` endpoint allows plain HTTP by itself. ``lease_s``
+    (also a key of ``storage_options``): the lease of :meth:`lock`, in seconds. ``check``: list the prefix once now, so bad credentials, a
     missing bucket or an unreachable endpoint raise :class:`RunError` here.
     """
 
@@ -148,14 +150,15 @@ class ObjectRunStorage(RunStorage):
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise RunError(f"{url!r}: not an object-store run URL (s3://bucket/prefix)")
-        if not lease_s > 0:
-            raise ValueError(f"lease_s must be > 0, got {lease_s}")
         self.bucket = parts.netloc
         self.prefix = object_key(unquote(parts.path).strip("/"), url)
         #: ``s3://bucket/prefix`` (no local path: there is no ``root``)
         self.root_url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.lease_s = float(lease_s)
-        self._config, self._client, self._retry = _split_options(storage_options or {})
+        opts = dict(storage_options or {})
+        self.lease_s = float(opts.pop("lease_s", lease_s))
+        if not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+        self._config, self._client, self._retry = _split_options(opts)
         self._store = self._s3(self.prefix)
         self._zarr: dict[str, Any] = {}
         #: ``run.json``'s version as last read or written: ``None`` never seen (commit: create
@@ -340,7 +343,7 @@ class ObjectRunStorage(RunStorage):
             if cur is not None and doc is not None and doc["token"] == token:
                 return ObjectLease(self, key, holder, token, cur[1])  # our PUT, answer lost
             if cur is not None and doc is not None and not doc.get("released") \
-                    and time.time() < doc["expires"]:
+                    and time.time() < doc["expires"] and not _holder_died_here(doc):
                 raise self._held(key, doc)
             if cur is not None and not (doc and doc.get("released")):
                 log.warning("%s/%s: taking over the expired lease of %s", self.root_url, key,
@@ -405,6 +408,23 @@ def _lease_body(holder: dict[str, Any], token: str, lease_s: float, *,
 def _who(doc: dict | None) -> str:
     """The holder a lease names, as a refused job is told (the words of a local lock's)."""
     return holder_text(json.dumps((doc or {}).get("holder")).encode())
+
+
+def _holder_died_here(doc: dict) -> bool:
+    """Whether a lease's holder was a process of this host that is gone (a crashed job relaunched
+    on the same node): its lease need not run out. A live holder, another host's, or a pid that
+    was reused all answer no, and the lease is left to expire."""
+    h = doc.get("holder")
+    if not isinstance(h, dict) or h.get("host") != socket.gethostname() \
+            or not isinstance(h.get("pid"), int) or h["pid"] <= 0 or h["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(h["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def _lease_doc(raw: bytes) -> dict | None:

@@ -39,7 +39,7 @@ import zarr
 from zarr.errors import ContainsGroupError
 
 from ..errors import DamageError, LockHeldError, RunError
-from .atomic_store import AtomicLocalStore, atomic_write_bytes, sync_dir
+from .atomic_store import AtomicLocalStore, FsyncPolicy, atomic_write_bytes, sync_dir
 from .csv_log import scan_prefix
 from .group_reader import GroupReader
 from .layout import DATA_DIR, MANIFEST, RANKS_GROUP
@@ -95,9 +95,11 @@ class RunStorage(ABC):
         """Delete a file; a missing one is no error."""
 
     @abstractmethod
-    def zarr_store(self, rel: str = DATA_DIR) -> "zarr.abc.store.Store":
-        """The Zarr store of the hierarchy at ``rel`` (``data.zarr``): an
-        :class:`AtomicLocalStore` on a filesystem, zarr's ``ObjectStore`` on an object store."""
+    def zarr_store(self, rel: str = DATA_DIR, *, fsync: FsyncPolicy = "replace") -> "zarr.abc.store.Store":
+        """The Zarr store of the hierarchy at ``rel`` (``data.zarr``) that the record groups are
+        written and read through: an :class:`AtomicLocalStore` with the ``fsync`` policy on a
+        filesystem; on an object store one whose every PUT is atomic and durable (``fsync``
+        means nothing there)."""
 
     @abstractmethod
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
@@ -120,6 +122,20 @@ class RunStorage(ABC):
         it dies, so a killed job never blocks its relaunch."""
 
     # -- built on the above
+    #: whether :meth:`path` gives local files (a directory) or raises (an object store)
+    is_local: bool = False
+
+    def make_root(self) -> None:
+        """Make the root exist before the first write (a directory; nothing on an object store,
+        where a prefix exists once an object is under it)."""
+
+    def relative(self, location: str | os.PathLike) -> str | None:
+        """``location`` (a path or URL, as a hook reports where it writes) as a ``/``-separated
+        name relative to this root, or ``None`` when it is not inside the root."""
+        root = self.url().rstrip("/") + "/"
+        loc = str(location)
+        return loc[len(root):] if loc.startswith(root) and len(loc) > len(root) else None
+
     def check_committed(self, c: HookCommit, what: str) -> None:
         """:class:`DamageError` naming the file unless a committed prefix is there as committed:
         a CSV's first ``bytes`` match their crc32, a group shows its ``records`` and ``atoms``
@@ -253,8 +269,17 @@ class LocalRunStorage(RunStorage):
     """A run on a POSIX filesystem (local disk, NFS, Lustre): atomic replacement is a rename
     of a fsynced temporary file in the same directory, then a fsync of the directory."""
 
+    is_local = True
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
+
+    def make_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def relative(self, location: str | os.PathLike) -> str | None:
+        p = Path(location).absolute()
+        return p.relative_to(self.root).as_posix() if p.is_relative_to(self.root) else None
 
     def read(self, rel: str) -> bytes | None:
         try:
@@ -278,8 +303,8 @@ class LocalRunStorage(RunStorage):
     def remove(self, rel: str) -> None:
         self.path(rel).unlink(missing_ok=True)
 
-    def zarr_store(self, rel: str = DATA_DIR) -> AtomicLocalStore:
-        return AtomicLocalStore(self.path(rel))
+    def zarr_store(self, rel: str = DATA_DIR, *, fsync: FsyncPolicy = "replace") -> AtomicLocalStore:
+        return AtomicLocalStore(self.path(rel), fsync=fsync)
 
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
         run_path(self.root, rel, place)
