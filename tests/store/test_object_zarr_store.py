@@ -7,6 +7,7 @@ xarray, as the batches it was given."""
 from __future__ import annotations
 
 import json
+import socket
 import zlib
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def test_check_committed_on_the_object_store(s3_server, tmp_path):
         local.check_committed(GroupCommit(GROUP, n + 1, atoms + 3, {}), "rank 0")
 
 
-def test_bad_credentials_are_a_clear_error(s3_server):
+def test_bad_credentials_and_a_dead_endpoint_are_clear_errors(s3_server):
     opts = {**s3_server.storage_options, "secret_access_key": "wrong", "max_retries": 0}
     st = ObjectRunStorage(s3_server.new_url("bad"), opts, check=False)
     with pytest.raises(RunError, match="access denied"):
@@ -222,7 +223,17 @@ def test_bad_credentials_are_a_clear_error(s3_server):
     with pytest.raises(RunError, match="access denied"):
         st.zarr_store().put_bytes("x", b"1")
     with pytest.raises(RunError, match="access denied"):
+        GroupReader(st.zarr_store(), GROUP)
+    with pytest.raises(RunError, match="access denied"):
         ZarrSink(st.url(layout.DATA_DIR), storage_options=opts)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = {**s3_server.storage_options, "endpoint": f"http://127.0.0.1:{port}",
+            "max_retries": 0}
+    st = ObjectRunStorage(s3_server.new_url("dead"), dead, check=False)
+    with pytest.raises(RunError, match="cannot reach the object store"):
+        GroupWriter(st.zarr_store(), GROUP)
 
 
 def test_snapshot_hook_records_to_the_server(s3_server, tmp_path):
