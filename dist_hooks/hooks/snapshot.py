@@ -292,4 +292,4 @@ def _existing_sample_ids(writer: RecordWriter) -> np.ndarray:
     if not writer.lengths.get("records"):
         return np.empty(0, dtype=np.int64)
     writer.flush()
-    return np.unique(GroupReader(writer.store.root, writer.group_path).column("sample_id"))
+    return np.unique(GroupReader(writer.store, writer.group_path).column("sample_id"))

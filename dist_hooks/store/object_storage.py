@@ -310,13 +310,17 @@ class ObjectRunStorage(RunStorage):
             raise self._error(exc, f"deleting {key}") from exc
 
     def zarr_store(self, rel: str = DATA_DIR):
-        """zarr's ``ObjectStore`` over obstore at ``prefix/rel`` (one per ``rel``, reused): every
-        chunk, shard and ``zarr.json`` is one PUT, atomic and durable at return, so it needs no
-        temporary files and no fsync (``LocalRunStorage``'s ``AtomicLocalStore`` does both)."""
+        """The :class:`~.object_zarr_store.ObjectZarrStore` at ``prefix/rel`` (one per ``rel``,
+        reused; ``""``: the prefix itself): every chunk, shard and ``zarr.json`` is one PUT,
+        atomic and durable at return, so it needs no temporary files and no fsync
+        (``LocalRunStorage``'s ``AtomicLocalStore`` does both); failures are this storage's
+        :class:`RunError`\\ s."""
         key = object_key(rel)
         if key not in self._zarr:
-            from zarr.storage import ObjectStore
-            self._zarr[key] = ObjectStore(self._s3(posixpath.join(self.prefix, key).strip("/")))
+            from .object_zarr_store import ObjectZarrStore
+            self._zarr[key] = ObjectZarrStore(
+                self._s3(posixpath.join(self.prefix, key).strip("/")), errors=self._error,
+                url=self.url(key))
         return self._zarr[key]
 
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:

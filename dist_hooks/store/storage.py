@@ -161,10 +161,9 @@ class RunStorage(ABC):
             return
         if not c.records and not c.atoms:
             return
-        root = self.path(DATA_DIR)
-        where = self.path(f"{DATA_DIR}/{c.group}", place)
+        where = self.url(f"{DATA_DIR}/{c.group}", place)  # checked: it stays in the run
         try:
-            rd = GroupReader(root, c.group, limit_records=c.records)
+            rd = GroupReader(self.zarr_store(), c.group, limit_records=c.records)
         except Exception as exc:  # noqa: BLE001 - missing or undecodable: damage either way
             raise DamageError(f"{where}: cannot be read ({type(exc).__name__}: {exc}); {place} "
                               f"commits {c.records} records in it") from exc
