@@ -295,9 +295,10 @@ class Run:
     def logging_hook(self, name: str = "log", **kwargs: Any) -> LoggingHook:
         """A CSV ``LoggingHook`` writing ``logs/<name>/rank-XXXXX.csv`` of this run."""
         kwargs.setdefault("backend", "csv")
+        if not self.rank_files.is_local:
+            kwargs.setdefault("storage_options", self.storage_options)
         return self.add_hook(LoggingHook(log_path=self.rank_files.url(f"{layout.LOGS_DIR}/{name}"),
-                                         name=name, storage_options=self._object_options(),
-                                         **kwargs))
+                                         name=name, **kwargs))
 
     def _object_options(self) -> dict[str, Any] | None:
         """The storage options the hooks' own handles on an object store take (none locally)."""

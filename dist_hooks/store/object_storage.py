@@ -309,12 +309,12 @@ class ObjectRunStorage(RunStorage):
         except _failures() as exc:
             raise self._error(exc, f"deleting {key}") from exc
 
-    def zarr_store(self, rel: str = DATA_DIR):
+    def zarr_store(self, rel: str = DATA_DIR, *, fsync: str = "replace"):
         """The :class:`~.object_zarr_store.ObjectZarrStore` at ``prefix/rel`` (one per ``rel``,
         reused; ``""``: the prefix itself): every chunk, shard and ``zarr.json`` is one PUT,
-        atomic and durable at return, so it needs no temporary files and no fsync
-        (``LocalRunStorage``'s ``AtomicLocalStore`` does both); failures are this storage's
-        :class:`RunError`\\ s."""
+        atomic and durable at return, so it needs no temporary files and no fsync (``fsync``
+        is accepted and means nothing here; ``LocalRunStorage``'s ``AtomicLocalStore`` does
+        both); failures are this storage's :class:`RunError`\\ s."""
         key = object_key(rel)
         if key not in self._zarr:
             from .object_zarr_store import ObjectZarrStore
