@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -37,6 +36,7 @@ from .coordinator import BoundaryMessage, Coordinator, group_block
 from .errors import DamageError, ResumeError, RunError
 from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, RecordingHook
 from .launch import LaunchInfo, detect_launch
+from .preemption import Preempted, StopSignals
 from .records import CsrBlock
 from .saved_state import SavedStates
 from .stages import Stage, stage_matches
@@ -50,14 +50,6 @@ from .store.zarr_sink import ZarrSink
 
 log = logging.getLogger("dist_hooks")
 
-
-
-class Preempted(SystemExit):
-    """Raised after the final boundary that a SIGTERM/SIGUSR1 asked for; exit status 143."""
-
-    def __init__(self, signum: int):
-        super().__init__(143)
-        self.signum = signum
 
 
 class Run:
@@ -143,7 +135,8 @@ class Run:
         self._sink = None
         self._sink_options = dict(sink_options or {})
         self._prev: dict[str, HookCommit] = {}  # this rank's hooks in its previous commit record
-        self._signal: int | None = None
+        self._signals = StopSignals("step's boundary" if self.world_size == 1
+                                    else "checkpoint boundary")
         self._closed = False
         self._next_step: int | None = None
         self._boundary_index = 0
@@ -164,7 +157,7 @@ class Run:
             self._shut(quiet=True)  # nothing of the run is held by a job that was refused
             raise
         if handle_signals:
-            self._install_signal_handlers()
+            self._signals.install()
         log.info("dist_hooks run %s: rank %d of %d (%s), %s", self.path, self.rank, self.world_size,
                  self.launch.launcher, f"resumed at step {self.start_step}" if manifest else "new")
 
@@ -322,7 +315,7 @@ class Run:
         if self._hooks_checked is not True:
             self._check_hooks_once()
         self._next_step = step
-        if self.world_size == 1 and self._signal is not None:
+        if self.world_size == 1 and self._signals.received is not None:
             self._stop(self.checkpoint(step))  # not final: the run is interrupted, not finished
         if self.checkpoint_every and step > self.start_step and step % self.checkpoint_every == 0:
             summary = self.checkpoint(step)
@@ -391,7 +384,7 @@ class Run:
                     if not quiet:
                         raise
         finally:
-            self._restore_signal_handlers()
+            self._signals.restore()
             for lk in self._locks:
                 lk.release()
 
@@ -458,7 +451,7 @@ class Run:
             # next boundary (or close) joins them first, so boundaries still commit in order
             self.coordinator.commit_async(self.manifest, messages, summary["index"],
                                           summary["all_final"], self._hook_settings())
-            if final or summary["stop"] is not None or self._signal is not None:
+            if final or summary["stop"] is not None or self._signals.received is not None:
                 self.coordinator.join()
         self._boundary_index = summary["index"] + 1
         self._last_summary = summary
@@ -510,7 +503,7 @@ class Run:
                 hooks[name] = self._resume_points[name]  # never fired since the resume
         state = (self._states.save(self._boundary_index, step, self.state_fn)
                  if self.state_fn is not None else None)
-        record = CommitRecord(self.rank, step, final, self._signal, time.time(), hooks, state)
+        record = CommitRecord(self.rank, step, final, self._signals.received, time.time(), hooks, state)
         converged = self._new_converged(hooks) if self.storage == "local" else {}
         self._prev = hooks
         return BoundaryMessage(record, converged)
@@ -580,29 +573,6 @@ class Run:
             m = manifest.merged
             self.run_files.check_committed(GroupCommit(layout.CONVERGED_GROUP, m.records, m.atoms,
                                                        {}), "the merged group")
-
-    # -- signals -------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        self._old_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            except (ValueError, OSError):
-                pass
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("rank %d: received signal %d; the run stops after the next %s", self.rank, signum,
-                    "step's boundary" if self.world_size == 1 else "checkpoint boundary")
-        self._signal = signum
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, old in getattr(self, "_old_handlers", {}).items():
-            try:
-                signal.signal(sig, old)
-            except (ValueError, OSError, TypeError):
-                pass
 
 
 def _data_of(c: HookCommit) -> str:
