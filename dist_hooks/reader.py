@@ -331,6 +331,9 @@ class RunReader:
             return
         exc = run_damage(self.path, self.manifest, doing)
         if exc is not None:
+            if self.mirror is not None:  # named by its URL, not by the cache
+                from .tools.mirror import rename
+                rename(exc, self.mirror)
             raise exc
         self._consistent = True
 

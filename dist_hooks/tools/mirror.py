@@ -60,7 +60,7 @@ from .staging import LOCK_NAME
 
 __all__ = ["INDEX_DIR", "Mirror", "cache_root", "is_url", "mirror_dir", "mirror_lock",
            "mirror_run", "mirrored_url", "naming_url", "open_object_storage", "remember",
-           "save_index", "sync", "usable_key"]
+           "rename", "save_index", "sync", "usable_key"]
 
 #: the mirror's own files, inside it (never an object key: skipped if a store has one)
 INDEX_DIR = ".dist_hooks-mirror"
