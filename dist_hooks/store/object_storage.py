@@ -373,6 +373,21 @@ class ObjectRunStorage(RunStorage):
     def __repr__(self) -> str:
         return f"ObjectRunStorage({self.root_url!r})"
 
+    def list_tree(self, prefix: str = "") -> dict[str, tuple[int, str | None]]:
+        """Every object under the "folder" ``prefix`` at any depth, as ``{key: (size, ETag)}``
+        (keys relative to the run, like :meth:`read`'s). Why: a mirror of the run
+        (:mod:`dist_hooks.tools.mirror`) learns from one recursive listing (up to 1000 keys a
+        request) which objects changed since it last looked, without a GET of any of them."""
+        key = object_key(prefix)
+        out: dict[str, tuple[int, str | None]] = {}
+        try:
+            for batch in _obstore().list(self._store, key or None, chunk_size=1000):
+                for o in batch:
+                    out[o["path"]] = (int(o["size"]), o.get("e_tag"))
+        except _failures() as exc:
+            raise self._error(exc, f"listing {key or '/'}") from exc
+        return out
+
 
 def _split_options(opts: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``storage_options`` as obstore's (S3 config, client options, retry config)."""
