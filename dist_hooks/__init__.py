@@ -23,7 +23,7 @@ _EXPORTS = {
     "ZarrSink": ".store",
     "LaunchError": ".errors", "LaunchInfo": ".launch", "detect_launch": ".launch",
     "CommTimeoutError": ".errors", "Communicator": ".comm", "get_communicator": ".comm",
-    "Preempted": ".run", "ResumeError": ".errors", "Run": ".run",
+    "Preempted": ".preemption", "ResumeError": ".errors", "Run": ".run",
     "open_run": ".reader",
 }
 

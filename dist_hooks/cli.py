@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -54,6 +55,15 @@ def _add_rank_root(p: argparse.ArgumentParser,
                         f"node's local files ({holds}); repeat for each node")
 
 
+def _add_run(p: argparse.ArgumentParser, what: str = "run directory") -> None:
+    """``RUN`` and ``--cache``, the same on every command: a local run or an ``s3://`` one."""
+    p.add_argument("run", metavar="RUN", help=f"{what}, or s3://bucket/prefix (read through a "
+                                              "local mirror; credentials from AWS_*)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="where s3:// runs are mirrored (default: $XDG_CACHE_HOME/dist_hooks, "
+                        "i.e. ~/.cache/dist_hooks); a second look fetches only what changed")
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
     """``--progress``, shared by the commands that read every committed byte."""
     p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
@@ -95,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "every rank's CSV log into one CSV (+ Parquet). Streams with bounded "
                     "memory; written to a temporary directory and renamed into place with a "
                     "completion marker; a second run on an unchanged run changes nothing.")
-    c.add_argument("run", metavar="RUN", help="run directory (holds run.json)")
+    _add_run(c, "run directory (holds run.json)")
     c.add_argument("--out", metavar="PATH", default=None,
-                   help="output directory (default: RUN/consolidated)")
+                   help="output directory, or s3://bucket/prefix (uploaded, its marker last) "
+                        "(default: RUN/consolidated, in the store for an s3:// run)")
     c.add_argument("--skip-damaged", action="store_true",
                    help="leave out damaged (rank, hook) parts instead of refusing; they are "
                         "listed in the output's consolidated.json under 'skipped'")
@@ -121,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Summarise a run from its manifest: launcher, world size, "
                                  "boundaries, per-rank record and row counts per hook, "
                                  "converged count, step range and disk use.")
-    i.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
+    _add_run(i, "run directory (or a consolidated output)")
     _add_json(i, "machine-readable output (stable keys)")
     i.add_argument("--no-disk", action="store_true", help="skip the disk-use walk")
     _add_rank_root(i, "for the step range")
@@ -133,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "manifest: lengths, crc32 checksums, CSR pointers, shapes, "
                                  "dtypes, CSV rows, paths. Prints one line per problem, "
                                  "naming the file and place.")
-    v.add_argument("run", metavar="RUN", help="run directory")
+    _add_run(v)
     _add_json(v, "print the report as JSON")
     _add_progress(v)
     _add_rank_root(v)
@@ -144,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "extended XYZ, an ASE database or an ASE trajectory, with "
                                  "velocities, energy, forces, step, rank and sample id. Needs "
                                  "the 'ase' extra.")
-    e.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
+    _add_run(e, "run directory (or a consolidated output)")
     e.add_argument("--what", choices=("converged", "trajectory"), required=True)
     e.add_argument("--format", dest="fmt", choices=("extxyz", "ase-db", "traj"), required=True)
     e.add_argument("--out", metavar="PATH", required=True, help="output file")
@@ -167,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "spread over all systems. The relax-to-MD switch and the "
                                   "fmax threshold are marked when the run's settings name "
                                   "them. Needs the 'plot' extra (matplotlib).")
-    pl.add_argument("run", metavar="RUN", help="run directory (or a consolidated output)")
+    _add_run(pl, "run directory (or a consolidated output)")
     pl.add_argument("--out", metavar="FILE", required=True,
                     help="output file; its suffix chooses the format: .png, .svg or .pdf")
     pl.add_argument("--hook", default="log", help="CSV log to plot (default: log)")
@@ -188,7 +199,8 @@ def _consolidate(args: argparse.Namespace) -> int:
     s = consolidate(args.run, args.out, skip_damaged=args.skip_damaged, force=args.force,
                     progress=_progress(args.progress), parquet=not args.no_parquet,
                     block_records=args.block_records, block_atoms=args.block_atoms,
-                    checksums=not args.no_checksums, rank_roots=args.rank_roots)
+                    checksums=not args.no_checksums, rank_roots=args.rank_roots,
+                    cache=args.cache)
     if args.json:
         _print_json({k: v for k, v in s.items() if k != "manifest"})
         return 0
@@ -210,7 +222,8 @@ def _consolidate(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from .tools.info import format_info, run_info
 
-    info = run_info(args.run, disk=not args.no_disk, rank_roots=args.rank_roots)
+    info = run_info(args.run, disk=not args.no_disk, rank_roots=args.rank_roots,
+                    cache=args.cache)
     if args.json:
         _print_json(info)
     else:
@@ -222,7 +235,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .tools.verify import format_report, verify_run
 
     report = verify_run(args.run, progress=_progress(args.progress),
-                        rank_roots=args.rank_roots)
+                        rank_roots=args.rank_roots, cache=args.cache)
     if args.json:
         _print_json(report)
     else:
@@ -235,7 +248,7 @@ def _export(args: argparse.Namespace) -> int:
 
     r = export(args.run, what=args.what, fmt=args.fmt, out=args.out, hook=args.hook,
                rank_roots=args.rank_roots, sample_ids=args.sample_ids, ranks=args.ranks,
-               steps=args.steps, progress=_progress(args.progress))
+               steps=args.steps, progress=_progress(args.progress), cache=args.cache)
     print(f"{r['out']}: {r['structures']} structures ({r['what']}, {r['format']})")
     return 0
 
@@ -244,7 +257,7 @@ def _plot(args: argparse.Namespace) -> int:
     from .tools.plot import plot
 
     r = plot(args.run, args.out, hook=args.hook, dpi=args.dpi, rank_roots=args.rank_roots,
-             per_atom=not args.total_energy)
+             per_atom=not args.total_energy, cache=args.cache)
     print(f"{r['out']}: {', '.join(r['metrics'])} of {r['systems']} systems on {r['ranks']} "
           f"rank{'s' if r['ranks'] != 1 else ''}, {r['rows']} rows ({r['format']})")
     return 0
@@ -267,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DistHooksError as exc:  # refused or detected on purpose: its own exit status
-        print(f"dist-hooks {args.command}: {exc}", file=sys.stderr)
+        print(f"dist-hooks {args.command}: {_scrub(str(exc))}", file=sys.stderr)
         return exit_code_of(exc)
     except KeyboardInterrupt:
         print(f"dist-hooks {args.command}: interrupted", file=sys.stderr)
@@ -277,6 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a path that cannot be read or written (read-only, missing, full)
         print(f"dist-hooks {args.command}: {_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+#: the environment variables whose values a message must never show
+_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def _scrub(text: str) -> str:
+    """``text`` without any credential of the environment (a store's error message may quote
+    the access key it refused); credentials are read from there only, never printed."""
+    for name in _SECRETS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"<{name}>")
+    return text
 
 
 def _os_error(exc: OSError) -> str:

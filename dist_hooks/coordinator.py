@@ -80,7 +80,6 @@ class Coordinator:
 
     def __init__(self, storage: RunStorage, *, shared: bool, sink_options: dict[str, Any]) -> None:
         self.storage = storage
-        self.data_root = storage.path(layout.DATA_DIR)
         self.shared = shared
         self.merged_options = {k: v for k, v in sink_options.items() if k in MERGED_OPTIONS}
         if "shards" in sink_options and "chunks_per_shard" not in self.merged_options:
@@ -96,15 +95,16 @@ class Coordinator:
     def writer(self) -> GroupWriter:
         """The writer of ``data.zarr/converged`` (created on first use)."""
         if self._writer is None:
-            self._writer = GroupWriter(self.data_root, layout.CONVERGED_GROUP,
-                                       **self.merged_options)
+            opts = dict(self.merged_options)
+            store = self.storage.zarr_store(fsync=opts.pop("fsync", "replace"))
+            self._writer = GroupWriter(store, layout.CONVERGED_GROUP, **opts)
         return self._writer
 
     def resume(self, merged: MergedLengths) -> None:
         """Cut the merged group back to the committed ``merged`` lengths; reload its keys."""
         self.writer.truncate(merged.records, merged.atoms)
         if merged.records:
-            rd = GroupReader(self.data_root, layout.CONVERGED_GROUP)
+            rd = GroupReader(self.storage.zarr_store(), layout.CONVERGED_GROUP)
             rank, sid = rd.column("rank"), rd.column("sample_id")
             self._seen = {int(r): np.unique(sid[rank == r]) for r in np.unique(rank).tolist()}
             if merged.crc32 is None:  # recorded before merged checksums: take them now
@@ -184,10 +184,11 @@ class Coordinator:
         if not self.shared:
             return msg.converged[name]
         r = msg.record.rank
-        reader = GroupReader(self.data_root, layout.hook_group(r, name), limit_records=stop)
+        reader = GroupReader(self.storage.zarr_store(), layout.hook_group(r, name),
+                             limit_records=stop)
         if len(reader) < stop:
             raise DamageError(f"rank {r} committed {stop} records in {name!r} but only "
-                               f"{len(reader)} are visible under {self.storage}: storage='shared' "
+                               f"{len(reader)} are visible under {self.storage.url()}: storage='shared' "
                                "needs one filesystem that every rank writes and rank 0 reads")
         return group_block(reader, start, stop)
 

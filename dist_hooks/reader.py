@@ -318,6 +318,10 @@ class RunReader:
         self.roots: dict[int, Path] = (find_rank_roots(path, manifest, rank_roots)
                                        if path is not None else {})
         self._consistent = False
+        #: the ``s3://`` URL of a run read through its mirror (``path``), else ``None``
+        self.url: str | None = None
+        #: that mirror (:class:`~dist_hooks.tools.mirror.Mirror`), else ``None``
+        self.mirror: Any = None
 
     def require_consistent(self, doing: str = "merge the ranks of") -> None:
         """Refuse (:class:`DamageError`, once checked, cached) to merge the ranks of a run that
@@ -327,6 +331,9 @@ class RunReader:
             return
         exc = run_damage(self.path, self.manifest, doing)
         if exc is not None:
+            if self.mirror is not None:  # named by its URL, not by the cache
+                from .tools.mirror import rename
+                rename(exc, self.mirror)
             raise exc
         self._consistent = True
 
@@ -459,7 +466,7 @@ class RunReader:
                             f"frames of {hook!r}")
 
     def __repr__(self) -> str:
-        where = self.path if self.path is not None else self.consolidated
+        where = self.url or (self.path if self.path is not None else self.consolidated)
         return (f"RunReader({str(where)!r}, world_size={self.manifest.world_size}, "
                 f"boundaries={len(self.boundaries)}, consolidated={self.consolidated is not None})")
 
@@ -531,7 +538,9 @@ def default_consolidated_dir(run_dir: Path) -> Path:
 
 
 def open_run(path: str | os.PathLike,
-             rank_roots: Sequence[str | os.PathLike] = ()) -> RunReader:
+             rank_roots: Sequence[str | os.PathLike] = (), *,
+             storage_options: dict[str, Any] | None = None,
+             cache: str | os.PathLike | None = None) -> RunReader:
     """Open a run directory, or a consolidated output directory, for reading.
 
     For a run directory whose default consolidated output (``RUN/consolidated``) is complete and
@@ -539,7 +548,25 @@ def open_run(path: str | os.PathLike,
     (fast); otherwise from the per-rank files. Results are the same either way. ``rank_roots``:
     for a run recorded with ``storage="local"``, the directories holding the nodes' local
     files (see :func:`find_rank_roots`).
+
+    ``path`` may be an ``s3://bucket/prefix`` URL (a run or a consolidated output on an object
+    store): it is mirrored into ``cache`` (default ``$XDG_CACHE_HOME/dist_hooks``, i.e.
+    ``~/.cache/dist_hooks``; only what changed since the last look is fetched) and read from
+    there (:mod:`dist_hooks.tools.mirror`); ``reader.url`` names it, ``reader.path`` is the
+    mirror. ``storage_options``: credentials and endpoint (else the ``AWS_*`` environment).
     """
+    if isinstance(path, str) and "://" in path:
+        if path[:5].lower() != "s3://":  # file:// is a local path; anything else is refused
+            from .store.object_storage import open_storage
+            return open_run(open_storage(path, storage_options).root, rank_roots)
+        from .tools.mirror import mirror_run, naming_url  # the tools' layer, only for a URL
+        m = mirror_run(path, cache, storage_options)
+        with naming_url(m):
+            run = open_run(m.path, rank_roots)
+        run.url, run.mirror = m.url, m
+        return run
+    if storage_options:
+        raise RunError(f"{path}: storage_options apply to s3:// runs only")
     p = Path(path)
     if (p / layout.MANIFEST).is_file():
         manifest, crc = manifest_snapshot(p)  # one read: what is parsed is what is compared

@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -37,6 +36,7 @@ from .coordinator import BoundaryMessage, Coordinator, group_block
 from .errors import DamageError, ResumeError, RunError
 from .hooks import ConvergedSnapshotHook, LoggingHook, SnapshotHook, RecordingHook
 from .launch import LaunchInfo, detect_launch
+from .preemption import Preempted, StopSignals
 from .records import CsrBlock
 from .saved_state import SavedStates
 from .stages import Stage, stage_matches
@@ -44,19 +44,12 @@ from .store import layout
 from .store.group_reader import GroupReader
 from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
     Manifest
+from .store.object_storage import open_storage
 from .store.storage import LocalRunStorage, RunLock, RunStorage
 from .store.zarr_sink import ZarrSink
 
 log = logging.getLogger("dist_hooks")
 
-
-
-class Preempted(SystemExit):
-    """Raised after the final boundary that a SIGTERM/SIGUSR1 asked for; exit status 143."""
-
-    def __init__(self, signum: int):
-        super().__init__(143)
-        self.signum = signum
 
 
 class Run:
@@ -104,7 +97,8 @@ class Run:
                  resume: str = "auto", timeout: float = 300.0,
                  state_fn: Callable[[], Any] | None = None, handle_signals: bool = True,
                  sink_options: dict | None = None, settings: dict | None = None,
-                 lock: bool = True, drop_hooks: Iterable[str] = ()):
+                 lock: bool = True, drop_hooks: Iterable[str] = (),
+                 storage_options: dict[str, Any] | None = None):
         if storage not in ("shared", "local"):
             raise ValueError(f"storage must be 'shared' or 'local', got {storage!r}")
         if resume not in ("auto", "never", "always"):
@@ -114,15 +108,23 @@ class Run:
         if storage == "local" and local_dir is None:
             raise ValueError("storage='local' needs local_dir (this node's own disk)")
         self.drop_hooks = (drop_hooks,) if isinstance(drop_hooks, str) else tuple(drop_hooks)
-        self.path = Path(path).absolute()
+        #: the run's files: a directory, or an object store (``s3://bucket/prefix``)
+        self.run_files: RunStorage = open_storage(
+            path if "://" in str(path) else Path(path).absolute(), storage_options)
+        if storage == "local" and not self.run_files.is_local:
+            raise ValueError(f"storage='local' keeps each rank's files on its node's disk; on "
+                             f"{self.run_files.url()} every rank writes to the object store "
+                             "itself: use storage='shared' (the default)")
+        #: where the run is, as messages name it (a path, or an ``s3://`` URL)
+        self.path = Path(path).absolute() if self.run_files.is_local else self.run_files.url()
+        self.storage_options = storage_options
         self.launch = launch if launch is not None else detect_launch()
         self.comm = comm if comm is not None else get_communicator(launch=self.launch, timeout=timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.timeout = timeout
         self.storage = storage
-        self.rank_root = Path(local_dir).absolute() if storage == "local" else self.path
-        self.run_files: RunStorage = LocalRunStorage(self.path)
-        self.rank_files: RunStorage = LocalRunStorage(self.rank_root)
+        self.rank_files: RunStorage = (LocalRunStorage(Path(local_dir).absolute())
+                                       if storage == "local" else self.run_files)
         self._states = SavedStates(self.rank_files, self.rank)
         self.checkpoint_every = checkpoint_every
         self.state_fn = state_fn
@@ -133,7 +135,8 @@ class Run:
         self._sink = None
         self._sink_options = dict(sink_options or {})
         self._prev: dict[str, HookCommit] = {}  # this rank's hooks in its previous commit record
-        self._signal: int | None = None
+        self._signals = StopSignals("step's boundary" if self.world_size == 1
+                                    else "checkpoint boundary")
         self._closed = False
         self._next_step: int | None = None
         self._boundary_index = 0
@@ -154,7 +157,7 @@ class Run:
             self._shut(quiet=True)  # nothing of the run is held by a job that was refused
             raise
         if handle_signals:
-            self._install_signal_handlers()
+            self._signals.install()
         log.info("dist_hooks run %s: rank %d of %d (%s), %s", self.path, self.rank, self.world_size,
                  self.launch.launcher, f"resumed at step {self.start_step}" if manifest else "new")
 
@@ -171,7 +174,7 @@ class Run:
         own: BaseException | None = None
         if self.rank == 0:
             try:
-                self.path.mkdir(parents=True, exist_ok=True)
+                self.run_files.make_root()
                 if lock:
                     self._locks.append(self.run_files.lock(self._holder()))
                 if self.storage == "shared":  # once, before any rank opens it
@@ -194,7 +197,7 @@ class Run:
                 "resume needs the same world size")
         error = None
         try:
-            self.rank_root.mkdir(parents=True, exist_ok=True)
+            self.rank_files.make_root()
             if self.storage == "local" and lock:
                 self._locks.append(self.rank_files.lock(
                     self._holder(), f".run.{layout.rank_name(self.rank)}.lock"))
@@ -259,7 +262,8 @@ class Run:
     def sink(self) -> ZarrSink:
         """The ``ZarrSink`` of this rank's ``data.zarr`` (created on first use)."""
         if self._sink is None:
-            self._sink = ZarrSink(self.rank_root / layout.DATA_DIR, **self._sink_options)
+            self._sink = ZarrSink(self.rank_files.url(layout.DATA_DIR),
+                                  storage_options=self._object_options(), **self._sink_options)
         return self._sink
 
     def add_hook(self, hook: RecordingHook) -> RecordingHook:
@@ -268,8 +272,8 @@ class Run:
         if hook.name in self._hooks:
             raise ValueError(f"a hook named {hook.name!r} is already part of this run")
         where = hook.committed_path(self.rank)
-        if where is not None and not Path(where).absolute().is_relative_to(self.rank_root):
-            raise RunError(f"hook {hook.name!r} writes {where}, outside {self.rank_root}: a run "
+        if where is not None and self.rank_files.relative(where) is None:
+            raise RunError(f"hook {hook.name!r} writes {where}, outside {self.rank_files.url()}: a run "
                            "names its files by paths inside it (use run.logging_hook(), or a "
                            "log_path under the run directory)")
         point = None
@@ -284,8 +288,14 @@ class Run:
     def logging_hook(self, name: str = "log", **kwargs: Any) -> LoggingHook:
         """A CSV ``LoggingHook`` writing ``logs/<name>/rank-XXXXX.csv`` of this run."""
         kwargs.setdefault("backend", "csv")
-        return self.add_hook(LoggingHook(log_path=self.rank_root / layout.LOGS_DIR / name,
+        if not self.rank_files.is_local:
+            kwargs.setdefault("storage_options", self.storage_options)
+        return self.add_hook(LoggingHook(log_path=self.rank_files.url(f"{layout.LOGS_DIR}/{name}"),
                                          name=name, **kwargs))
+
+    def _object_options(self) -> dict[str, Any] | None:
+        """The storage options the hooks' own handles on an object store take (none locally)."""
+        return None if self.rank_files.is_local else self.storage_options
 
     def snapshot_hook(self, name: str = "snapshots", **kwargs: Any) -> SnapshotHook:
         return self.add_hook(SnapshotHook(self.sink, name=name, **kwargs))
@@ -305,7 +315,7 @@ class Run:
         if self._hooks_checked is not True:
             self._check_hooks_once()
         self._next_step = step
-        if self.world_size == 1 and self._signal is not None:
+        if self.world_size == 1 and self._signals.received is not None:
             self._stop(self.checkpoint(step))  # not final: the run is interrupted, not finished
         if self.checkpoint_every and step > self.start_step and step % self.checkpoint_every == 0:
             summary = self.checkpoint(step)
@@ -374,7 +384,7 @@ class Run:
                     if not quiet:
                         raise
         finally:
-            self._restore_signal_handlers()
+            self._signals.restore()
             for lk in self._locks:
                 lk.release()
 
@@ -393,7 +403,7 @@ class Run:
             self.coordinator.join()
             return
         if self.storage != "shared":
-            raise RunError(f"rank {self.rank} cannot read {self.path / layout.MANIFEST} with "
+            raise RunError(f"rank {self.rank} cannot read {self.run_files.url(layout.MANIFEST)} with "
                            "storage='local'; only rank 0 can wait for a commit there")
         deadline = time.monotonic() + timeout
         while True:
@@ -402,7 +412,7 @@ class Run:
                 return
             if time.monotonic() > deadline:
                 raise RunError(f"boundary {self._boundary_index - 1} not committed to "
-                               f"{self.path / layout.MANIFEST} after {timeout:g} s")
+                               f"{self.run_files.url(layout.MANIFEST)} after {timeout:g} s")
             time.sleep(0.05)
 
     def sync(self) -> dict[str, dict]:
@@ -441,7 +451,7 @@ class Run:
             # next boundary (or close) joins them first, so boundaries still commit in order
             self.coordinator.commit_async(self.manifest, messages, summary["index"],
                                           summary["all_final"], self._hook_settings())
-            if final or summary["stop"] is not None or self._signal is not None:
+            if final or summary["stop"] is not None or self._signals.received is not None:
                 self.coordinator.join()
         self._boundary_index = summary["index"] + 1
         self._last_summary = summary
@@ -493,7 +503,7 @@ class Run:
                 hooks[name] = self._resume_points[name]  # never fired since the resume
         state = (self._states.save(self._boundary_index, step, self.state_fn)
                  if self.state_fn is not None else None)
-        record = CommitRecord(self.rank, step, final, self._signal, time.time(), hooks, state)
+        record = CommitRecord(self.rank, step, final, self._signals.received, time.time(), hooks, state)
         converged = self._new_converged(hooks) if self.storage == "local" else {}
         self._prev = hooks
         return BoundaryMessage(record, converged)
@@ -501,9 +511,7 @@ class Run:
     def _commit_of(self, hook: RecordingHook, info: dict) -> HookCommit:
         """A hook's ``sync()`` result as its commit entry, paths relative to the rank root."""
         if hook.commit_kind == "csv":
-            p = Path(info["path"])
-            rel = str(p.relative_to(self.rank_root)) if p.is_absolute() and \
-                p.is_relative_to(self.rank_root) else str(p)
+            rel = self.rank_files.relative(info["path"]) or str(info["path"])
             return CsvCommit(rel, int(info["bytes"]), int(info["rows"]), int(info["crc32"]))
         return GroupCommit(info["group"], int(info["records"]), int(info["atoms"]),
                            dict(info["crc32"]), hook.merges_converged, info.get("files"))
@@ -512,7 +520,7 @@ class Run:
         """A commit entry as a hook's resume point: its JSON, the CSV path made absolute."""
         out = commit.to_json()
         if isinstance(commit, CsvCommit) and not Path(commit.path).is_absolute():
-            out["path"] = str(self.rank_root / commit.path)
+            out["path"] = self.rank_files.url(commit.path)
         return out
 
     def _hook_settings(self) -> dict[str, HookSettings]:
@@ -528,7 +536,7 @@ class Run:
             old = self._prev.get(name)
             start = old.length if old is not None else 0
             if c.converged and c.length > start:
-                reader = GroupReader(self.rank_root / layout.DATA_DIR,
+                reader = GroupReader(self.rank_files.zarr_store(),
                                      layout.hook_group(self.rank, name))
                 out[name] = group_block(reader, start, c.length)
         return out
@@ -544,7 +552,7 @@ class Run:
         if data is None:
             return None
         try:
-            return Manifest.parse(data, str(self.path / layout.MANIFEST))
+            return Manifest.parse(data, self.run_files.url(layout.MANIFEST))
         except DamageError as exc:
             raise DamageError(f"{exc}; it is written atomically, so it was damaged after the "
                               "fact") from exc
@@ -565,29 +573,6 @@ class Run:
             m = manifest.merged
             self.run_files.check_committed(GroupCommit(layout.CONVERGED_GROUP, m.records, m.atoms,
                                                        {}), "the merged group")
-
-    # -- signals -------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        self._old_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-            except (ValueError, OSError):
-                pass
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("rank %d: received signal %d; the run stops after the next %s", self.rank, signum,
-                    "step's boundary" if self.world_size == 1 else "checkpoint boundary")
-        self._signal = signum
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, old in getattr(self, "_old_handlers", {}).items():
-            try:
-                signal.signal(sig, old)
-            except (ValueError, OSError, TypeError):
-                pass
 
 
 def _data_of(c: HookCommit) -> str:

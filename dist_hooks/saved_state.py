@@ -45,7 +45,7 @@ class SavedStates:
 
     def load(self, state: StateFile) -> Any:
         """The state a commit entry names; :class:`DamageError` if the file does not match it."""
-        where = self.files.path(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
+        where = self.files.url(state.path, f"{layout.MANIFEST} (state of rank {self.rank})")
         data = self.files.read(state.path)
         if data is None or state.mismatch(data) is not None:
             raise DamageError(f"{where}: saved simulation state does not match its checksum in "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..comm import Communicator, get_communicator
+from ..errors import DistHooksError, exit_code_of
 from ..launch import LaunchInfo, detect_launch
 from ..run import Run
 from ..stages import Stage
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Relax (FIRE) and/or run MD on argon-like LJ clusters on every rank, "
         "with the dist_hooks recording hooks attached.",
     )
-    p.add_argument("--out", default="runs/demo", help="run output directory (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo",
+                   help="run output directory, or s3://bucket/prefix (credentials and endpoint from "
+                        "the AWS_* environment variables) (default: runs/demo)")
     p.add_argument("--phase", choices=("relax", "md", "both"), default="both",
                    help="what to run (default: both = FIRE then MD)")
     p.add_argument("--steps", type=int, default=300,
@@ -217,7 +220,7 @@ last_result: "DemoResult | None" = None
 class DemoResult:
     """What a demo run leaves behind (for tests and for drivers that embed the demo)."""
 
-    out_dir: Path
+    out_dir: "Path | str"  # a directory, or the s3:// URL of a run in an object store
     batch: DemoBatch
     model: LennardJones
     dynamics: list[BaseDynamics] = field(default_factory=list)
@@ -231,8 +234,7 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
     rank, world = int(comm.rank), int(comm.world_size)
     device = _pick_device(args.device, launch)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    out_dir = Path(args.out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir: Path | str = args.out if "://" in args.out else Path(args.out).resolve()
     n_relax, n_md = resolve_steps(args)
     total = n_relax + n_md
 
@@ -363,7 +365,9 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: detect the launcher, run this rank's demo, print ``Run output:`` last on rank 0."""
+    """Entry point: detect the launcher, run this rank's demo, print ``Run output:`` last on rank 0.
+    A refusal or failure the package raises on purpose (a held run, bad credentials, a timed-out
+    rank) is one line on stderr and the exit status of ``dist-hooks`` for it (docs/cli.md)."""
     global last_result
     args = build_parser().parse_args(argv)
     launch, comm = _launch_and_comm()
@@ -372,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_demo(args, launch, comm)
         last_result = result
         comm.barrier()
+    except DistHooksError as exc:  # refused or failed on purpose: say why in one line
+        print(f"[demo] rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return exit_code_of(exc)
     finally:
         comm.close()
     if rank == 0:

@@ -24,7 +24,7 @@ import pyarrow as pa
 from ..errors import DamageError, MissingDependencyError
 from ..store.csv_log import CsvLog
 from ..store.object_storage import open_storage
-from ..store.storage import LocalRunStorage, RunStorage
+from ..store.storage import RunStorage
 
 #: one block of rows: column name -> values (``None``: the column is left empty)
 Columns = Mapping[str, "np.ndarray | None"]
@@ -95,7 +95,7 @@ class CsvPlace:
             raise ValueError(f"log_path {given!r}: its logs must lie under a bucket "
                              "(s3://bucket/prefix/...), and {rank} cannot name the bucket")
         self.storage: RunStorage = open_storage(self.root, storage_options)
-        self.local = isinstance(self.storage, LocalRunStorage)
+        self.local = self.storage.is_local
         if self.local:
             check_writable_dir(Path(self.root))
 

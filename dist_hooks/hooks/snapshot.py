@@ -1,7 +1,6 @@
 """``SnapshotHook`` and ``ConvergedSnapshotHook``: the full per-system state, appended to a Zarr group."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 import numpy as np
@@ -10,15 +9,11 @@ import torch
 from .. import packing
 from ..batch import BatchView
 from ..errors import BatchError, SchemaChangedError
-from ..store import GroupReader
+from ..store import GroupReader, RecordStore
 from ..store.checksums import fold_column_crc32
 from ..stages import Stage
 from ..writer_runtime import HostBufferPool
 from .base import RecordingHook, field_name_problem
-
-
-class _RootedStore(Protocol):
-    root: Path  # the Zarr root; ConvergedSnapshotHook reopens its group from it to resume
 
 
 class RecordWriter(Protocol):
@@ -26,7 +21,7 @@ class RecordWriter(Protocol):
     records, cut back on resume, flushed and made durable at checkpoint boundaries."""
 
     group_path: str
-    store: _RootedStore
+    store: RecordStore  # ConvergedSnapshotHook reopens its group through it to resume
 
     @property
     def lengths(self) -> dict[str, int]: ...
@@ -292,4 +287,4 @@ def _existing_sample_ids(writer: RecordWriter) -> np.ndarray:
     if not writer.lengths.get("records"):
         return np.empty(0, dtype=np.int64)
     writer.flush()
-    return np.unique(GroupReader(writer.store.root, writer.group_path).column("sample_id"))
+    return np.unique(GroupReader(writer.store, writer.group_path).column("sample_id"))

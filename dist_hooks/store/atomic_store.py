@@ -31,6 +31,9 @@ nothing, because on shared/parallel file systems an fsync can cost milliseconds:
 In every mode the written paths are remembered until :meth:`sync` fsyncs them and their parent
 directories, which the coordinator calls at checkpoint boundaries.
 
+It is one of the two :class:`~.record_store.RecordStore` implementations (the other writes to
+an object store): the group writers and readers use nothing else of it beyond zarr's ``Store``.
+
 Partial writes: zarr 3.x never issues byte-range writes (``Store.supports_partial_writes`` is
 always ``False``; the sharding codec reads the whole shard, merges, and ``set``\\ s the whole shard
 again), so overriding ``set``/``set_sync``/``set_if_not_exists`` covers every write path.
@@ -48,6 +51,8 @@ from typing import Literal, Self
 
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
+
+from .record_store import Listing, Version
 
 FsyncPolicy = Literal["always", "replace", "never"]
 _POLICIES = ("always", "replace", "never")
@@ -156,6 +161,26 @@ def _replace_into(path: Path, view: memoryview, *, do_fsync: bool, exclusive: bo
     return n
 
 
+def read_file_version(path: str | Path,
+                      known: Version | None) -> tuple[Version, bytes | None] | None:
+    """A local file read whole through one descriptor (:meth:`RecordStore.read_version`): a
+    writer replaces files by rename, so this is one consistent version of it. Its version is
+    ``(inode, size, mtime)``; when that equals ``known`` nothing is read (``data`` is ``None``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.fstat(fd)
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if sig == known:
+            return sig, None
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return sig, fh.read()
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(directory: str | Path) -> int:
     """Delete temporaries left by a killed writer under ``directory``; returns how many.
 
@@ -207,6 +232,38 @@ class AtomicLocalStore(LocalStore):
 
     def __repr__(self) -> str:
         return f"AtomicLocalStore('{self}', fsync={self.fsync_policy!r})"
+
+    # ------------------------------------------------------------------ reads
+    def read_bytes(self, key: str) -> bytes | None:
+        """The file ``key``'s bytes, or ``None`` when there is none (:class:`RecordStore`)."""
+        try:
+            return (self.root / key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_version(self, key: str,
+                     known: Version | None) -> tuple[Version, bytes | None] | None:
+        """:func:`read_file_version` of ``key`` (:class:`RecordStore`)."""
+        return read_file_version(self.root / key, known)
+
+    def list_folder(self, prefix: str) -> Listing:
+        """Sub-directories and files directly under ``prefix``, temporaries left out (one
+        ``scandir``; :class:`RecordStore`)."""
+        folders, files = [], []
+        try:
+            with os.scandir(self.root / prefix) as entries:
+                for e in entries:
+                    if e.is_dir():
+                        folders.append(e.name)
+                    elif not _TMP_RE.match(e.name):
+                        files.append(e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return Listing(sorted(folders), sorted(files))
+
+    def remove_temporaries(self, prefix: str) -> int:
+        """:func:`remove_stale_temporaries` under ``prefix`` (:class:`RecordStore`)."""
+        return remove_stale_temporaries(self.root / prefix)
 
     # ------------------------------------------------------------------ writes
     def _put_atomic(self, key: str, value: Buffer, exclusive: bool = False) -> int:

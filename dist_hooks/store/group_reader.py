@@ -7,6 +7,10 @@ atomically and grow an array's shape only after its chunks are written, ``atoms_
 the record count derived from ``atoms_ptr`` never covers unwritten data. After a crash, data past
 the committed length is not trusted: pass ``limit_records`` (from the run manifest) and nothing
 past it is returned.
+
+Where the group is: a local directory, or any :class:`~.record_store.RecordStore` (an object
+store's :class:`~.object_zarr_store.ObjectZarrStore`); the reader uses nothing else of it than
+zarr's ``Store`` and the record store's reads and listing, so both read the same way.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import zarr
 from .array_layout import ArrayLayout, parse_array
 from .atomic_store import AtomicLocalStore
 from .layout import ATOMS_PTR, ATOMS_START, DATA_DIR, INDEXED, N_ATOMS
+from .record_store import RecordStore, StoreFolder
 from .shard_files import ArrayMeta, RawArrayReader, ShardLayout
 
 __all__ = ["GroupReader", "resolve_data_root"]
@@ -52,18 +57,25 @@ class GroupReader:
 
     Parameters
     ----------
-    root : the Zarr root (or the run directory holding ``data.zarr``).
+    root : the Zarr root (or the run directory holding ``data.zarr``), or a record store on the
+        Zarr root (then no local path is used).
     group_path : e.g. ``layout.hook_group(rank, hook)`` or ``layout.CONVERGED_GROUP``.
     limit_records : never return records at or past this index (the committed length).
     """
 
-    def __init__(self, root: str | Path, group_path: str, *,
+    def __init__(self, root: str | Path | RecordStore, group_path: str, *,
                  limit_records: int | None = None) -> None:
-        self.root = resolve_data_root(root)
         self.group_path = group_path.strip("/")
         self.limit_records = None if limit_records is None else int(limit_records)
-        # read-only; the atomic store's listings hide temporaries a killed writer left behind
-        self._store = AtomicLocalStore(self.root, read_only=True)
+        self.root: Path | RecordStore
+        if isinstance(root, (str, os.PathLike)):
+            self.root = resolve_data_root(root)
+            # read-only; the atomic store's listings hide temporaries a killed writer left
+            self._store: RecordStore = AtomicLocalStore(self.root, read_only=True)
+        elif isinstance(root, RecordStore):
+            self.root = self._store = root
+        else:
+            raise TypeError(f"GroupReader: root must be a path or a RecordStore, got {root!r}")
         self.refresh()
 
     def refresh(self) -> None:
@@ -120,9 +132,12 @@ class GroupReader:
         self._n = max(n, 0)
         self._ptr = ptr[: self._n + 1]
 
+    def _folder(self, name: str) -> StoreFolder:
+        """Where array ``name`` of the group is (or, for ``""``, the group itself)."""
+        return StoreFolder(self._store, "/".join(p for p in (self.group_path, name) if p))
+
     def _raw_reader(self, name: str) -> RawArrayReader | None:
-        return RawArrayReader.open(Path(self._store.root) / self.group_path / name,
-                                   f"{self.group_path}/{name}")
+        return RawArrayReader.open(self._folder(name), f"{self.group_path}/{name}")
 
     def _open_json(self) -> tuple[dict, dict[str, ArrayMeta], dict[str, RawArrayReader]] | None:
         """``(attributes, arrays, shard readers)`` from the group's and its arrays' ``zarr.json``
@@ -132,27 +147,30 @@ class GroupReader:
         most of the cost of opening a group (measured: consolidate opens one per rank and hook,
         verify and info as many), and none of them is used when the files are read directly.
         """
-        gdir = Path(self._store.root) / self.group_path
+        store = self._store
         try:
-            gmeta = json.loads((gdir / "zarr.json").read_bytes())
+            raw = store.read_bytes(self._folder("").file("zarr.json"))
+            if raw is None:
+                return None
+            gmeta = json.loads(raw)
             if gmeta.get("zarr_format") != 3 or gmeta.get("node_type") != "group":
                 return None
             arrays: dict[str, ArrayMeta] = {}
             raws: dict[str, RawArrayReader] = {}
-            with os.scandir(gdir) as entries:
-                for e in entries:
-                    if e.name.startswith(".") or not e.is_dir():
-                        continue
-                    try:
-                        lay, meta = ShardLayout.of(Path(e.path))
-                    except FileNotFoundError:
-                        continue  # not a node (zarr lists no member there either)
-                    if meta.get("node_type") != "array":
-                        continue
-                    if lay is None:
-                        return None
-                    arrays[e.name] = ArrayMeta.of(meta, lay)
-                    raws[e.name] = RawArrayReader(Path(e.path), lay, f"{self.group_path}/{e.name}")
+            for name in store.list_folder(self.group_path).folders:
+                if name.startswith("."):
+                    continue
+                folder = self._folder(name)
+                try:
+                    lay, meta = ShardLayout.of(folder)
+                except FileNotFoundError:
+                    continue  # not a node (zarr lists no member there either)
+                if meta.get("node_type") != "array":
+                    continue
+                if lay is None:
+                    return None
+                arrays[name] = ArrayMeta.of(meta, lay)
+                raws[name] = RawArrayReader(folder, lay, f"{self.group_path}/{name}")
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
         return dict(gmeta.get("attributes") or {}), dict(sorted(arrays.items())), raws

@@ -27,8 +27,11 @@ Why it is built this way (upstream's sink did the opposite of each point):
   prefix of it if a flush was killed half-way. Readers and a reopened writer never see rows
   that were not written; the coordinator still truncates to the committed lengths it recorded,
   because only those are promised across ranks.
-* Every file is replaced atomically (:mod:`.atomic_store`): completing a unit whose partial tail
-  was flushed earlier rewrites that file, and a kill during the rewrite keeps the old one.
+* Every file is replaced atomically (:mod:`.atomic_store`: temporary + rename in a directory; one
+  PUT per object in an object store, :mod:`.object_zarr_store`): completing a unit whose partial
+  tail was flushed earlier rewrites that file, and a kill during the rewrite keeps the old one.
+  The writer uses nothing of its store beyond zarr's ``Store`` and
+  :class:`~.record_store.RecordStore`, so both backends get the same files, byte for byte.
 * Resume: a new writer on an existing group continues after the existing data (schema from the
   arrays, lengths from the shapes and ``atoms_ptr``); :meth:`GroupWriter.truncate` drops anything
   past the committed lengths first.
@@ -52,8 +55,9 @@ from zarr.core.sync import sync as _zsync
 from ..errors import DamageError, SchemaChangedError
 from .array_layout import (DEFAULT_CHUNK_ATOMS, DEFAULT_CHUNK_RECORDS, DEFAULT_CHUNKS_PER_SHARD,
                            ArraySpec, CompressorLike, make_compressors)
-from .atomic_store import AtomicLocalStore, FsyncPolicy, remove_stale_temporaries
+from .atomic_store import AtomicLocalStore, FsyncPolicy
 from .layout import ATOMS_PTR, group_attrs
+from .record_store import RecordStore
 from .shard_files import key_row_block
 from .staged_array import StagedArray, save_shapes, with_rows, write_regions
 
@@ -79,7 +83,8 @@ class GroupWriter:
 
     Parameters
     ----------
-    root : the Zarr root directory (``RUN/data.zarr``) or an :class:`AtomicLocalStore` on it.
+    root : the Zarr root directory (``RUN/data.zarr``), or a record store on the Zarr root
+        (:class:`~.atomic_store.AtomicLocalStore`, :class:`~.object_zarr_store.ObjectZarrStore`).
     group_path : group inside the root, e.g. ``layout.hook_group(rank, hook)``.
     chunk_records, chunk_atoms : rows per chunk for record- and atom-level arrays.
     chunks_per_shard : chunks per shard along the row axis; 0/None disables sharding.
@@ -96,7 +101,7 @@ class GroupWriter:
 
     def __init__(
         self,
-        root: str | Path | AtomicLocalStore,
+        root: str | Path | RecordStore,
         group_path: str,
         *,
         chunk_records: int = DEFAULT_CHUNK_RECORDS,
@@ -113,8 +118,12 @@ class GroupWriter:
             raise ValueError("chunks_per_shard must be >= 0 (0/None: no sharding)")
         if write_unit not in ("shard", "chunk"):
             raise ValueError(f"write_unit must be 'shard' or 'chunk', got {write_unit!r}")
-        self.store = (root if isinstance(root, AtomicLocalStore)
-                      else AtomicLocalStore(root, fsync=fsync))
+        if isinstance(root, (str, os.PathLike)):
+            self.store: RecordStore = AtomicLocalStore(root, fsync=fsync)
+        elif isinstance(root, RecordStore):
+            self.store = root
+        else:
+            raise TypeError(f"GroupWriter: root must be a path or a RecordStore, got {root!r}")
         self.group_path = group_path.strip("/")
         self.chunk_records = int(chunk_records)
         self.chunk_atoms = int(chunk_atoms)
@@ -132,9 +141,8 @@ class GroupWriter:
 
         self.group = zarr.open_group(self.store, path=self.group_path, mode="a", zarr_format=3,
                                      use_consolidated=False)
-        self._dir = Path(self.store.root) / self.group_path
         # one writer per group: anything temporary in here was left by a killed predecessor
-        remove_stale_temporaries(self._dir)
+        self.store.remove_temporaries(self.group_path)
         self._open_existing()
         want = group_attrs({n: c.level for n, c in self._cols.items()}, self._extra_attrs)
         if any(self.group.attrs.get(k) != v for k, v in want.items()):
@@ -203,19 +211,15 @@ class GroupWriter:
     def _remove_chunk_files(self, col: StagedArray, keep_rows: int) -> None:
         """Delete files of row blocks at or past ``keep_rows`` (whole shards/chunks only).
 
-        Lists the array's directory instead of trusting in-memory extents, so it also removes
+        Lists the array's folder instead of trusting in-memory extents, so it also removes
         units that a killed predecessor wrote past its last flush.
         """
         first = -(-keep_rows // col.outer)
-        d = self._dir / col.name
-        try:
-            entries = list(os.scandir(d))
-        except FileNotFoundError:
-            return
-        for e in entries:
-            i = key_row_block(e.name)
+        folder = f"{self.group_path}/{col.name}"
+        for name in self.store.list_folder(folder).files:
+            i = key_row_block(name)
             if i is not None and i >= first:
-                self.store.delete_sync(f"{self.group_path}/{col.name}/{e.name}")
+                self.store.delete_sync(f"{folder}/{name}")
 
     def _open_existing(self) -> None:
         arrays = {n: a for n, a in self.group.arrays()}
@@ -468,5 +472,6 @@ class GroupWriter:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"GroupWriter({str(self.store.root)!r}, {self.group_path!r}, "
+        where = self.store.root if isinstance(self.store, AtomicLocalStore) else self.store
+        return (f"GroupWriter({str(where)!r}, {self.group_path!r}, "
                 f"lengths={self.lengths}, committed={self._committed})")

@@ -16,7 +16,10 @@ version I saw). Those two are all the boundary protocol needs:
   and an expiry, created with a create-only PUT and renewed (``If-Match``) by a daemon thread
   every ``lease_s / 3``. An object store cannot see a process die, so a killed holder's lease
   *expires* ``lease_s`` after its last renewal; a relaunch then takes it over with an ``If-Match``
-  PUT on the stale ETag: of two relaunches racing for it, exactly one wins.
+  PUT on the stale ETag: of two relaunches racing for it, exactly one wins. A relaunch on the
+  holder's own host whose pid is gone takes it over at once (the usual restart after a crash).
+
+(The lease and the conditional PUTs: :mod:`.object_lease`.)
 
 Who calls what, and in which order (as for :mod:`.storage`, whose docstring has the protocol):
 
@@ -43,24 +46,19 @@ run or shown in a message. obstore is imported only when an ``s3://`` run is ope
 """
 from __future__ import annotations
 
-import atexit
-import json
 import logging
 import os
 import posixpath
-import threading
-import time
-import uuid
 import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import (CommitConflictError, DamageError, LockHeldError, MissingDependencyError,
-                      RunError)
+from ..errors import CommitConflictError, DamageError, MissingDependencyError, RunError
 from .layout import DATA_DIR, MANIFEST
-from .storage import RUN_LOCK, LocalRunStorage, RunStorage, holder_text
+from .object_lease import ObjectLease, precondition_failed, put_mode, take_lease
+from .storage import RUN_LOCK, LocalRunStorage, RunStorage
 
 __all__ = ["ObjectLease", "ObjectRunStorage", "open_storage"]
 
@@ -105,20 +103,6 @@ def _not_found() -> tuple[type[BaseException], ...]:
     return (FileNotFoundError, NotFoundError)
 
 
-def _precondition() -> tuple[type[BaseException], ...]:
-    """A conditional PUT refused: the object is not (or no longer) the version we named."""
-    from obstore.exceptions import AlreadyExistsError, PreconditionError
-    return (AlreadyExistsError, PreconditionError)
-
-
-def _mode(version: dict[str, Any] | None) -> Any:
-    """obstore's put mode: create-only for ``None``, else ``If-Match`` that version (obstore
-    refuses ``None`` values in it)."""
-    if version is None:
-        return "create"
-    return {k: v for k, v in version.items() if v is not None}
-
-
 def object_key(rel: str | os.PathLike, place: str | None = None) -> str:
     """``rel`` as a key under the run's prefix (``""`` for the prefix itself), refusing one that
     leaves it, as :func:`.storage.run_path` refuses a path that leaves a run directory (the
@@ -138,8 +122,8 @@ class ObjectRunStorage(RunStorage):
     ``session_token``, ``endpoint``, ``region``, ...; s3fs's ``key``/``secret``/``token``/
     ``endpoint_url`` too), its client keys (``allow_http``, ``connect_timeout``, ``timeout``, ...)
     and ``max_retries``/``retry_timeout`` (seconds); what is not given comes from the AWS
-    environment variables. An ``http://`` endpoint allows plain HTTP by itself. ``lease_s``:
-    the lease of :meth:`lock`. ``check``: list the prefix once now, so bad credentials, a
+    environment variables. An ``http://`` endpoint allows plain HTTP by itself. ``lease_s``
+    (also a key of ``storage_options``): the lease of :meth:`lock`, in seconds. ``check``: list the prefix once now, so bad credentials, a
     missing bucket or an unreachable endpoint raise :class:`RunError` here.
     """
 
@@ -148,14 +132,15 @@ class ObjectRunStorage(RunStorage):
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise RunError(f"{url!r}: not an object-store run URL (s3://bucket/prefix)")
-        if not lease_s > 0:
-            raise ValueError(f"lease_s must be > 0, got {lease_s}")
         self.bucket = parts.netloc
         self.prefix = object_key(unquote(parts.path).strip("/"), url)
         #: ``s3://bucket/prefix`` (no local path: there is no ``root``)
         self.root_url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.lease_s = float(lease_s)
-        self._config, self._client, self._retry = _split_options(storage_options or {})
+        opts = dict(storage_options or {})
+        self.lease_s = float(opts.pop("lease_s", lease_s))
+        if not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+        self._config, self._client, self._retry = _split_options(opts)
         self._store = self._s3(self.prefix)
         self._zarr: dict[str, Any] = {}
         #: ``run.json``'s version as last read or written: ``None`` never seen (commit: create
@@ -212,7 +197,7 @@ class ObjectRunStorage(RunStorage):
         except _failures() as exc:
             raise self._error(exc, "listing the run") from exc
 
-    def _get(self, key: str):
+    def get_object(self, key: str):
         """``(bytes, {"e_tag", "version"})`` or ``None``; both from one response."""
         obs = _obstore()
         try:
@@ -224,16 +209,16 @@ class ObjectRunStorage(RunStorage):
             raise self._error(exc, f"reading {key}") from exc
         return data, {"e_tag": r.meta.get("e_tag"), "version": r.meta.get("version")}
 
-    def _put(self, key: str, data: bytes, mode: Any = "overwrite") -> dict[str, Any]:
+    def put_object(self, key: str, data: bytes, mode: Any = "overwrite") -> dict[str, Any]:
         """One PUT (``mode``: see :func:`_mode`); a refused precondition propagates as obstore's
-        error (:func:`_precondition`), any other failure as :class:`RunError`."""
+        error (:func:`precondition_failed`), any other failure as :class:`RunError`."""
         obs = _obstore()
         try:
             if mode == "overwrite":
                 r = obs.put(self._store, key, data)
             else:  # a conditional PUT cannot be multipart
                 r = obs.put(self._store, key, data, mode=mode, use_multipart=False)
-        except _precondition():
+        except precondition_failed():
             raise
         except _failures() as exc:
             raise self._error(exc, f"writing {key}") from exc
@@ -244,7 +229,7 @@ class ObjectRunStorage(RunStorage):
         """The object's bytes, or ``None``. Reading ``run.json`` remembers its version: the next
         :meth:`commit_manifest` replaces exactly that version."""
         key = object_key(rel)
-        got = self._get(key)
+        got = self.get_object(key)
         if key == MANIFEST and got is not None:
             self._manifest_version = got[1]
         return None if got is None else got[0]
@@ -255,24 +240,25 @@ class ObjectRunStorage(RunStorage):
         key = object_key(rel)
         if not key:
             raise RunError(f"{self.root_url}: cannot replace the run's prefix itself")
-        self._put(key, bytes(data))
+        self.put_object(key, bytes(data))
 
     def commit_manifest(self, data: bytes) -> None:
         """Compare-and-swap ``run.json``: create-only when this storage never saw one, else
         ``If-Match`` its last ETag. Refused (:class:`CommitConflictError`, nothing written) when
         another writer's manifest is there, or this process's lease of the run is lost."""
         for lease in list(self._leases):
-            lease.check()
+            if lease.lost != "released":
+                lease.check()
         seen = self._manifest_version
         if seen is not None and not seen.get("e_tag") and not seen.get("version"):
             raise RunError(f"{self.root_url}: the store returned no ETag for {MANIFEST}: it "
                            "cannot compare-and-swap, so commits would not be safe")
         try:
-            self._manifest_version = self._put(MANIFEST, bytes(data), _mode(seen))
+            self._manifest_version = self.put_object(MANIFEST, bytes(data), put_mode(seen))
             return
-        except _precondition():
+        except precondition_failed():
             pass
-        now = self._get(MANIFEST)  # our own PUT, retried after its answer was lost?
+        now = self.get_object(MANIFEST)  # our own PUT, retried after its answer was lost?
         if now is not None and now[0] == bytes(data):
             self._manifest_version = now[1]
             return
@@ -306,14 +292,18 @@ class ObjectRunStorage(RunStorage):
         except _failures() as exc:
             raise self._error(exc, f"deleting {key}") from exc
 
-    def zarr_store(self, rel: str = DATA_DIR):
-        """zarr's ``ObjectStore`` over obstore at ``prefix/rel`` (one per ``rel``, reused): every
-        chunk, shard and ``zarr.json`` is one PUT, atomic and durable at return, so it needs no
-        temporary files and no fsync (``LocalRunStorage``'s ``AtomicLocalStore`` does both)."""
+    def zarr_store(self, rel: str = DATA_DIR, *, fsync: str = "replace"):
+        """The :class:`~.object_zarr_store.ObjectZarrStore` at ``prefix/rel`` (one per ``rel``,
+        reused; ``""``: the prefix itself): every chunk, shard and ``zarr.json`` is one PUT,
+        atomic and durable at return, so it needs no temporary files and no fsync (``fsync``
+        is accepted and means nothing here; ``LocalRunStorage``'s ``AtomicLocalStore`` does
+        both); failures are this storage's :class:`RunError`\\ s."""
         key = object_key(rel)
         if key not in self._zarr:
-            from zarr.storage import ObjectStore
-            self._zarr[key] = ObjectStore(self._s3(posixpath.join(self.prefix, key).strip("/")))
+            from .object_zarr_store import ObjectZarrStore
+            self._zarr[key] = ObjectZarrStore(
+                self._s3(posixpath.join(self.prefix, key).strip("/")), errors=self._error,
+                url=self.url(key))
         return self._zarr[key]
 
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
@@ -328,43 +318,31 @@ class ObjectRunStorage(RunStorage):
         key = object_key(rel, place)
         return f"{self.root_url}/{key}" if key else self.root_url
 
-    def lock(self, holder: dict[str, Any], name: str = RUN_LOCK) -> "ObjectLease":
-        """Take the lease ``name`` (create-only PUT; or, when the one there has expired or was
-        released, an ``If-Match`` PUT on its ETag). :class:`LockHeldError` naming the holder and
-        its expiry while another's lease is live; of two jobs racing, exactly one wins."""
-        key = object_key(name)
-        token = uuid.uuid4().hex
-        for _ in range(5):
-            cur = self._get(key)
-            doc = _lease_doc(cur[0]) if cur is not None else None
-            if cur is not None and doc is not None and doc["token"] == token:
-                return ObjectLease(self, key, holder, token, cur[1])  # our PUT, answer lost
-            if cur is not None and doc is not None and not doc.get("released") \
-                    and time.time() < doc["expires"]:
-                raise self._held(key, doc)
-            if cur is not None and not (doc and doc.get("released")):
-                log.warning("%s/%s: taking over the expired lease of %s", self.root_url, key,
-                            _who(doc))
-            body = _lease_body(holder, token, self.lease_s)
-            try:
-                version = self._put(key, body, _mode(None if cur is None else cur[1]))
-            except _precondition():
-                continue  # changed since we read it: read again (a racer's, or ours retried)
-            lease = ObjectLease(self, key, holder, token, version)
-            return lease
-        raise RunError(f"{self.root_url}/{key}: the lease changed under every attempt to take it")
-
-    def _held(self, key: str, doc: dict) -> LockHeldError:
-        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["expires"]))
-        return LockHeldError(
-            f"{self.root_url} is being recorded by another job "
-            f"({_who(doc)}; lease {self.root_url}/{key}, "
-            f"valid until {until} unless renewed): two writers would corrupt it. Wait for that "
-            "job to end or stop it; a job that dies stops renewing its lease, which then "
-            f"expires within {float(doc.get('lease_s', 0)):g} s, and a relaunch takes it over")
+    def lock(self, holder: dict[str, Any], name: str = RUN_LOCK) -> ObjectLease:
+        """Take the lease ``name`` (:func:`.object_lease.take_lease`): :class:`LockHeldError`
+        naming the holder and its expiry while another's lease is live; of two jobs racing,
+        exactly one wins. A commit is refused once a lease of this storage is lost."""
+        lease = take_lease(self, object_key(name), holder, self.root_url)
+        self._leases.add(lease)
+        return lease
 
     def __repr__(self) -> str:
         return f"ObjectRunStorage({self.root_url!r})"
+
+    def list_tree(self, prefix: str = "") -> dict[str, tuple[int, str | None]]:
+        """Every object under the "folder" ``prefix`` at any depth, as ``{key: (size, ETag)}``
+        (keys relative to the run, like :meth:`read`'s). Why: a mirror of the run
+        (:mod:`dist_hooks.tools.mirror`) learns from one recursive listing (up to 1000 keys a
+        request) which objects changed since it last looked, without a GET of any of them."""
+        key = object_key(prefix)
+        out: dict[str, tuple[int, str | None]] = {}
+        try:
+            for batch in _obstore().list(self._store, key or None, chunk_size=1000):
+                for o in batch:
+                    out[o["path"]] = (int(o["size"]), o.get("e_tag"))
+        except _failures() as exc:
+            raise self._error(exc, f"listing {key or '/'}") from exc
+        return out
 
 
 def _split_options(opts: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -389,153 +367,6 @@ def _split_options(opts: dict[str, Any]) -> tuple[dict, dict, dict]:
     retry["backoff"] = {"init_backoff": timedelta(milliseconds=100),
                         "max_backoff": timedelta(seconds=2), "base": 2}
     return config, client, retry
-
-
-# -- leases
-def _lease_body(holder: dict[str, Any], token: str, lease_s: float, *,
-                released: bool = False) -> bytes:
-    now = time.time()
-    doc = {"holder": holder, "token": token, "lease_s": lease_s, "renewed": now,
-           "expires": now + lease_s}
-    if released:
-        doc["released"] = now
-    return (json.dumps(doc) + "\n").encode()
-
-
-def _who(doc: dict | None) -> str:
-    """The holder a lease names, as a refused job is told (the words of a local lock's)."""
-    return holder_text(json.dumps((doc or {}).get("holder")).encode())
-
-
-def _lease_doc(raw: bytes) -> dict | None:
-    """A lease object's content, or ``None`` when it is not one (garbage: free to take)."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("token"), str) \
-            or not isinstance(doc.get("expires"), (int, float)):
-        return None
-    return doc
-
-
-class ObjectLease:
-    """A held lease on an object store, renewed every ``lease_s / 3`` by a daemon thread.
-
-    :meth:`release` (idempotent; also at interpreter exit) marks it released with a conditional
-    PUT. A child forked from the holder neither renews nor releases it (the thread is not forked;
-    :meth:`release` checks the pid). :meth:`check` raises :class:`CommitConflictError` once the
-    lease was taken over or has gone unrenewed for two intervals: the commit it guards is
-    refused before the lease could have expired in anybody's eyes.
-    """
-
-    def __init__(self, storage: ObjectRunStorage, key: str, holder: dict[str, Any], token: str,
-                 version: dict[str, Any]) -> None:
-        self.storage, self.key, self.holder, self.token = storage, key, holder, token
-        self.path = storage.url(key)
-        self.lease_s = storage.lease_s
-        self._version = version
-        self._renewed = time.monotonic()  # the start of the last successful renewal
-        self._lost: str | None = None
-        self._pid = os.getpid()
-        self._mutex = threading.Lock()
-        self._stop = threading.Event()
-        # the thread holds the lease weakly: an abandoned one is released when collected
-        self._thread = threading.Thread(target=_renew_loop, args=(weakref.ref(self), self._stop,
-                                        self.lease_s / 3), name="dist_hooks-lease", daemon=True)
-        self._thread.start()
-        storage._leases.add(self)
-        _HELD.add(self)
-
-    @property
-    def lost(self) -> str | None:
-        """Why the lease is not ours any more, or ``None`` while it is."""
-        return self._lost
-
-    def check(self) -> None:
-        age = time.monotonic() - self._renewed
-        if self._lost is None and age > self.lease_s * 2 / 3:
-            self._lost = f"not renewed for {age:.1f} s (lease {self.lease_s:g} s)"
-        if self._lost is not None:
-            raise CommitConflictError(f"{self.path}: this job's lease of the run is lost "
-                                      f"({self._lost}); nothing more is committed by it")
-
-    def renew(self) -> bool:
-        """One renewal (the thread's; public for tests): ``False`` once the lease is lost."""
-        with self._mutex:
-            if self._lost is not None or self._stop.is_set():
-                return self._lost is None
-            start = time.monotonic()
-            body = _lease_body(self.holder, self.token, self.lease_s)
-            try:
-                self._version = self.storage._put(self.key, body, _mode(self._version))
-                self._renewed = start
-            except _precondition():
-                cur = self.storage._get(self.key)
-                if cur is not None and cur[0] == body:  # ours, its answer lost and retried
-                    self._version, self._renewed = cur[1], start
-                else:
-                    doc = _lease_doc(cur[0]) if cur is not None else None
-                    who = _who(doc)
-                    self._lost = f"taken over by another job: {who}"
-            except RunError as exc:
-                log.warning("%s: renewing the lease failed: %s", self.path, exc)
-                if time.monotonic() - self._renewed > self.lease_s * 2 / 3:
-                    self._lost = f"could not be renewed: {exc}"
-            if self._lost is not None:
-                log.error("%s: lease lost (%s)", self.path, self._lost)
-            return self._lost is None
-
-    def release(self) -> None:
-        """Stop renewing and mark the lease released, so a next job takes it at once."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        _HELD.discard(self)
-        self.storage._leases.discard(self)
-        if os.getpid() != self._pid:
-            return  # a forked child: the lease is its parent's
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
-        with self._mutex:
-            if self._lost is not None:
-                return
-            try:
-                self.storage._put(self.key, _lease_body(self.holder, self.token, 0.0,
-                                                        released=True), _mode(self._version))
-            except _precondition():
-                pass  # somebody took it over: not ours to release
-            except RunError as exc:
-                log.warning("%s: releasing the lease failed (it expires by itself): %s",
-                            self.path, exc)
-            self._lost = "released"
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:  # noqa: BLE001 - at interpreter exit
-            pass
-
-
-def _renew_loop(ref: "weakref.ref[ObjectLease]", stop: threading.Event, every: float) -> None:
-    while not stop.wait(every):
-        lease = ref()
-        if lease is None or not lease.renew():
-            return
-        del lease
-
-
-#: leases this process holds; released at a normal exit, as the kernel drops a ``flock``
-_HELD: "weakref.WeakSet[ObjectLease]" = weakref.WeakSet()
-
-
-@atexit.register
-def _release_at_exit() -> None:
-    for lease in list(_HELD):
-        try:
-            lease.release()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def open_storage(url_or_path: str | os.PathLike, storage_options: dict[str, Any] | None = None,

@@ -52,7 +52,8 @@ import numpy as np
 
 from ..errors import ShardDamage
 from .array_layout import ZSTD_LEVEL, ArrayLayout, ArraySpec, parse_array
-from .atomic_store import AtomicLocalStore
+from .atomic_store import AtomicLocalStore, read_file_version
+from .record_store import StoreFolder
 
 __all__ = ["EMPTY", "ArrayMeta", "RawArrayReader", "RawArrayWriter", "ShardDamage",
            "ShardLayout", "encode_rows", "encode_shard", "key_row_block", "read_shard_rows",
@@ -139,9 +140,17 @@ class ShardLayout:
                    signature=lay.signature, array=lay)
 
     @classmethod
-    def of(cls, array_dir: Path) -> tuple["ShardLayout | None", dict]:
-        """Parse ``array_dir/zarr.json``; returns ``(layout or None, metadata dict)``."""
-        meta = json.loads((Path(array_dir) / "zarr.json").read_bytes())
+    def of(cls, array_dir: Path | StoreFolder) -> tuple["ShardLayout | None", dict]:
+        """Parse the ``zarr.json`` of the array in ``array_dir`` (a local directory, or a folder
+        of a record store); returns ``(layout or None, metadata dict)``; ``FileNotFoundError``
+        when there is none."""
+        if isinstance(array_dir, StoreFolder):
+            raw = array_dir.store.read_bytes(array_dir.file("zarr.json"))
+            if raw is None:
+                raise FileNotFoundError(f"{array_dir}/zarr.json")
+        else:
+            raw = (Path(array_dir) / "zarr.json").read_bytes()
+        meta = json.loads(raw)
         return cls.parse(meta), meta
 
     @property
@@ -279,16 +288,17 @@ class RawArrayReader:
 
     Used by every bulk reader of record groups (``GroupReader``, consolidate, verify). The last
     shard file read is kept, so sequential reads of neighbouring ranges check each file once.
+    ``array_dir``: a local directory, or a folder of a record store (an object store's).
     """
 
-    def __init__(self, array_dir: Path, lay: ShardLayout, place: str) -> None:
-        self.dir = Path(array_dir)
+    def __init__(self, array_dir: Path | StoreFolder, lay: ShardLayout, place: str) -> None:
+        self.dir = array_dir if isinstance(array_dir, StoreFolder) else Path(array_dir)
         self.lay = lay
         self.place = place
         self._cached: tuple[tuple, bytes, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def open(cls, array_dir: Path, place: str) -> "RawArrayReader | None":
+    def open(cls, array_dir: Path | StoreFolder, place: str) -> "RawArrayReader | None":
         """A reader of the array in ``array_dir``, or ``None`` when its metadata cannot be read
         or its layout is not one handled here (the caller then reads through zarr, which
         reports any damage)."""
@@ -299,28 +309,28 @@ class RawArrayReader:
         return cls(array_dir, lay, place) if lay is not None else None
 
     def _shard(self, i: int) -> tuple[bytes, np.ndarray, np.ndarray]:
-        """One shard file, read whole through one descriptor: a writer replaces files by
-        rename, so this is one consistent version of it (zarr reads the index and the chunks
-        with separate opens, and a rename in between mixed two versions). The file kept from
-        the previous call is reused only while it is still the same file (inode, size, mtime)."""
+        """One shard file, read whole as one version (a local file through one descriptor: a
+        writer replaces files by rename; an object in one GET): zarr reads the index and the
+        chunks with separate requests, and a replacement in between mixed two versions. The
+        file kept from the previous call is reused while it is still the same version (a local
+        file's inode, size and mtime; an object's ETag, asked with ``If-None-Match``)."""
         key = self.lay.shard_key(i)
-        try:
-            fd = os.open(self.dir / key, os.O_RDONLY)
-        except FileNotFoundError:
+        cached = self._cached
+        known = cached[0][1] if cached is not None and cached[0][0] == i else None
+        if isinstance(self.dir, StoreFolder):
+            got = self.dir.store.read_version(self.dir.file(key), known)
+        else:
+            got = read_file_version(self.dir / key, known)
+        if got is None:
             # zarr leaves out shards that hold only the fill value: read as such (a lost file
             # then shows as a crc32 mismatch against the committed checksum)
             return b"", *self.lay.empty_index()
-        try:
-            st = os.fstat(fd)
-            sig = (i, st.st_ino, st.st_size, st.st_mtime_ns)
-            if self._cached is not None and self._cached[0] == sig:
-                return self._cached[1:]
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                data = fh.read()
-        finally:
-            os.close(fd)
+        version, data = got
+        if data is None:  # unchanged since the previous call
+            assert cached is not None
+            return cached[1:]
         off, nb = self.lay.index(data, f"{self.place}/{key}")
-        self._cached = (sig, data, off, nb)
+        self._cached = ((i, version), data, off, nb)
         return data, off, nb
 
     def read(self, a: int, b: int) -> np.ndarray:

@@ -7,7 +7,8 @@ see the group writer's module docstring); the group writer decides *what* to wri
 which order the shapes are published.
 
 Whole shards go straight to shard files (:class:`ShardFiles`): the chunks are compressed by
-numcodecs' zstd and the file written through the atomic store, the same bytes zarr's sharding
+numcodecs' zstd and the file written through the record store (a directory's atomic store, or
+an object store's: one PUT), the same bytes zarr's sharding
 codec writes, without zarr's per-chunk asyncio and buffer machinery. Why: that machinery runs
 Python on the writer's side of the GIL, which is time the simulation thread waits for (measured
 by ``benchmarks/bench_writer_gil.py``: see docs/performance.md). Any other layout, and a region
@@ -25,6 +26,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zsync
 
 from .array_layout import parse_array
+from .record_store import RecordStore
 from .shard_files import ShardLayout, encode_rows
 
 __all__ = ["RAW_SHARD_WRITES", "ShardFiles", "StagedArray", "save_shapes", "with_rows",
@@ -152,7 +154,8 @@ class StagedArray:
 
 class ShardFiles:
     """Whole shards of one array written as shard files, the bytes zarr writes (chunks equal to
-    the fill value left out, a file without chunks deleted), through the array's atomic store.
+    the fill value left out, a file without chunks deleted), through the array's record store
+    (:class:`~.record_store.RecordStore`: a directory's atomic store, or an object store's).
 
     Only for the layout :class:`~.group_writer.GroupWriter` creates by default: sharded, regular
     rows, ``bytes`` (little-endian) + zstd inner codecs, index at the end, fill value 0, a
@@ -163,13 +166,13 @@ class ShardFiles:
 
     __slots__ = ("store", "prefix", "lay", "codec")
 
-    def __init__(self, store: Any, prefix: str, lay: ShardLayout, codec: Any) -> None:
+    def __init__(self, store: RecordStore, prefix: str, lay: ShardLayout, codec: Any) -> None:
         self.store, self.prefix, self.lay, self.codec = store, prefix, lay, codec
 
     @classmethod
     def of(cls, arr: AsyncArray) -> "ShardFiles | None":
         store = arr.store_path.store
-        if not hasattr(store, "put_bytes"):  # an AtomicLocalStore
+        if not isinstance(store, RecordStore):  # a plain zarr store: zarr writes everything
             return None
         try:
             layout = parse_array(arr.metadata.to_dict())

@@ -39,7 +39,7 @@ import zarr
 from zarr.errors import ContainsGroupError
 
 from ..errors import DamageError, LockHeldError, RunError
-from .atomic_store import AtomicLocalStore, atomic_write_bytes, sync_dir
+from .atomic_store import AtomicLocalStore, FsyncPolicy, atomic_write_bytes, sync_dir
 from .csv_log import AppendLog, LocalLogFile
 from .group_reader import GroupReader
 from .layout import DATA_DIR, MANIFEST, RANKS_GROUP
@@ -96,9 +96,11 @@ class RunStorage(ABC):
         """Delete a file; a missing one is no error."""
 
     @abstractmethod
-    def zarr_store(self, rel: str = DATA_DIR) -> "zarr.abc.store.Store":
-        """The Zarr store of the hierarchy at ``rel`` (``data.zarr``): an
-        :class:`AtomicLocalStore` on a filesystem, zarr's ``ObjectStore`` on an object store."""
+    def zarr_store(self, rel: str = DATA_DIR, *, fsync: FsyncPolicy = "replace") -> "zarr.abc.store.Store":
+        """The Zarr store of the hierarchy at ``rel`` (``data.zarr``) that the record groups are
+        written and read through: an :class:`AtomicLocalStore` with the ``fsync`` policy on a
+        filesystem; on an object store one whose every PUT is atomic and durable (``fsync``
+        means nothing there)."""
 
     @abstractmethod
     def path(self, rel: str | os.PathLike, place: str | None = None) -> Path:
@@ -121,6 +123,20 @@ class RunStorage(ABC):
         it dies, so a killed job never blocks its relaunch."""
 
     # -- built on the above
+    #: whether :meth:`path` gives local files (a directory) or raises (an object store)
+    is_local: bool = False
+
+    def make_root(self) -> None:
+        """Make the root exist before the first write (a directory; nothing on an object store,
+        where a prefix exists once an object is under it)."""
+
+    def relative(self, location: str | os.PathLike) -> str | None:
+        """``location`` (a path or URL, as a hook reports where it writes) as a ``/``-separated
+        name relative to this root, or ``None`` when it is not inside the root."""
+        root = self.url().rstrip("/") + "/"
+        loc = str(location)
+        return loc[len(root):] if loc.startswith(root) and len(loc) > len(root) else None
+
     def log_file(self, rel: str, place: str | None = None) -> AppendLog:
         """Where the CSV log ``rel`` keeps its bytes, checked as :meth:`path` checks ``rel``; no
         I/O until it is opened or scanned. By default immutable parts (an object store cannot
@@ -153,10 +169,9 @@ class RunStorage(ABC):
             return
         if not c.records and not c.atoms:
             return
-        root = self.path(DATA_DIR)
-        where = self.path(f"{DATA_DIR}/{c.group}", place)
+        where = self.url(f"{DATA_DIR}/{c.group}", place)  # checked: it stays in the run
         try:
-            rd = GroupReader(root, c.group, limit_records=c.records)
+            rd = GroupReader(self.zarr_store(), c.group, limit_records=c.records)
         except Exception as exc:  # noqa: BLE001 - missing or undecodable: damage either way
             raise DamageError(f"{where}: cannot be read ({type(exc).__name__}: {exc}); {place} "
                               f"commits {c.records} records in it") from exc
@@ -261,8 +276,17 @@ class LocalRunStorage(RunStorage):
     """A run on a POSIX filesystem (local disk, NFS, Lustre): atomic replacement is a rename
     of a fsynced temporary file in the same directory, then a fsync of the directory."""
 
+    is_local = True
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
+
+    def make_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def relative(self, location: str | os.PathLike) -> str | None:
+        p = Path(location).absolute()
+        return p.relative_to(self.root).as_posix() if p.is_relative_to(self.root) else None
 
     def read(self, rel: str) -> bytes | None:
         try:
@@ -286,8 +310,8 @@ class LocalRunStorage(RunStorage):
     def remove(self, rel: str) -> None:
         self.path(rel).unlink(missing_ok=True)
 
-    def zarr_store(self, rel: str = DATA_DIR) -> AtomicLocalStore:
-        return AtomicLocalStore(self.path(rel))
+    def zarr_store(self, rel: str = DATA_DIR, *, fsync: FsyncPolicy = "replace") -> AtomicLocalStore:
+        return AtomicLocalStore(self.path(rel), fsync=fsync)
 
     def log_file(self, rel: str, place: str | None = None) -> LocalLogFile:
         return LocalLogFile(self.path(rel, place))

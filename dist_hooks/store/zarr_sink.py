@@ -2,7 +2,8 @@
 
 Why a handle of its own: the snapshot hooks are configured once per run (chunking, compression,
 fsync policy) but write one group per rank and hook; the sink keeps those settings and the one
-atomic store all of them share.
+record store all of them share: a directory's atomic store, or an object store's
+(``s3://bucket/prefix/data.zarr``), the same files in both.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from .array_layout import (DEFAULT_CHUNK_ATOMS, DEFAULT_CHUNK_RECORDS, DEFAULT_C
 from .atomic_store import AtomicLocalStore, FsyncPolicy
 from .group_writer import GroupWriter, WriteUnit
 from .layout import hook_group
+from .object_storage import open_storage
+from .record_store import RecordStore
+from .storage import LocalRunStorage
 
 __all__ = ["ZarrSink"]
 
@@ -25,14 +29,18 @@ __all__ = ["ZarrSink"]
 class ZarrSink:
     """User-facing handle on a Zarr root (``RUN/data.zarr``) that the snapshot hooks take.
 
-    Holds the chunking/compression settings and one atomic store; :meth:`writer` hands out the
-    per-rank, per-hook :class:`GroupWriter`. ``chunks_per_shard``: chunks per shard file along
-    the row axis (0/None: no sharding; ``shards``, its earlier name, is still accepted).
+    Holds the chunking/compression settings and one record store; :meth:`writer` hands out the
+    per-rank, per-hook :class:`GroupWriter`. ``path``: a directory, a ``file://`` URL, an
+    ``s3://bucket/prefix`` URL (credentials and endpoint from ``storage_options`` or the AWS
+    environment variables, as for ``Run``; checked here, so a wrong key or a dead endpoint fails
+    now), or a :class:`~.record_store.RecordStore` on the root. ``fsync`` applies to a
+    directory (a PUT is durable when it returns). ``chunks_per_shard``: chunks per shard file
+    along the row axis (0/None: no sharding; ``shards``, its earlier name, is still accepted).
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | RecordStore,
         *,
         chunk_records: int = DEFAULT_CHUNK_RECORDS,
         chunk_atoms: int = DEFAULT_CHUNK_ATOMS,
@@ -41,17 +49,26 @@ class ZarrSink:
         write_unit: WriteUnit = "shard",
         fsync: FsyncPolicy = "replace",
         shards: int | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if shards is not None:
             warnings.warn("ZarrSink(shards=) is now chunks_per_shard=", DeprecationWarning, 2)
             chunks_per_shard = shards
-        self.path = Path(path)
         self.chunk_records = chunk_records
         self.chunk_atoms = chunk_atoms
         self.chunks_per_shard = chunks_per_shard
         self.compressor = compressor
         self.write_unit: WriteUnit = write_unit
-        self.store = AtomicLocalStore(self.path, fsync=fsync)
+        self.path: Path | str
+        if isinstance(path, RecordStore):
+            self.path, self.store = str(path), path
+        else:
+            storage = open_storage(path, storage_options)
+            if isinstance(storage, LocalRunStorage):
+                self.path = storage.root if "://" in str(path) else Path(path)  # file://
+                self.store = AtomicLocalStore(self.path, fsync=fsync)
+            else:
+                self.path, self.store = storage.url(), storage.zarr_store("")
         # mode="a" only writes zarr.json when the root does not exist yet
         self.root = zarr.open_group(self.store, mode="a", zarr_format=3, use_consolidated=False)
 
@@ -64,7 +81,8 @@ class ZarrSink:
             compressor=self.compressor, attrs=attrs, write_unit=self.write_unit)
 
     def sync(self) -> None:
-        """fsync everything written through this sink's store (after the writers' flush())."""
+        """Make everything written through this sink's store durable (after the writers'
+        flush()): fsync in a directory, nothing to do in an object store."""
         self.store.sync()
 
     def __repr__(self) -> str:

@@ -84,6 +84,7 @@ from ..store import layout
 from ..store.atomic_store import AtomicLocalStore, atomic_write_bytes, sync_dir
 from ..store.raw_group_writer import consolidate_metadata
 from .csv_merge import merge_csv, write_parquet
+from .mirror import is_url
 from .output_groups import GroupSink, TrajectoryOutput, _out_chunking
 from .progress import Progress
 from .record_source import DEFAULT_BLOCK_ATOMS, DEFAULT_BLOCK_RECORDS, ZarrSource, fetch_bytes_for
@@ -105,7 +106,9 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                 skip_damaged: bool = False, force: bool = False, progress: bool | None = None,
                 parquet: bool = True, block_records: int = DEFAULT_BLOCK_RECORDS,
                 block_atoms: int = DEFAULT_BLOCK_ATOMS, checksums: bool = True,
-                rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
+                rank_roots: Sequence[str | os.PathLike] = (),
+                cache: str | os.PathLike | None = None,
+                storage_options: dict[str, Any] | None = None) -> dict:
     """Consolidate ``run_dir`` into ``out`` (default ``RUN/consolidated``); see the module doc.
 
     Returns the summary (``status``: "written" or "up-to-date"). Raises :class:`DamageError`
@@ -120,7 +123,18 @@ def consolidate(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
 
     ``rank_roots``: for a run recorded with ``storage="local"``, the directories that hold the
     nodes' local files (copied or mounted; see :func:`~dist_hooks.reader.find_rank_roots`).
+
+    ``run_dir`` and ``out`` may be ``s3://`` URLs (:mod:`.s3_output`: built locally, uploaded
+    with the marker last; an ``s3://`` run's default output is ``RUN/consolidated`` in the
+    store); ``cache`` and ``storage_options`` as for :func:`~dist_hooks.reader.open_run`.
     """
+    if is_url(run_dir) or is_url(out):
+        from .s3_output import consolidate_remote
+        return consolidate_remote(
+            consolidate, run_dir, out, cache=cache, storage_options=storage_options,
+            progress=progress, skip_damaged=skip_damaged, force=force, parquet=parquet,
+            block_records=block_records, block_atoms=block_atoms, checksums=checksums,
+            rank_roots=rank_roots)
     run_dir = Path(run_dir)
     # "not a run", a damaged manifest, a run inconsistent as a whole: refused before anything
     # is created (checked again below on the snapshot consolidated, under the lock)

@@ -31,6 +31,7 @@ from ..reader import RunReader, open_run
 from ..records import CsrBlock, merge_blocks
 from ..store import layout
 from ..store.group_reader import GroupReader
+from .mirror import naming_url
 from .progress import Progress
 from .record_source import ZarrSource
 
@@ -90,18 +91,26 @@ def iter_blocks(run: RunReader, what: str, hook: str | None = None, *,
 def export(run_dir: str | os.PathLike, *, what: str, fmt: str, out: str | os.PathLike,
            hook: str | None = None, rank_roots: Sequence[str | os.PathLike] = (),
            sample_ids: Iterable[int] | int | None = None, ranks: Iterable[int] | int | None = None,
-           steps: Any = None, progress: bool | None = None) -> dict:
+           steps: Any = None, progress: bool | None = None,
+           cache: str | os.PathLike | None = None,
+           storage_options: dict[str, Any] | None = None) -> dict:
     """Write ``what`` of a run to ``out`` as ``fmt`` ("extxyz", "ase-db" or "traj"); returns
     ``{"structures", "out", "what", "format"}``. Only the records of ``sample_ids``, ``ranks``
     and ``steps`` (``"A:B"``: A <= step < B) when given. ``progress``: a bar on stderr (``None``:
-    when stderr is a terminal). ``rank_roots``: as for :func:`~dist_hooks.reader.open_run`."""
+    when stderr is a terminal). ``rank_roots``, ``cache``, ``storage_options`` (an ``s3://``
+    run): as for :func:`~dist_hooks.reader.open_run`."""
     import_ase()
     if fmt not in FORMATS:
         raise RunError(f"--format must be one of {sorted(FORMATS)}, got {fmt!r}")
     sel = Selection.of(sample_ids, ranks, steps)
-    run = open_run(run_dir, rank_roots)
+    run = open_run(run_dir, rank_roots, storage_options=storage_options, cache=cache)
+    with naming_url(run.mirror):
+        return _export(run, what, fmt, Path(out), hook, sel, progress)
+
+
+def _export(run: RunReader, what: str, fmt: str, out: Path, hook: str | None, sel: Selection,
+            progress: bool | None) -> dict:
     total, blocks = iter_blocks(run, what, hook, ranks=sel.ranks)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}{FORMATS[fmt]}"
     bar = Progress(total, f"export {what}", enabled=progress)

@@ -29,6 +29,7 @@ from ..reader import (
 )
 from ..store import layout
 from ..store.manifest import Manifest
+from .mirror import is_url, mirror_run, mirrored_url, naming_url
 
 __all__ = ["INFO_VERSION", "format_info", "run_info"]
 
@@ -83,9 +84,24 @@ def _csv_steps(run_dir: Path, u: Unit) -> tuple[int, int] | None:
 
 
 def run_info(run_dir: str | os.PathLike, *, disk: bool = True,
-             rank_roots: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
+             rank_roots: Sequence[str | os.PathLike] = (),
+             cache: str | os.PathLike | None = None,
+             storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary of a run as a dict with stable keys (see ``docs/cli.md``). ``rank_roots``:
-    for a run recorded with ``storage="local"``, the nodes' directories (for the step range)."""
+    for a run recorded with ``storage="local"``, the nodes' directories (for the step range).
+    An ``s3://`` run (or consolidated output) is mirrored first (``cache``, ``storage_options``:
+    as for :func:`~dist_hooks.reader.open_run`); ``run`` and ``consolidated.path`` are then
+    URLs and ``disk_bytes`` the bytes of its objects on the store."""
+    if is_url(run_dir):
+        m = mirror_run(str(run_dir), cache, storage_options)
+        with naming_url(m):
+            info = run_info(m.path, disk=False, rank_roots=rank_roots)
+        info["run"] = mirrored_url(info["run"]) or info["run"]
+        if info.get("consolidated"):
+            c = info["consolidated"]
+            c["path"] = mirrored_url(c["path"]) or c["path"]
+        info["disk_bytes"] = m.store_bytes() if disk else None
+        return info
     run_dir = Path(run_dir)
     if not (run_dir / layout.MANIFEST).is_file() and (run_dir / CONSOLIDATED_MARKER).is_file():
         return _consolidated_info(run_dir, disk=disk, rank_roots=rank_roots)

@@ -15,7 +15,7 @@ import math
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 from ..reader import RunError, RunReader, load_manifest, open_run
 from ..store.layout import MANIFEST
 from ..errors import DamageError, MissingDependencyError
+from .mirror import is_url, naming_url
 
 __all__ = ["FORMATS", "draw", "output_format", "plot", "step_quantiles"]
 
@@ -166,7 +167,17 @@ def atoms_per_row(run: RunReader, pairs: np.ndarray) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------------------------ figure
+def _refuse_tensorboard(manifest: Any, hook: str) -> None:
+    if getattr(manifest.hooks.get(hook), "backend", None) == "tensorboard":
+        raise RunError(f"log {hook!r} is a TensorBoard log (events, no committed rows): plot "
+                       "reads CSV logs only; view it with TensorBoard (tensorboard --logdir on "
+                       "its log dir)")
+
+
 def _name(run_dir: str | os.PathLike) -> str:
+    if is_url(run_dir):  # s3://bucket/a/b -> b (or a/b for a/b/consolidated)
+        p = PurePosixPath("/" + str(run_dir)[5:].strip("/"))
+        return f"{p.parent.name}/{p.name}" if p.name == "consolidated" else p.name
     p = Path(run_dir).resolve()
     return f"{p.parent.name}/{p.name}" if p.name == "consolidated" else p.name
 
@@ -292,14 +303,14 @@ def draw(fig: Any, run: RunReader, cols: dict[str, np.ndarray], *, per_atom: boo
 
 def plot(run_dir: str | os.PathLike, out: str | os.PathLike, *, hook: str = "log",
          dpi: int = 110, rank_roots: Sequence[str | os.PathLike] = (),
-         per_atom: bool = True) -> dict:
+         per_atom: bool = True, cache: str | os.PathLike | None = None,
+         storage_options: dict[str, Any] | None = None) -> dict:
     """Write the figure to ``out`` (PNG, SVG or PDF by its suffix); returns ``{"out", "format",
     "metrics", "rows", "systems", "ranks", "energy", "figure"}``. ``per_atom=False``: total
-    energy per system. ``rank_roots``: as for :func:`~dist_hooks.reader.open_run`."""
-    if (Path(run_dir) / MANIFEST).is_file() and \
-            getattr(load_manifest(run_dir).hooks.get(hook), "backend", None) == "tensorboard":
-        raise RunError(f"log {hook!r} is a TensorBoard log (events, no committed rows): plot reads "
-                       "CSV logs only; view it with TensorBoard (tensorboard --logdir on its log dir)")
+    energy per system. ``rank_roots``, ``cache``, ``storage_options`` (an ``s3://`` run): as
+    for :func:`~dist_hooks.reader.open_run`."""
+    if (Path(run_dir) / MANIFEST).is_file():
+        _refuse_tensorboard(load_manifest(run_dir), hook)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -308,17 +319,20 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike, *, hook: str = "log
                                      "(or pip install matplotlib)") from None
     fmt = output_format(out)
 
-    run = open_run(run_dir, rank_roots)
-    try:
-        cols = run.logs(hook)
-    except KeyError as exc:
-        raise RunError(str(exc.args[0] if exc.args else exc)) from None
-    fig = Figure(layout="constrained")
-    FigureCanvasAgg(fig)
-    try:
-        info = draw(fig, run, cols, per_atom=per_atom, title=_name(run_dir))
-    except RunError as exc:
-        raise RunError(f"log {hook!r}: {exc}") from None
+    run = open_run(run_dir, rank_roots, storage_options=storage_options, cache=cache)
+    with naming_url(run.mirror):
+        if run.url is not None and run.path is not None:
+            _refuse_tensorboard(run.manifest, hook)
+        try:
+            cols = run.logs(hook)
+        except KeyError as exc:
+            raise RunError(str(exc.args[0] if exc.args else exc)) from None
+        fig = Figure(layout="constrained")
+        FigureCanvasAgg(fig)
+        try:
+            info = draw(fig, run, cols, per_atom=per_atom, title=_name(run_dir))
+        except RunError as exc:
+            raise RunError(f"log {hook!r}: {exc}") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}{out.suffix}"

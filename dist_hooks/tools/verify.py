@@ -43,6 +43,7 @@ from ..store.manifest import CommitRecord, Manifest
 from ..store import layout
 from ..store.array_layout import ArrayLayout
 from ..store.csv_log import read_header, scan_prefix
+from .mirror import Mirror, is_url, mirror_run, naming_url
 from .progress import Progress
 from .record_source import BlockCrc, ZarrSource
 
@@ -206,14 +207,27 @@ def _check_merged(run_dir: Path, m: Manifest, conv_units: list[Unit], bar: Progr
 def verify_run(run_dir: str | os.PathLike, *, manifest: Manifest | None = None,
                check_merged: bool = True, progress: bool | None = False,
                block_records: int = 4096, block_atoms: int = 65536,
-               rank_roots: Sequence[str | os.PathLike] = ()) -> dict:
+               rank_roots: Sequence[str | os.PathLike] = (),
+               cache: str | os.PathLike | None = None,
+               storage_options: dict[str, Any] | None = None) -> dict:
     """Check a run; returns ``{"ok", "problems": [{message, rank, hook}], "checked": {...}}``.
 
     ``rank``/``hook`` name the unit a problem belongs to (``None`` for run-wide ones), which is
     what ``consolidate --skip-damaged`` leaves out. Raises :class:`RunError` only when the path
     is not a run at all. ``rank_roots``: for a run recorded with ``storage="local"``, the
     directories holding the nodes' files (without them only the run directory is checked).
+    An ``s3://`` run is mirrored first (``cache``, ``storage_options``: as for
+    :func:`~dist_hooks.reader.open_run`) and its mirror checked: an object missing or damaged
+    on the store is missing or damaged there; what a log's parts lack (a gap, a part whose
+    header differs) is added to that log's problems.
     """
+    if is_url(run_dir):
+        m = mirror_run(str(run_dir), cache, storage_options, progress=progress)
+        with naming_url(m):
+            report = verify_run(m.path, manifest=manifest, check_merged=check_merged,
+                                progress=progress, block_records=block_records,
+                                block_atoms=block_atoms, rank_roots=rank_roots)
+        return _with_mirror_notes(report, m)
     run_dir = Path(run_dir)
     problems: list[dict] = []
     if manifest is None:
@@ -278,6 +292,18 @@ def verify_run(run_dir: str | os.PathLike, *, manifest: Manifest | None = None,
     return {"ok": not problems, "problems": problems, "notes": notes,
             "checked": {"units": checked, "boundaries": len(manifest.boundaries),
                         "world_size": manifest.world_size}}
+
+
+def _with_mirror_notes(report: dict, m: Mirror) -> dict:
+    """``report`` of a mirror naming the store: paths as URLs, and each log with problems also
+    told what its parts on the store lack (a gap or a foreign header: why it is short)."""
+    problems = [{**p, "message": m.fix(p["message"])} for p in report["problems"]]
+    for rel, note in sorted(m.notes.items()):
+        hit = next((p for p in problems if p["message"].startswith(f"{rel}:")), None)
+        if hit is not None:
+            problems.append({**hit, "message": note})
+    return {**report, "ok": not problems, "problems": problems,
+            "notes": [m.fix(n) for n in report.get("notes", [])]}
 
 
 def format_report(run_dir: str | os.PathLike, report: dict) -> str:

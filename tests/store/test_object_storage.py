@@ -318,3 +318,40 @@ def test_live_lease_is_renewed_past_its_length_and_an_abandoned_one_released(s3_
     del lease
     gc.collect()
     assert json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))["released"]
+
+
+_HOLD_HERE = """
+import os, socket, sys, time
+from dist_hooks.store.object_storage import ObjectRunStorage
+st = ObjectRunStorage(sys.argv[1], {"lease_s": 600})
+lease = st.lock({"host": socket.gethostname(), "pid": os.getpid(), "job_id": "crashed-here"})
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_server):
+    """A job killed on this node and relaunched here need not wait out a 600 s lease; the same
+    lease held by a live process, or named by another host, is refused."""
+    url = s3_server.new_url()
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_HERE, url], stdout=subprocess.PIPE,
+                            env=s3_server.subprocess_env(), text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeldError, match="job id crashed-here"):  # alive: refused
+            _storage(s3_server, url).lock({"host": "relaunch"})
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stale = json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))
+    assert stale["expires"] > time.time() + 500 and "released" not in stale
+    lease = _storage(s3_server, url).lock({"host": socket.gethostname(), "pid": os.getpid()})
+    assert json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))["token"] == lease.token
+    lease.release()
+    other = dict(stale, holder={**stale["holder"], "host": "another-node"})
+    obstore.put(_raw(s3_server, url), ".run.lock", json.dumps(other).encode())
+    with pytest.raises(LockHeldError, match="another-node"):  # cannot tell: left to expire
+        _storage(s3_server, url).lock({"host": "relaunch"})
