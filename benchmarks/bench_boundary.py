@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args) -> None:
     import torch
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from batches import Ctx, make_batch, perturb
     from dist_hooks import Run
 

@@ -142,3 +142,18 @@ def test_bench_firing_skips_an_option_the_hook_refuses(tmp_path, monkeypatch, ca
     assert size["skipped"]["log[fused]"].startswith("refused at its first firing: ValueError")
     printed = capsys.readouterr().out
     assert "log[auto] skipped" in printed and "log[fused] skipped" in printed
+
+
+def test_bench_boundary_runs_on_disk_and_on_the_object_store(tmp_path):
+    """Both storages at the smallest size, side by side: a row each, every figure there."""
+    out = tmp_path / "boundary.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_boundary.py"), "--procs", "1",
+                           "--volumes", "small", "--storage", "local,s3", "--boundaries", "3",
+                           "--steps", "2", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["storage"] for r in rows] == ["local", "s3"]
+    for r in rows:
+        assert all(positive(r[k]) for k in ("stall_ms", "coordinate_ms", "interval_ms",
+                                            "MB_per_s_per_rank", "record_bytes")), r

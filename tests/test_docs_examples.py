@@ -21,6 +21,9 @@ directory, the paths the docs give a reader in a clone; the repository is on PYT
 block has a time limit. A failure names the document and the line of the
 block.
 
+Blocks about object storage run against the test S3 server (the ``s3_server`` fixture): every
+block gets its ``AWS_*`` variables, and a bucket ``my-bucket`` (the name the docs use) exists.
+
 README.md is owned elsewhere and cannot carry markers; its one block that needs an nvalchemi
 ``dynamics`` object runs with the demo's FIRE engine standing in for it (``EXTERNAL_PRELUDES``).
 """
@@ -166,8 +169,12 @@ def _runnable(b: Block) -> tuple[bool, str]:
     return True, ""
 
 
-def _env(scratch: Path) -> dict[str, str]:
-    env = clean_env()
+#: the bucket the docs' s3:// examples name; created on the test server
+DOCS_BUCKET = "my-bucket"
+
+
+def _env(scratch: Path, s3: dict[str, str]) -> dict[str, str]:
+    env = clean_env(s3)
     bindir = scratch / "bin"  # `python` (and `python3`) on PATH is the test interpreter
     if not bindir.exists():
         bindir.mkdir()
@@ -189,7 +196,8 @@ def _venv(cwd: Path) -> None:
         (bindir / name).chmod(0o755)
 
 
-def _run_block(b: Block, cwd: Path, scratch: Path) -> subprocess.CompletedProcess[str]:
+def _run_block(b: Block, cwd: Path, scratch: Path,
+               s3: dict[str, str]) -> subprocess.CompletedProcess[str]:
     code = b.code
     for (name, needle), prelude in EXTERNAL_PRELUDES.items():
         if b.path.name == name and needle in code:
@@ -200,13 +208,14 @@ def _run_block(b: Block, cwd: Path, scratch: Path) -> subprocess.CompletedProces
         cmd = [sys.executable, str(script)]
     else:
         cmd = ["bash", "-euo", "pipefail", str(script)]
-    return run_command(cmd, timeout=BLOCK_TIMEOUT, env=_env(scratch), cwd=cwd)
+    return run_command(cmd, timeout=BLOCK_TIMEOUT, env=_env(scratch, s3), cwd=cwd)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_examples_run(doc: Path, tmp_path: Path):
+def test_examples_run(doc: Path, tmp_path: Path, s3_server):
     if not doc.exists():
         pytest.skip(f"{doc.name} does not exist")
+    s3_server.new_bucket(DOCS_BUCKET)
     blocks = extract_blocks(doc)
     cwd, scratch = tmp_path / "work", tmp_path / "blocks"
     cwd.mkdir()
@@ -219,7 +228,7 @@ def test_examples_run(doc: Path, tmp_path: Path):
             skipped.append(f"{b.where}: {why}")
             continue
         t0 = time.monotonic()
-        res = _run_block(b, cwd, scratch)
+        res = _run_block(b, cwd, scratch, s3_server.env)
         took.append(f"{b.line}: {time.monotonic() - t0:.1f}s")
         assert res.returncode == 0, (
             f"example at {b.where} failed with status {res.returncode}\n--- code\n{b.code}"
