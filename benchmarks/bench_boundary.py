@@ -57,7 +57,8 @@ def worker(args) -> None:
             step += 1
         run._next_step = step
         run.checkpoint(step)
-        run.coordinator.join()  # measure the background merge too (a real run would not wait here)
+        if run.coordinator is not None:  # rank 0: measure the background merge too (a real run
+            run.coordinator.join()  # would not wait here)
         timings.append({**run.last_timing, "coordinate_s": run.last_coordinate_s or 0.0,
                         "interval_s": time.perf_counter() - t0})
     run.close(step)
