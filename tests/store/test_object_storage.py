@@ -155,6 +155,24 @@ time.sleep(600)
 """
 
 
+def _holder_killed(server, url: str, script: str, *args: str, while_alive=None) -> dict:
+    """Run ``script`` (a process that takes the lease of ``url``), call ``while_alive()`` while it
+    holds it, SIGKILL it (no release, no renewal any more); the lease it left behind."""
+    proc = subprocess.Popen([sys.executable, "-c", script, url, *args], stdout=subprocess.PIPE,
+                            env=server.subprocess_env(), text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        if while_alive is not None:
+            while_alive()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return json.loads(_raw_get(_raw(server, url), ".run.lock"))
+
+
 def _racers(server, url: str, n: int) -> tuple[list, list[BaseException]]:
     """``n`` jobs taking the lease at the same moment: the leases won, the errors of the rest."""
     stores = [_storage(server, url) for _ in range(n)]
@@ -178,17 +196,7 @@ def _racers(server, url: str, n: int) -> tuple[list, list[BaseException]]:
 
 def test_killed_holders_lease_expires_and_exactly_one_racer_takes_it(s3_server, tmp_path):
     url = s3_server.new_url()
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, url, "1.5"], stdout=subprocess.PIPE,
-                            env=s3_server.subprocess_env(), text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        proc.send_signal(signal.SIGKILL)  # no release, no renewal any more
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stale = json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))
+    stale = _holder_killed(s3_server, url, _HOLD, "1.5")
     assert "released" not in stale
     if time.time() < stale["expires"] - 0.2:  # still live right after the kill
         with pytest.raises(LockHeldError, match="job id crashed"):
@@ -334,19 +342,12 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_server):
     """A job killed on this node and relaunched here need not wait out a 600 s lease; the same
     lease held by a live process, or named by another host, is refused."""
     url = s3_server.new_url()
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_HERE, url], stdout=subprocess.PIPE,
-                            env=s3_server.subprocess_env(), text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+
+    def alive() -> None:
         with pytest.raises(LockHeldError, match="job id crashed-here"):  # alive: refused
             _storage(s3_server, url).lock({"host": "relaunch"})
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stale = json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))
+
+    stale = _holder_killed(s3_server, url, _HOLD_HERE, while_alive=alive)
     assert stale["expires"] > time.time() + 500 and "released" not in stale
     lease = _storage(s3_server, url).lock({"host": socket.gethostname(), "pid": os.getpid()})
     assert json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))["token"] == lease.token
