@@ -68,6 +68,12 @@ class Run:
     under ``local_dir`` (node-local disk) and sends its new converged records to the coordinator
     with its commit record; ``path`` holds the manifest and the merged group.
 
+    ``path`` may be ``s3://bucket/prefix``: every rank then writes its own objects straight to
+    the object store (credentials and endpoint from ``storage_options`` or the ``AWS_*``
+    variables, never written into the run; bad ones fail here), ``run.json`` is committed by a
+    conditional PUT and the one-writer lock is a lease (docs/user-guide.md, "Recording to object
+    storage").
+
     ``resume``: ``"auto"`` continues a run whose manifest exists (the normal relaunch, including
     torchrun restarts), ``"never"`` refuses an existing run, ``"always"`` refuses to start a new
     one. ``state_fn`` returns the simulation state to save at each boundary (anything
