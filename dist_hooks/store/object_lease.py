@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import weakref
+from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import CommitConflictError, LockHeldError, RunError
@@ -56,7 +57,7 @@ def _lease_body(holder: dict[str, Any], token: str, lease_s: float, *,
                 released: bool = False) -> bytes:
     now = time.time()
     doc = {"holder": holder, "token": token, "lease_s": lease_s, "renewed": now,
-           "expires": now + lease_s}
+           "expires": now + lease_s, "process_space": _process_space()}
     if released:
         doc["released"] = now
     return (json.dumps(doc) + "\n").encode()
@@ -67,12 +68,24 @@ def _who(doc: dict | None) -> str:
     return holder_text(json.dumps((doc or {}).get("holder")).encode())
 
 
+def _process_space() -> str:
+    """This machine's boot and pid namespace: two processes with equal values here see the same
+    pids (a host name alone does not tell: containers on the host network share it)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
 def _holder_died_here(doc: dict) -> bool:
-    """Whether a lease's holder was a process of this host that is gone (a crashed job relaunched
-    on the same node): its lease need not run out. A live holder, another host's, or a pid that
-    was reused all answer no, and the lease is left to expire."""
+    """Whether a lease's holder was a process of this machine and pid namespace that is gone (a
+    crashed job relaunched on the same node): its lease need not run out. A live holder, another
+    host's or container's, or a pid that was reused all answer no, and the lease runs out."""
     h = doc.get("holder")
-    if not isinstance(h, dict) or h.get("host") != socket.gethostname() \
+    space = _process_space()
+    if not isinstance(h, dict) or h.get("host") != socket.gethostname() or not space \
+            or doc.get("process_space") != space \
             or not isinstance(h.get("pid"), int) or h["pid"] <= 0 or h["pid"] == os.getpid():
         return False
     try:
@@ -109,6 +122,7 @@ class ObjectLease:
     def __init__(self, storage: VersionedObjects, key: str, holder: dict[str, Any], token: str,
                  version: dict[str, Any]) -> None:
         self.storage, self.key, self.holder, self.token = storage, key, holder, token
+        self.took_over = False
         self.path = storage.url(key)
         self.lease_s = storage.lease_s
         self._version = version
@@ -216,25 +230,63 @@ def _release_at_exit() -> None:
 def take_lease(store: VersionedObjects, key: str, holder: dict[str, Any], root: str) -> ObjectLease:
     """Take the lease ``key`` of ``store`` for ``holder`` (``root`` names the run in messages):
     a create-only PUT, or an ``If-Match`` PUT on the ETag of one that has expired, was released,
-    or names a dead process of this host. :class:`LockHeldError` while another's is live."""
+    or names a dead process of this machine. A live lease of the same job id (a restart on another
+    node) is waited out once; :class:`LockHeldError` while another's is live. :class:`RunError`
+    when the store ignores conditional writes."""
     token = uuid.uuid4().hex
+    waited = False
     for _ in range(5):
         cur = store.get_object(key)
         doc = lease_doc(cur[0]) if cur is not None else None
         if cur is not None and doc is not None and doc["token"] == token:
             return ObjectLease(store, key, holder, token, cur[1])  # our PUT, answer lost
-        if cur is not None and doc is not None and not doc.get("released") \
-                and time.time() < doc["expires"] and not _holder_died_here(doc):
+        live = cur is not None and doc is not None and not doc.get("released") \
+            and time.time() < doc["expires"]
+        if live and _holder_died_here(doc):
+            log.warning("%s/%s: taking over the lease of %s, whose process is gone", root, key,
+                        _who(doc))
+        elif live and not waited and _same_job(doc, holder):
+            # a restart of this very job (torchrun, a Slurm requeue) on another node: its dead
+            # predecessor's lease runs out within lease_s; wait for that instead of failing
+            wait = doc["expires"] - time.time() + 0.1
+            log.warning("%s/%s: waiting %.0f s for the lease of this job's previous attempt (%s) "
+                        "to run out", root, key, wait, _who(doc))
+            time.sleep(max(0.0, wait))
+            waited = True  # renewed meanwhile: that attempt is alive, and refused below
+            continue
+        elif live:
             raise _held(root, key, doc)
-        if cur is not None and not (doc and doc.get("released")):
+        elif cur is not None and not (doc and doc.get("released")):
             log.warning("%s/%s: taking over the expired lease of %s", root, key, _who(doc))
         body = _lease_body(holder, token, store.lease_s)
         try:
             version = store.put_object(key, body, put_mode(None if cur is None else cur[1]))
         except precondition_failed():
             continue  # changed since we read it: read again (a racer's, or ours retried)
-        return ObjectLease(store, key, holder, token, version)
+        _check_conditional_writes(store, key, body, root)
+        lease = ObjectLease(store, key, holder, token, version)
+        #: taken from a holder that did not release it (it may still be writing)
+        lease.took_over = cur is not None and not (doc and doc.get("released"))
+        return lease
     raise RunError(f"{root}/{key}: the lease changed under every attempt to take it")
+
+
+def _same_job(doc: dict, holder: dict[str, Any]) -> bool:
+    h = doc.get("holder")
+    return isinstance(h, dict) and holder.get("job_id") is not None \
+        and h.get("job_id") == holder.get("job_id")
+
+
+def _check_conditional_writes(store: VersionedObjects, key: str, body: bytes, root: str) -> None:
+    """A create-only PUT over the lease just taken must be refused. A store that ignores the
+    condition (some S3-compatible servers do) would let two writers both commit: refuse it."""
+    try:
+        store.put_object(key, body, "create")
+    except precondition_failed():
+        return
+    raise RunError(f"{root}: the object store ignored a conditional write (a create-only PUT on "
+                   f"the existing {key} succeeded): it cannot keep two jobs from both committing "
+                   "this run; use a store that supports If-None-Match / If-Match on PUT")
 
 
 def _held(root: str, key: str, doc: dict) -> LockHeldError:

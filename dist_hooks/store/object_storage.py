@@ -324,7 +324,26 @@ class ObjectRunStorage(RunStorage):
         exactly one wins. A commit is refused once a lease of this storage is lost."""
         lease = take_lease(self, object_key(name), holder, self.root_url)
         self._leases.add(lease)
+        if lease.took_over and object_key(name) == RUN_LOCK:
+            self._fence_manifest()
         return lease
+
+    def _fence_manifest(self) -> None:
+        """After taking over a lease that was not released, replace ``run.json`` by a version no
+        earlier holder has seen (its bytes and ETag differ; its JSON is the same): a holder that
+        was only frozen, and still believes in its lease, then fails its next compare-and-swap
+        instead of committing over the data this job is about to cut back."""
+        for _ in range(5):
+            cur = self.get_object(MANIFEST)
+            if cur is None:
+                return  # a new run: both would commit create-only, and one of them loses
+            data = cur[0][:-1] if cur[0].endswith(b"\n ") else cur[0] + b" "
+            try:
+                self._manifest_version = self.put_object(MANIFEST, data, put_mode(cur[1]))
+                return
+            except precondition_failed():
+                continue  # it committed meanwhile: fence the newer version
+        raise RunError(f"{self.root_url}/{MANIFEST}: changed under every attempt to fence it")
 
     def __repr__(self) -> str:
         return f"ObjectRunStorage({self.root_url!r})"

@@ -30,15 +30,16 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+from ..errors import RunError
 from ..reader import CONSOLIDATED_MARKER, manifest_snapshot
 from .mirror import (INDEX_DIR, WORKERS, BAR_BYTES, usable_key, is_url, mirror_dir,
                      mirror_lock, mirror_run, naming_url, open_object_storage, remember,
                      remove_tree, save_index, sync)
 from .progress import Progress
-from .staging import LOCK_NAME, check_out
+from .staging import LOCK_NAME, check_out, check_out_place
 
 __all__ = ["consolidate_remote", "upload_output"]
 
@@ -76,6 +77,11 @@ def consolidate_remote(consolidate: Callable[..., dict], run: str | os.PathLike,
         with naming_url(m):
             return consolidate(m.path, out, progress=progress, **kwargs)
     out_storage = open_object_storage(str(out), storage_options)
+    if run_storage is not None and out_storage.bucket == run_storage.bucket \
+            and out_storage.endpoint == run_storage.endpoint:
+        check_out_place(PurePosixPath("/", run_storage.prefix), PurePosixPath("/", out_storage.prefix),
+                        out_storage.root_url)  # before the lease: nothing written for a bad --out
+    _check_replaceable(out_storage)
     inside = _under(out_storage, run_storage) if run_storage is not None else None
     run_path = mirror_dir(run_storage, cache) if run_storage is not None else Path(run)
     local_out = run_path / inside if inside else mirror_dir(out_storage, cache)
@@ -93,6 +99,16 @@ def consolidate_remote(consolidate: Callable[..., dict], run: str | os.PathLike,
                              m if inside else None, lease, progress, kwargs)
     finally:
         lease.release()
+
+
+def _check_replaceable(out: Any) -> None:
+    """An output prefix is empty or holds an earlier output (its marker, or the lease of a
+    consolidate that was interrupted): anything else there is not ours to replace."""
+    there = [k for k in out.list_tree("") if usable_key(k)]
+    if there and out.read(CONSOLIDATED_MARKER) is None and out.read(LOCK_NAME) is None:
+        raise RunError(f"--out {out.root_url} holds {len(there)} other objects (e.g. "
+                       f"{there[0]!r}) and no consolidated output: choose an empty place; "
+                       "consolidate replaces what an output prefix holds")
 
 
 def _into(consolidate: Any, run_path: Path, out_storage: Any, local_out: Path, run_mirror: Any,

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from ..errors import LockHeldError, RunError
@@ -69,12 +69,18 @@ def remove_stale(out: Path) -> int:
 
 def check_out(run_dir: Path, out: Path) -> None:
     """Refuse an output that would replace the run, or lie inside its own files."""
-    r, o = run_dir.resolve(), out.resolve()
+    check_out_place(PurePosixPath(run_dir.resolve().as_posix()),
+                    PurePosixPath(out.resolve().as_posix()), str(out))
+
+
+def check_out_place(r: PurePosixPath, o: PurePosixPath, shown: str) -> None:
+    """:func:`check_out`'s rules for two places of one namespace (resolved paths, or the
+    prefixes of one bucket): the output must not be the run, hold it, or lie in its files."""
     if o == r or r.is_relative_to(o):
-        raise RunError(f"--out {out} would replace the run directory itself")
+        raise RunError(f"--out {shown} would replace the run directory itself")
     for part in (layout.DATA_DIR, layout.LOGS_DIR, "boundaries", "state", layout.MANIFEST):
         if o == r / part or o.is_relative_to(r / part):
-            raise RunError(f"--out {out} lies inside the run's own {part}; choose another place")
+            raise RunError(f"--out {shown} lies inside the run's own {part}; choose another place")
 
 
 def new_temporary(out: Path) -> Path:

@@ -21,6 +21,7 @@ from obstore.store import S3Store
 
 from dist_hooks.errors import (CommitConflictError, DamageError, LockHeldError,
                                MissingDependencyError, RunError)
+from dist_hooks.store.object_lease import precondition_failed, put_mode
 from dist_hooks.store.object_storage import ObjectRunStorage, open_storage
 from dist_hooks.store.storage import LocalRunStorage
 
@@ -356,3 +357,38 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_server):
     obstore.put(_raw(s3_server, url), ".run.lock", json.dumps(other).encode())
     with pytest.raises(LockHeldError, match="another-node"):  # cannot tell: left to expire
         _storage(s3_server, url).lock({"host": "relaunch"})
+
+
+def test_a_takeover_fences_run_json_against_a_frozen_holder(s3_server):
+    """A holder frozen past its lease (its check passed, its PUT late) must not commit over the
+    job that took the run over: the takeover rewrites run.json, so the late PUT's If-Match fails."""
+    url = s3_server.new_url()
+    old = _storage(s3_server, url, lease_s=0.9)
+    lease = old.lock(HOLDER)
+    old.commit_manifest(b'{"boundaries": 1}\n')
+    lease._stop.set()  # frozen: it renews no more, and believes what it last saw
+    time.sleep(1.0)
+    new = _storage(s3_server, url)
+    new.lock({"host": "node-b", "pid": 2}).release()
+    fenced = _raw_get(_raw(s3_server, url), "run.json")
+    assert fenced != b'{"boundaries": 1}\n' and json.loads(fenced) == {"boundaries": 1}
+    with pytest.raises(Exception) as late:  # the frozen holder's commit, past its own check
+        old.put_object("run.json", b'{"boundaries": 2}\n', put_mode(old._manifest_version))
+    assert isinstance(late.value, precondition_failed())
+    assert json.loads(_raw_get(_raw(s3_server, url), "run.json")) == {"boundaries": 1}
+
+
+def test_a_restart_of_the_same_job_on_another_node_waits_for_the_lease(s3_server):
+    """A lease of this job id from another node (a requeue, a torchrun restart) is waited out;
+    another job's is refused at once."""
+    url = s3_server.new_url()
+    doc = {"holder": {"host": "node-dead", "pid": 7, "job_id": "slurm-42"}, "token": "t" * 32,
+           "lease_s": 1.5, "renewed": time.time(), "expires": time.time() + 1.5}
+    obstore.put(_raw(s3_server, url), ".run.lock", json.dumps(doc).encode())
+    with pytest.raises(LockHeldError, match="slurm-42"):
+        _storage(s3_server, url).lock({"host": "node-b", "pid": 1, "job_id": "slurm-43"})
+    t0 = time.monotonic()
+    lease = _storage(s3_server, url).lock({"host": "node-b", "pid": 1, "job_id": "slurm-42"})
+    assert time.monotonic() - t0 >= 1.0
+    assert json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))["token"] == lease.token
+    lease.release()

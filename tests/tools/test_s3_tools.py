@@ -249,3 +249,25 @@ def test_bad_credentials_and_dead_endpoint_are_one_clear_line(s3_server, tmp_pat
         for secret in ("wrong-secret-0123456789", s3_server.secret_key):
             assert secret not in p.stderr + p.stdout
     assert not any(tmp_path.iterdir())  # nothing mirrored, nothing written
+
+
+def test_consolidate_refuses_an_out_that_would_replace_the_run_or_other_objects(local_run,
+                                                                                s3_server,
+                                                                                tmp_path):
+    """On the store as on disk: --out may not be the run or a prefix holding it, nor a prefix
+    holding objects that are no consolidated output; each is refused before anything is written."""
+    env = s3_server.subprocess_env(clean_env())
+    proj = s3_server.new_url("proj")
+    run_url = f"{proj}/run1"
+    upload_run(local_run, ObjectRunStorage(run_url, s3_server.storage_options), parts=2)
+    parent = ObjectRunStorage(proj, s3_server.storage_options)
+    parent.replace("notes.txt", b"keep me")
+    other = ObjectRunStorage(f"{proj}/other", s3_server.storage_options)
+    other.replace("data.bin", b"not an output")
+    before = objects(parent, "")
+    for out, words in ((proj, "would replace the run"), (run_url, "would replace the run"),
+                       (f"{run_url}/data.zarr/x", "inside the run's own data.zarr"),
+                       (f"{proj}/other", "no consolidated output")):
+        p = dh(env, "consolidate", run_url, "--out", out, "--cache", tmp_path / "cache")
+        assert p.returncode == 2 and words in p.stderr, (out, p.stdout, p.stderr)
+    assert objects(parent, "") == before  # nothing deleted, nothing added
