@@ -37,6 +37,7 @@ from .store.group_reader import GroupReader
 from .store.manifest import (BoundaryEntry, BoundarySummary, CsvCommit, GroupCommit, HookCommit,
                              HookSettings, Manifest)
 from .store.manifest import manifest_crc32
+from .store.object_storage import is_url, open_storage
 from .store.storage import LocalRunStorage, run_path
 
 __all__ = [
@@ -555,9 +556,8 @@ def open_run(path: str | os.PathLike,
     there (:mod:`dist_hooks.tools.mirror`); ``reader.url`` names it, ``reader.path`` is the
     mirror. ``storage_options``: credentials and endpoint (else the ``AWS_*`` environment).
     """
-    if isinstance(path, str) and "://" in path:
+    if is_url(path):
         if path[:5].lower() != "s3://":  # file:// is a local path; anything else is refused
-            from .store.object_storage import open_storage
             return open_run(open_storage(path, storage_options).root, rank_roots)
         from .tools.mirror import mirror_run, naming_url  # the tools' layer, only for a URL
         m = mirror_run(path, cache, storage_options)

@@ -44,7 +44,7 @@ from .store import layout
 from .store.group_reader import GroupReader
 from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
     Manifest
-from .store.object_storage import open_storage
+from .store.object_storage import is_url, open_storage
 from .store.storage import LocalRunStorage, RunLock, RunStorage
 from .store.zarr_sink import ZarrSink
 
@@ -116,13 +116,13 @@ class Run:
         self.drop_hooks = (drop_hooks,) if isinstance(drop_hooks, str) else tuple(drop_hooks)
         #: the run's files: a directory, or an object store (``s3://bucket/prefix``)
         self.run_files: RunStorage = open_storage(
-            path if "://" in str(path) else Path(path).absolute(), storage_options)
+            path if is_url(path) else Path(path).absolute(), storage_options)
         if storage == "local" and not self.run_files.is_local:
             raise ValueError(f"storage='local' keeps each rank's files on its node's disk; on "
                              f"{self.run_files.url()} every rank writes to the object store "
                              "itself: use storage='shared' (the default)")
         #: where the run is, as messages name it (a path, or an ``s3://`` URL)
-        self.path = Path(path).absolute() if self.run_files.is_local else self.run_files.url()
+        self.path = Path(self.run_files.url()) if self.run_files.is_local else self.run_files.url()
         self.storage_options = storage_options
         self.launch = launch if launch is not None else detect_launch()
         self.comm = comm if comm is not None else get_communicator(launch=self.launch, timeout=timeout)

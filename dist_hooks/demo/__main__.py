@@ -28,6 +28,7 @@ from ..errors import DistHooksError, exit_code_of
 from ..launch import LaunchInfo, detect_launch
 from ..run import Run
 from ..stages import Stage
+from ..store.object_storage import is_url
 from .dynamics import FIRE, BaseDynamics, Langevin, VelocityVerlet, hook_lifetime
 from .workload import (
     LennardJones,
@@ -234,7 +235,7 @@ def run_demo(args: argparse.Namespace, launch: Any, comm: Any) -> DemoResult:
     rank, world = int(comm.rank), int(comm.world_size)
     device = _pick_device(args.device, launch)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    out_dir: Path | str = args.out if "://" in args.out else Path(args.out).resolve()
+    out_dir: Path | str = args.out if is_url(args.out) else Path(args.out).resolve()
     n_relax, n_md = resolve_steps(args)
     total = n_relax + n_md
 

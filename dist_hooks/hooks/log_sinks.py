@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ..errors import DamageError, MissingDependencyError
 from ..store.csv_log import CsvLog
-from ..store.object_storage import open_storage
+from ..store.object_storage import is_url, open_storage
 from ..store.storage import RunStorage
 
 #: one block of rows: column name -> values (``None``: the column is left empty)
@@ -91,7 +91,7 @@ class CsvPlace:
     def __init__(self, log_path: str | os.PathLike, storage_options: dict[str, Any] | None = None):
         given = os.fspath(log_path)
         self.root, self._name = split_log_path(given)
-        if "://" in given and "://" not in self.root:
+        if is_url(given) and not is_url(self.root):
             raise ValueError(f"log_path {given!r}: its logs must lie under a bucket "
                              "(s3://bucket/prefix/...), and {rank} cannot name the bucket")
         self.storage: RunStorage = open_storage(self.root, storage_options)

@@ -14,6 +14,7 @@ from ..batch import BatchView
 from ..errors import BatchError, MissingDependencyError, SchemaChangedError
 from ..store.csv_log import FLOAT_COLUMNS, INT_COLUMNS
 from ..stages import Stage
+from ..store.object_storage import is_url
 from ..writer_runtime import HostBufferPool, log
 from . import reductions
 from .base import RecordingHook, column_name_problem
@@ -105,7 +106,7 @@ class LoggingHook(RecordingHook):
             raise ValueError(f"storage_options are for backend='csv' (a log on an object store), "
                              f"got backend={backend!r}")
         # a URL stays text (a Path would fold its '//'); a local path is a Path, as it was
-        self.log_path: Path | str = log_path if "://" in os.fspath(log_path) else Path(log_path)
+        self.log_path: Path | str = log_path if is_url(log_path) else Path(log_path)
         #: backend "csv": where each rank's log lies (its storage opened now: fails early)
         self._place = CsvPlace(log_path, storage_options) if backend == "csv" else None
         if backend == "tensorboard":

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from ..errors import CommitConflictError, LockHeldError, RunError
 from .storage import holder_text
 
-__all__ = ["ObjectLease", "VersionedObjects", "lease_doc", "precondition_failed", "put_mode", "take_lease"]
+__all__ = ["ObjectLease", "VersionedObjects", "lease_doc", "precondition_failed", "put_mode", "request_failed",
+           "take_lease"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ def put_mode(version: dict[str, Any] | None) -> Any:
     if version is None:
         return "create"
     return {k: v for k, v in version.items() if v is not None}
+
+
+def request_failed() -> tuple[type[BaseException], ...]:
+    """What a request to the store raises when the store (not this code) failed; a missing key
+    is ``FileNotFoundError``, one of them."""
+    from obstore.exceptions import BaseError
+    return (BaseError, OSError)
 
 
 def precondition_failed() -> tuple[type[BaseException], ...]:

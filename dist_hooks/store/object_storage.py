@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import weakref
 from datetime import timedelta
 from pathlib import Path
@@ -57,10 +58,11 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import CommitConflictError, DamageError, MissingDependencyError, RunError
 from .layout import DATA_DIR, MANIFEST
-from .object_lease import ObjectLease, precondition_failed, put_mode, take_lease
+from .object_lease import (ObjectLease, precondition_failed, put_mode, request_failed,
+                           take_lease)
 from .storage import RUN_LOCK, LocalRunStorage, RunStorage
 
-__all__ = ["ObjectLease", "ObjectRunStorage", "open_storage"]
+__all__ = ["ObjectLease", "ObjectRunStorage", "is_url", "open_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +92,6 @@ def _obstore():
         raise MissingDependencyError("s3:// runs need obstore: pip install 'dist_hooks[s3]'") \
             from None
     return obstore
-
-
-def _failures() -> tuple[type[BaseException], ...]:
-    """What a request to the store raises when the store (not this code) failed."""
-    from obstore.exceptions import BaseError
-    return (BaseError, OSError)
 
 
 def _not_found() -> tuple[type[BaseException], ...]:
@@ -194,7 +190,7 @@ class ObjectRunStorage(RunStorage):
         """One listing of the prefix: the credentials, the bucket and the endpoint work."""
         try:
             self._store.list_with_delimiter(None)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, "listing the run") from exc
 
     def get_object(self, key: str):
@@ -205,7 +201,7 @@ class ObjectRunStorage(RunStorage):
             data = bytes(r.bytes())
         except _not_found():
             return None
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"reading {key}") from exc
         return data, {"e_tag": r.meta.get("e_tag"), "version": r.meta.get("version")}
 
@@ -220,7 +216,7 @@ class ObjectRunStorage(RunStorage):
                 r = obs.put(self._store, key, data, mode=mode, use_multipart=False)
         except precondition_failed():
             raise
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"writing {key}") from exc
         return {"e_tag": r.get("e_tag"), "version": r.get("version")}
 
@@ -275,7 +271,7 @@ class ObjectRunStorage(RunStorage):
         key = object_key(prefix)
         try:
             res = self._store.list_with_delimiter(key or None)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"listing {key or '/'}") from exc
         base = f"{key}/" if key else ""
         return sorted(o["path"][len(base):] for o in res["objects"]
@@ -289,7 +285,7 @@ class ObjectRunStorage(RunStorage):
             _obstore().delete(self._store, key)
         except _not_found():
             pass
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"deleting {key}") from exc
 
     def zarr_store(self, rel: str = DATA_DIR, *, fsync: str = "replace"):
@@ -359,7 +355,7 @@ class ObjectRunStorage(RunStorage):
             for batch in _obstore().list(self._store, key or None, chunk_size=1000):
                 for o in batch:
                     out[o["path"]] = (int(o["size"]), o.get("e_tag"))
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"listing {key or '/'}") from exc
         return out
 
@@ -388,6 +384,21 @@ def _split_options(opts: dict[str, Any]) -> tuple[dict, dict, dict]:
     return config, client, retry
 
 
+_MANGLED = re.compile(r"^(s3|file):(?!//)", re.IGNORECASE)
+
+
+def is_url(location: str | os.PathLike | None) -> bool:
+    """Whether ``location`` is a storage URL (``s3://...``, ``file://...``) rather than a local
+    path: the one test every entry point uses. A string that looks like a mangled URL
+    (``s3:/bucket/x``, ``s3:bucket``) is a :class:`RunError`, not a local directory ``s3:``."""
+    if not isinstance(location, str):
+        return False
+    if _MANGLED.match(location):
+        raise RunError(f"{location!r}: not a valid URL; write s3://bucket/prefix or "
+                       "file:///absolute/path")
+    return "://" in location
+
+
 def open_storage(url_or_path: str | os.PathLike, storage_options: dict[str, Any] | None = None,
                  **kwargs: Any) -> RunStorage:
     """The storage a run location names: a local path or ``file://`` URL
@@ -396,7 +407,7 @@ def open_storage(url_or_path: str | os.PathLike, storage_options: dict[str, Any]
 
     (Here, not in :mod:`.storage`: that module cannot import this one without an import cycle.)
     """
-    if isinstance(url_or_path, os.PathLike) or "://" not in str(url_or_path):
+    if not is_url(url_or_path):
         if storage_options:
             raise RunError(f"{url_or_path}: storage_options apply to s3:// runs only")
         return LocalRunStorage(url_or_path)

@@ -36,18 +36,13 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import ObjectStore
 
+from .object_lease import request_failed
 from .record_store import Listing, Version
 
 __all__ = ["ObjectZarrStore"]
 
 #: translates a failed request (the exception, what was being done) into the error to raise
 ErrorTranslator = Callable[[BaseException, str], BaseException]
-
-
-def _failures() -> tuple[type[BaseException], ...]:
-    """What a request raises when the store failed (a missing key aside: FileNotFoundError)."""
-    from obstore.exceptions import BaseError
-    return (BaseError, OSError)
 
 
 def _bytes_view(data: Any) -> memoryview:
@@ -109,7 +104,7 @@ class ObjectZarrStore(ObjectStore):
         # docstring inherited
         try:
             return await super().get(key, prototype, byte_range)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"reading {key}") from exc
 
     async def get_partial_values(self, prototype: BufferPrototype,
@@ -120,14 +115,14 @@ class ObjectZarrStore(ObjectStore):
             return await super().get_partial_values(prototype, key_ranges)
         except FileNotFoundError:
             raise
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, "reading parts of objects") from exc
 
     async def exists(self, key: str) -> bool:
         # docstring inherited
         try:
             return await super().exists(key)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"looking up {key}") from exc
 
     async def set(self, key: str, value: Buffer) -> None:
@@ -138,7 +133,7 @@ class ObjectZarrStore(ObjectStore):
         view = _bytes_view(value.as_buffer_like())
         try:
             await obs.put_async(self.store, key, view)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"writing {key}") from exc
         self._note(key, view)
 
@@ -153,7 +148,7 @@ class ObjectZarrStore(ObjectStore):
             await obs.put_async(self.store, key, view, mode="create", use_multipart=False)
         except (AlreadyExistsError, PreconditionError):
             return
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"writing {key}") from exc
         self._note(key, view)
 
@@ -161,7 +156,7 @@ class ObjectZarrStore(ObjectStore):
         # docstring inherited
         try:
             await super().delete(key)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"deleting {key}") from exc
         self._forget(key)
 
@@ -170,7 +165,7 @@ class ObjectZarrStore(ObjectStore):
         try:
             async for key in super().list_dir(prefix):
                 yield key
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"listing {prefix or '/'}") from exc
 
     # --------------------------------------------------------------- RecordStore
@@ -196,7 +191,7 @@ class ObjectZarrStore(ObjectStore):
             return None
         except NotModifiedError:
             return known, None
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"reading {key}") from exc
         return r.meta.get("e_tag"), data
 
@@ -208,7 +203,7 @@ class ObjectZarrStore(ObjectStore):
         base = prefix.strip("/")
         try:
             res = obs.list_with_delimiter(self.store, base or None)
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"listing {base or '/'}") from exc
         cut = len(base) + 1 if base else 0
 
@@ -233,7 +228,7 @@ class ObjectZarrStore(ObjectStore):
                 obs.put(self.store, key, view)
         except (AlreadyExistsError, PreconditionError):
             raise FileExistsError(f"{self.url}/{key} exists") from None
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"writing {key}") from exc
         return self._note(key, view)
 
@@ -246,7 +241,7 @@ class ObjectZarrStore(ObjectStore):
             obs.delete(self.store, key)
         except FileNotFoundError:
             pass
-        except _failures() as exc:
+        except request_failed() as exc:
             raise self._error(exc, f"deleting {key}") from exc
         self._forget(key)
 

@@ -19,7 +19,7 @@ from .array_layout import (DEFAULT_CHUNK_ATOMS, DEFAULT_CHUNK_RECORDS, DEFAULT_C
 from .atomic_store import AtomicLocalStore, FsyncPolicy
 from .group_writer import GroupWriter, WriteUnit
 from .layout import hook_group
-from .object_storage import open_storage
+from .object_storage import is_url, open_storage
 from .record_store import RecordStore
 from .storage import LocalRunStorage
 
@@ -65,7 +65,7 @@ class ZarrSink:
         else:
             storage = open_storage(path, storage_options)
             if isinstance(storage, LocalRunStorage):
-                self.path = storage.root if "://" in str(path) else Path(path)  # file://
+                self.path = storage.root if is_url(path) else Path(path)  # file://
                 self.store = AtomicLocalStore(self.path, fsync=fsync)
             else:
                 self.path, self.store = storage.url(), storage.zarr_store("")

@@ -54,6 +54,8 @@ from urllib.parse import urlsplit
 from ..errors import DamageError, DistHooksError, RunError
 from ..store.layout import MANIFEST
 from ..store.log_parts import LogParts, part_name
+from ..store.object_storage import ObjectRunStorage
+from ..store.object_storage import is_url as _is_url
 from ..store.storage import LocalRunStorage
 from .progress import Progress
 from .staging import LOCK_NAME
@@ -81,7 +83,7 @@ _PART_KEY = re.compile(r"^(?P<log>.+\.csv)/part-\d{16}\.csv$")
 
 def is_url(run: str | os.PathLike | None) -> bool:
     """Whether ``run`` names an object-store run (``s3://...``) rather than a local path."""
-    return isinstance(run, str) and run[:5].lower() == "s3://"
+    return _is_url(run) and str(run)[:5].lower() == "s3://"
 
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:
@@ -95,7 +97,6 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
 def open_object_storage(url: str, storage_options: dict[str, Any] | None = None):
     """The run's :class:`ObjectRunStorage`; its one listing checks the credentials, the bucket
     and the endpoint (a clear :class:`RunError` here, in seconds)."""
-    from ..store.object_storage import ObjectRunStorage
 
     return ObjectRunStorage(url, storage_options)
 

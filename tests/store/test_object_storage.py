@@ -392,3 +392,15 @@ def test_a_restart_of_the_same_job_on_another_node_waits_for_the_lease(s3_server
     assert time.monotonic() - t0 >= 1.0
     assert json.loads(_raw_get(_raw(s3_server, url), ".run.lock"))["token"] == lease.token
     lease.release()
+
+
+@pytest.mark.parametrize("mangled", ["s3:/bucket/run", "s3:bucket/run", "S3:/b", "file:/tmp/x"])
+def test_a_mangled_url_is_refused_not_taken_for_a_local_directory(mangled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunError, match="not a valid URL"):
+        open_storage(mangled)
+    from dist_hooks import Run
+
+    with pytest.raises(RunError, match="not a valid URL"):
+        Run(mangled, handle_signals=False)
+    assert not any(tmp_path.iterdir())  # no directory "s3:" (or "file:") made
