@@ -80,9 +80,11 @@ _CLIENT_KEYS = frozenset({
 #: s3fs-style names accepted too (people come with those)
 _ALIASES = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token",
             "endpoint_url": "endpoint"}
-#: short connect timeout, few retries: a dead endpoint is an error in seconds, not minutes
+#: a short connect timeout; the check at open retries little (a dead endpoint or bad keys are an
+#: error in seconds), the run's own requests ride out a busy store (503 SlowDown, a short outage)
 _CLIENT_DEFAULTS = {"connect_timeout": "3s"}
-_RETRY_DEFAULTS = {"max_retries": 3, "retry_timeout": 30.0}
+_RETRY_DEFAULTS = {"max_retries": 10, "retry_timeout": 120.0}
+_CHECK_RETRY = {"max_retries": 1, "retry_timeout": timedelta(seconds=5)}
 
 
 def _obstore():
@@ -147,12 +149,13 @@ class ObjectRunStorage(RunStorage):
             self.check_access()
 
     # -- the store
-    def _s3(self, prefix: str):
+    def _s3(self, prefix: str, retry: dict[str, Any] | None = None):
         _obstore()  # first: its message names the extra
         from obstore.store import S3Store
         try:
             return S3Store(self.bucket, prefix=prefix or None, config=self._config,
-                         client_options=self._client, retry_config=self._retry)
+                           client_options=self._client,
+                           retry_config={**self._retry, **(retry or {})})
         except Exception as exc:  # noqa: BLE001 - an unknown key, a bad value: the user's
             raise RunError(f"{self.root_url}: cannot configure the object store: {exc}") from exc
 
@@ -189,7 +192,7 @@ class ObjectRunStorage(RunStorage):
     def check_access(self) -> None:
         """One listing of the prefix: the credentials, the bucket and the endpoint work."""
         try:
-            self._store.list_with_delimiter(None)
+            self._s3(self.prefix, _CHECK_RETRY).list_with_delimiter(None)
         except request_failed() as exc:
             raise self._error(exc, "listing the run") from exc
 
