@@ -30,9 +30,9 @@ class StopSignals:
     from the main thread only (elsewhere Python refuses handlers: nothing is installed), and the
     previous handlers put back by :meth:`restore`."""
 
-    def __init__(self, what_next: str) -> None:
+    def __init__(self, who: str, what_next: str) -> None:
         self.received: int | None = None
-        self._what_next = what_next
+        self._who, self._what_next = who, what_next
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -45,7 +45,8 @@ class StopSignals:
                 pass
 
     def _note(self, signum: int, frame: Any) -> None:
-        log.warning("received signal %d; the run stops after the next %s", signum, self._what_next)
+        log.warning("%s: received signal %d; the run stops after the next %s", self._who, signum,
+                    self._what_next)
         self.received = signum
 
     def restore(self) -> None:

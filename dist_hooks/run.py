@@ -141,7 +141,7 @@ class Run:
         self._sink = None
         self._sink_options = dict(sink_options or {})
         self._prev: dict[str, HookCommit] = {}  # this rank's hooks in its previous commit record
-        self._signals = StopSignals("step's boundary" if self.world_size == 1
+        self._signals = StopSignals(f"rank {self.rank}", "step's boundary" if self.world_size == 1
                                     else "checkpoint boundary")
         self._closed = False
         self._next_step: int | None = None
@@ -294,8 +294,7 @@ class Run:
     def logging_hook(self, name: str = "log", **kwargs: Any) -> LoggingHook:
         """A CSV ``LoggingHook`` writing ``logs/<name>/rank-XXXXX.csv`` of this run."""
         kwargs.setdefault("backend", "csv")
-        if not self.rank_files.is_local:
-            kwargs.setdefault("storage_options", self.storage_options)
+        kwargs.setdefault("storage_options", self._object_options())
         return self.add_hook(LoggingHook(log_path=self.rank_files.url(f"{layout.LOGS_DIR}/{name}"),
                                          name=name, **kwargs))
 
