@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -45,7 +44,7 @@ from .store.group_reader import GroupReader
 from .store.manifest import CommitRecord, CsvCommit, GroupCommit, HookCommit, HookSettings, \
     Manifest
 from .store.object_storage import is_url, open_storage
-from .store.storage import LocalRunStorage, RunLock, RunStorage
+from .store.storage import LocalRunStorage, RunLock, RunStorage, lock_holder
 from .store.zarr_sink import ZarrSink
 
 log = logging.getLogger("dist_hooks")
@@ -228,8 +227,7 @@ class Run:
 
     def _holder(self) -> dict[str, Any]:
         """Who holds the lock, as a refused job is told."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": self.launch.job_id,
-                "launcher": self.launch.launcher, "rank": self.rank, "since": time.time()}
+        return lock_holder(self.launch.launcher, self.launch.job_id, rank=self.rank)
 
     def _agree(self, error: BaseException | None) -> None:
         """Every rank raises the first error any rank found, or none does: a check that fails

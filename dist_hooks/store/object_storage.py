@@ -162,8 +162,7 @@ class ObjectRunStorage(RunStorage):
     @property
     def endpoint(self) -> str:
         """Where requests go, for messages (no credentials)."""
-        ep = self._config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or \
-            os.environ.get("AWS_ENDPOINT")
+        ep = _configured_endpoint(self._config)
         region = self._config.get("region") or os.environ.get("AWS_REGION") or "default region"
         return ep or f"AWS S3 ({region})"
 
@@ -363,6 +362,12 @@ class ObjectRunStorage(RunStorage):
         return out
 
 
+def _configured_endpoint(config: dict[str, Any]) -> str:
+    """The endpoint obstore will use: its config's, else the AWS environment's ("" for AWS)."""
+    return str(config.get("endpoint") or config.get("aws_endpoint")
+               or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or "")
+
+
 def _split_options(opts: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``storage_options`` as obstore's (S3 config, client options, retry config)."""
     config: dict[str, Any] = {}
@@ -376,9 +381,7 @@ def _split_options(opts: dict[str, Any]) -> tuple[dict, dict, dict]:
             retry[k] = v
         else:
             config[k] = v
-    endpoint = config.get("endpoint") or config.get("aws_endpoint") or \
-        os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
-    if str(endpoint).startswith("http://"):  # named a plain-HTTP endpoint: meant it
+    if _configured_endpoint(config).startswith("http://"):  # named a plain-HTTP endpoint: meant it
         client.setdefault("allow_http", True)
     rt = retry.pop("retry_timeout")
     retry["retry_timeout"] = rt if isinstance(rt, timedelta) else timedelta(seconds=float(rt))

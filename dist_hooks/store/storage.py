@@ -46,7 +46,8 @@ from .layout import DATA_DIR, MANIFEST, RANKS_GROUP
 from .log_parts import LogParts
 from .manifest import CsvCommit, HookCommit
 
-__all__ = ["LocalRunStorage", "RUN_LOCK", "RunLock", "RunStorage", "holder_text", "run_path"]
+__all__ = ["LocalRunStorage", "RUN_LOCK", "RunLock", "RunStorage", "holder_text", "lock_holder",
+           "run_path"]
 
 #: The lock file of a run directory (rank 0's; with node-local storage each rank also locks
 #: ``.run.rank-XXXXX.lock`` in its own directory). Its content names the holder (JSON).
@@ -252,6 +253,13 @@ def _forget_locks_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def lock_holder(launcher: str, job_id: str | None, **more: Any) -> dict[str, Any]:
+    """Who takes a lock (a file's or a lease): this host and process, the job and launcher, and
+    since when; what a refused job is told (:func:`holder_text`)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id,
+            "launcher": launcher, **more, "since": time.time()}
 
 
 def holder_text(raw: bytes) -> str:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
@@ -38,15 +36,11 @@ from ..reader import CONSOLIDATED_MARKER, manifest_snapshot
 from .mirror import (INDEX_DIR, WORKERS, BAR_BYTES, usable_key, is_url, mirror_dir,
                      mirror_lock, mirror_run, naming_url, open_object_storage, remember,
                      remove_tree, save_index, sync)
+from ..store.storage import lock_holder
 from .progress import Progress
 from .staging import LOCK_NAME, check_out, check_out_place
 
 __all__ = ["consolidate_remote", "upload_output"]
-
-
-def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": None,
-            "launcher": "dist-hooks consolidate", "since": time.time()}
 
 
 def _under(out: Any, run: Any) -> str | None:
@@ -87,7 +81,7 @@ def consolidate_remote(consolidate: Callable[..., dict], run: str | os.PathLike,
     local_out = run_path / inside if inside else mirror_dir(out_storage, cache)
     if inside:
         check_out(run_path, local_out)  # before the lease: nothing is written for a bad --out
-    lease = out_storage.lock(_holder(), LOCK_NAME)
+    lease = out_storage.lock(lock_holder("dist-hooks consolidate", None), LOCK_NAME)
     try:
         if run_storage is None:
             return _into(consolidate, run_path, out_storage, local_out, None, lease, progress,
